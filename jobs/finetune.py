@@ -1,0 +1,105 @@
+"""Fine-tune with Ray Train + DeepSpeed ZeRO, then export the best checkpoint as one HF folder.
+
+    python -m jobs.finetune --config configs/airline_sentiment.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from cluster.contracts import ModelArtifact
+from cluster.ray_cluster import connect
+from jobs import data
+from jobs.config import RunConfig
+from jobs.train_loop import HF_EXPORT_DIR, PROBE_FILE, PROBE_IDS, train_loop_per_worker
+
+EXPORT_TOLERANCE = 1e-4  # max |logit difference| between the trained model and its reloaded export
+
+
+def verify_export(export_dir: Path, probe_logits: torch.Tensor) -> float:
+    """Reload the export in transformers and compare its probe logits with the trained model's."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = reloaded(input_ids=PROBE_IDS).logits[0, -1]
+    diff = float((logits - probe_logits.float()).abs().max())
+    if diff > EXPORT_TOLERANCE:
+        raise RuntimeError(f"export {export_dir} does not reproduce the trained model: max |logit diff| {diff:.3g}")
+    return diff
+
+
+def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
+    """Train on the prepared shards; returns the training record (best step, losses, wall time)."""
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    train = cfg.train
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": train.model_dump(), "base_model_dir": str(base_dir)},
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu,
+            resources_per_worker={"CPU": train.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        datasets={
+            "train": data.split_dataset(data_dir, "train"),
+            "validation": data.split_dataset(data_dir, "validation").limit(train.max_validation_examples),
+        },
+        dataset_config=DataConfig(datasets_to_split=["train", "validation"]),
+        run_config=ray.train.RunConfig(
+            name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(cfg.run_dir / "ray_train"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=train.keep_checkpoints, checkpoint_score_attribute="val_loss", checkpoint_score_order="min",
+            ),
+        ),
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    wall_seconds = time.perf_counter() - started
+
+    best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"])
+    export_dir = cfg.run_dir / "model"
+    with best_checkpoint.as_directory() as folder:
+        shutil.rmtree(export_dir, ignore_errors=True)
+        shutil.copytree(Path(folder) / HF_EXPORT_DIR, export_dir)
+        probe_logits = torch.load(Path(folder) / PROBE_FILE)
+    export_diff = verify_export(export_dir, probe_logits)
+    ModelArtifact(
+        name=cfg.serve.endpoint.model_id, base_model=cfg.model.base, labels=cfg.data.labels,
+        system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len,
+    ).write(export_dir)
+    print(f"[finetune] exported step {best_metrics['step']} (val loss {best_metrics['val_loss']:.4f}) to {export_dir}; "
+          f"reload max |logit diff| {export_diff:.2e}")
+    return {
+        "model_dir": str(export_dir),
+        "best_step": best_metrics["step"],
+        "best_val_loss": best_metrics["val_loss"],
+        "final_metrics": result.metrics,
+        "history": [metrics for _, metrics in sorted(result.best_checkpoints, key=lambda pair: pair[1]["step"])],
+        "wall_seconds": wall_seconds,
+        "export_max_abs_logit_diff": export_diff,
+        "checkpoint_path": best_checkpoint.path,
+        "settings": train.model_dump(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from cluster.config import load_config_or_exit
+
+    cfg = load_config_or_exit(RunConfig, argv)
+    connect()
+    base_dir, data_dir, _ = data.prepare_run_inputs(cfg)
+    record = run_finetune(cfg, base_dir, data_dir)
+    print(f"[finetune] done in {record['wall_seconds']:.0f}s: {record['model_dir']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""What each Ray Train worker runs: DeepSpeed ZeRO over shards streamed from Ray Data.
+
+Read top to bottom like nanoGPT's train.py: build the engine, loop over streamed batches, log,
+validate and checkpoint every `eval_every` steps. One code path for CPU (gloo) and GPU (nccl);
+DeepSpeed picks its accelerator from the machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HF_EXPORT_DIR = "hf_model"
+PROBE_FILE = "probe_logits.pt"
+# A fixed input whose logits are saved beside each export: reloading the export must reproduce them.
+PROBE_IDS = torch.arange(1, 33).unsqueeze(0)
+
+
+def deepspeed_config(train: dict, world_size: int) -> dict:
+    """DeepSpeed config from the typed train section, with the expert overrides merged last."""
+    config = {
+        "train_micro_batch_size_per_gpu": train["micro_batch_size"],
+        "gradient_accumulation_steps": train["gradient_accumulation_steps"],
+        "train_batch_size": train["micro_batch_size"] * train["gradient_accumulation_steps"] * world_size,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": train["zero_stage"]},
+        # torch_adam: PyTorch's AdamW instead of DeepSpeed's compiled CPU/fused Adam ops, which
+        # would need a JIT build on every fresh node.
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": train["learning_rate"], "weight_decay": train["weight_decay"],
+            "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True,
+        }},
+        "scheduler": {"type": "WarmupDecayLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": train["learning_rate"],
+            "warmup_num_steps": train["warmup_steps"], "total_num_steps": train["max_steps"],
+            "warmup_type": "linear",
+        }},
+        "bf16": {"enabled": train["precision"] == "bf16"},
+        "steps_per_print": 10**9,  # our own per-step lines replace DeepSpeed's
+        "wall_clock_breakdown": False,
+    }
+    if train["zero_stage"] == 3:
+        # Lets rank 0 gather full weights for the Hugging Face export.
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return _deep_merge(config, train["deepspeed_overrides"])
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch of variable-length examples; loss only on the answer tokens (after the prompt)."""
+    sequences = batch["input_ids"]
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for row, (ids, prompt_len) in enumerate(zip(sequences, batch["prompt_len"])):
+        ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        labels[row, prompt_len: len(ids)] = ids[prompt_len:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _validation_loss(engine, shard, micro_batch_size: int, pad_id: int, device) -> float:
+    """Mean answer-token loss over this worker's validation shard, averaged over all workers."""
+    engine.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=lambda b: collate(b, pad_id)):
+            batch = {key: value.to(device) for key, value in batch.items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            loss_sum += float(engine(**batch).loss) * n
+            tokens += n
+    engine.train()
+    loss_sum, tokens = _all_reduce_sum([loss_sum, tokens], device)
+    return loss_sum / max(tokens, 1)
+
+
+def _save_checkpoint(engine, zero_stage: int, tokenizer, folder: Path, rank: int, device) -> None:
+    """Every rank writes its DeepSpeed shard; rank 0 also writes a Hugging Face export + probe logits."""
+    engine.save_checkpoint(str(folder), tag="deepspeed")
+    # ZeRO-3 weights are partitioned: gathering them is a collective every rank must join.
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    with torch.no_grad():
+        probe_logits = engine(input_ids=PROBE_IDS.to(device)).logits[0, -1].float().cpu()
+    if rank == 0:
+        export = folder / HF_EXPORT_DIR
+        module = engine.module
+        module.save_pretrained(export, state_dict=state_dict if state_dict is not None else module.state_dict(), safe_serialization=True)
+        tokenizer.save_pretrained(export)
+        torch.save(probe_logits, folder / PROBE_FILE)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train = config["train"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(train["seed"])
+    torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
+
+    tokenizer = AutoTokenizer.from_pretrained(config["base_model_dir"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dtype = torch.bfloat16 if train["precision"] == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(config["base_model_dir"], dtype=dtype)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=deepspeed_config(train, world_size),
+    )
+
+    train_shard = ray.train.get_dataset_shard("train")
+    validation_shard = ray.train.get_dataset_shard("validation")
+    batches = lambda: train_shard.iter_torch_batches(  # noqa: E731 - a fresh pass per epoch
+        batch_size=train["micro_batch_size"], collate_fn=lambda b: collate(b, pad_id),
+    )
+
+    step, epoch = 0, 0
+    last_train_loss = last_tokens_per_s = float("nan")
+    window_loss, window_micro, window_tokens = 0.0, 0, 0
+    window_start = run_start = time.perf_counter()
+    while step < train["max_steps"]:
+        for batch in batches():
+            batch = {key: value.to(device) for key, value in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            window_loss += float(loss)
+            window_micro += 1
+            window_tokens += int(batch["attention_mask"].sum())
+            if engine.global_steps == step:
+                continue  # still accumulating gradients
+            step = engine.global_steps
+
+            if step % train["log_every"] == 0 or step == train["max_steps"]:
+                loss_sum, micro, tokens = _all_reduce_sum([window_loss, window_micro, window_tokens], device)
+                elapsed = time.perf_counter() - window_start
+                if rank == 0:
+                    print(f"[train] step {step}/{train['max_steps']} epoch {epoch} loss {loss_sum / micro:.4f} "
+                          f"lr {engine.get_lr()[0]:.2e} tokens/s {tokens / elapsed:.0f} "
+                          f"elapsed {time.perf_counter() - run_start:.0f}s", flush=True)
+                last_train_loss, last_tokens_per_s = loss_sum / micro, tokens / elapsed
+                window_loss, window_micro, window_tokens = 0.0, 0, 0
+                window_start = time.perf_counter()
+
+            if step % train["eval_every"] == 0 or step == train["max_steps"]:
+                val_loss = _validation_loss(engine, validation_shard, train["micro_batch_size"], pad_id, device)
+                if rank == 0:
+                    print(f"[train] step {step} validation loss {val_loss:.4f}", flush=True)
+                metrics = {
+                    "step": step, "epoch": epoch, "val_loss": val_loss, "train_loss": last_train_loss,
+                    "tokens_per_s": last_tokens_per_s, "train_seconds": time.perf_counter() - run_start,
+                }
+                with tempfile.TemporaryDirectory() as folder:
+                    _save_checkpoint(engine, train["zero_stage"], tokenizer, Path(folder), rank, device)
+                    # report() is not a barrier (ray PR #42422): wait until every shard is on disk.
+                    torch.distributed.barrier()
+                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+                window_start = time.perf_counter()  # validation and saving are not training throughput
+            if step >= train["max_steps"]:
+                break
+        epoch += 1

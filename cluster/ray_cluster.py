@@ -12,7 +12,6 @@ token to ~/.ray/auth_token, and `job_client_env` tells the job CLI/SDK to send i
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ AUTH_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
 # Never upload these with `ray job submit --working-dir .` (ray #45602): the venv, model weights,
 # datasets and run outputs belong in storage, not in every job's package.
 WORKING_DIR_EXCLUDES = [
-    ".git", ".venv", "models", "data", "outputs", "bench/results", "**/__pycache__", ".pytest_cache",
+    "/.git", "/.venv", "/models", "/data", "/outputs", "/bench/results", "__pycache__", ".pytest_cache",
 ]
 
 
@@ -37,7 +36,8 @@ def connect(local_num_cpus: int = LOCAL_LOGICAL_CPUS, **init_kwargs) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **init_kwargs)
     else:
-        ray.init(num_cpus=local_num_cpus, include_dashboard=False, **init_kwargs)
+        # "local": a fresh embedded cluster even if `ray start` left one running on this machine.
+        ray.init(address="local", num_cpus=local_num_cpus, include_dashboard=False, **init_kwargs)
 
 
 def job_client_env() -> dict[str, str]:
@@ -47,12 +47,13 @@ def job_client_env() -> dict[str, str]:
     return env
 
 
-def _ray_cli() -> str:
-    return str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
+def ray_cli() -> str:
+    beside_python = Path(sys.executable).with_name("ray")
+    return str(beside_python) if beside_python.exists() else "ray"
 
 
 def local_head_running() -> bool:
-    result = subprocess.run([_ray_cli(), "status"], capture_output=True, text=True, env=job_client_env())
+    result = subprocess.run([ray_cli(), "status"], capture_output=True, text=True, env=job_client_env())
     return result.returncode == 0
 
 
@@ -63,16 +64,20 @@ def start_local_head(num_cpus: int = LOCAL_LOGICAL_CPUS) -> str:
     submitted job can deploy a Serve endpoint that keeps running after the job ends.
     """
     if not local_head_running():
+        # Jobs run `python -m ...` from the raylet's PATH: put this interpreter's bin first so a
+        # venv that was never activated still runs the job.
+        env = job_client_env()
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         subprocess.run(
-            [_ray_cli(), "start", "--head", f"--num-cpus={num_cpus}", "--num-gpus=0",
+            [ray_cli(), "start", "--head", f"--num-cpus={num_cpus}", "--num-gpus=0",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"],
-            check=True, env=job_client_env(),
+            check=True, env=env,
         )
     return f"http://127.0.0.1:{DASHBOARD_PORT}"
 
 
 def stop_local_head() -> None:
-    subprocess.run([_ray_cli(), "stop", "--force"], check=False)
+    subprocess.run([ray_cli(), "stop", "--force"], check=False)
 
 
 def main(argv: list[str] | None = None) -> None:

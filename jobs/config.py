@@ -86,6 +86,7 @@ class EvalSection(StrictModel):
         description="Score a uniform sample of this many test examples (None: the whole test split); CPU time is the limit.",
     )
     batch_size: int = Field(default=16, ge=1, description="Examples per forward pass when scoring labels.")
+    cpus: int = Field(default=2, ge=1, description="Logical CPUs (and torch threads) of the scoring actor.")
     baseline_max_features: int = Field(default=50000, ge=100, description="Vocabulary size of the TF-IDF baseline.")
 
 

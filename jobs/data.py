@@ -64,8 +64,10 @@ def clean_text(raw: bytes | str | None) -> tuple[str, bool]:
             text, repaired = raw.decode("mac_roman"), True
     else:
         text = raw
+    if repaired:  # before ftfy, which would otherwise re-interpret parts of the junk runs
+        text = _NON_ASCII_RUN.sub(_collapse_junk_run, text)
     text = ftfy.fix_text(text)  # mojibake that is still valid UTF-8, HTML entities (&amp;)
-    text = (_NON_ASCII_RUN if repaired else _REPLACEMENT_RUN).sub(_collapse_junk_run, text)
+    text = _REPLACEMENT_RUN.sub(" ", text)
     text = _CONTROL.sub(" ", text)
     return _WHITESPACE.sub(" ", text).strip(), repaired
 
@@ -195,6 +197,7 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
         "source_sha256": _fingerprint(source),
         "data_config": cfg.model_dump(),
         "tokenizer_sha256": _fingerprint(tokenizer_file) if tokenizer_file.exists() else str(model_dir),
+        "code_sha256": _fingerprint(Path(__file__)),  # changed cleaning or templating rebuilds the shards
     }
     manifest_path = out_dir / MANIFEST
     if manifest_path.exists():
@@ -255,7 +258,7 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
         per_split[name] = {"rows": sum(labels.values()), "labels": labels, "tokens": int(part.sum("num_tokens") or 0)}
 
     kept = sum(split["rows"] for split in per_split.values())
-    filtered = {reason: count for reason, count in status_counts.items() if reason != "ok"}
+    filtered = {reason: status_counts.get(reason, 0) for reason in ("empty_text", "unknown_label")}
     filtered["too_long"] = too_long
     counts = {
         "rows_read": rows_read,

@@ -68,7 +68,7 @@ class LabelScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [list(ids[:n]) for ids, n in zip(batch["input_ids"], batch["prompt_len"])]
         scores = score_labels(self.model, prompts, self.label_token_ids, self.pad_id).numpy()
-        return {"label_id": batch["label_id"], "scores": scores, "pred_id": scores.argmax(axis=1)}
+        return {"text": batch["text"], "label": batch["label"], "label_id": batch["label_id"], "pred_id": scores.argmax(axis=1)}
 
 
 def classification_metrics(y_true, y_pred, labels: list[str]) -> dict:
@@ -89,15 +89,15 @@ def classification_metrics(y_true, y_pred, labels: list[str]) -> dict:
     }
 
 
-def evaluate_llm(model_dir: Path, test, labels: list[str], batch_size: int, threads: int = 2) -> dict:
-    scored = test.map_batches(
+def evaluate_llm(model_dir: Path, test, labels: list[str], batch_size: int, threads: int) -> pd.DataFrame:
+    """Per-example predictions (text, label, label_id, pred_id) of the model in `model_dir`."""
+    return test.map_batches(
         LabelScorer, batch_format="numpy", batch_size=batch_size, concurrency=1, num_cpus=threads,
         fn_constructor_kwargs={"model_dir": str(model_dir), "labels": labels, "threads": threads},
-    ).select_columns(["label_id", "pred_id"]).to_pandas()
-    return classification_metrics(scored["label_id"], scored["pred_id"], labels)
+    ).to_pandas()
 
 
-def evaluate_baseline(data_dir: Path, test: pd.DataFrame, labels: list[str], max_features: int) -> dict:
+def evaluate_baseline(data_dir: Path, test: pd.DataFrame, max_features: int) -> pd.DataFrame:
     """TF-IDF (word 1-2 grams) + logistic regression, trained on the same train split."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -109,27 +109,32 @@ def evaluate_baseline(data_dir: Path, test: pd.DataFrame, labels: list[str], max
         LogisticRegression(max_iter=2000, C=4.0),
     )
     classifier.fit(train["text"], train["label_id"])
-    metrics = classification_metrics(test["label_id"], classifier.predict(test["text"]), labels)
-    metrics["train_examples"] = int(len(train))
-    return metrics
+    return test.assign(pred_id=classifier.predict(test["text"]))
 
 
-def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir: Path | None) -> dict:
+def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir: Path | None) -> tuple[dict, dict]:
+    """Metrics of every system on the same test rows; also writes per-example predictions."""
     test = data.split_dataset(data_dir, "test")
     if cfg.eval.max_test_examples:
         test = test.limit(cfg.eval.max_test_examples)  # shards are in hash order: a uniform sample
     test = test.materialize()
     labels = cfg.data.labels
-    report = {"test_examples": test.count(), "labels": labels}
-    report["baseline_tfidf_logreg"] = evaluate_baseline(
-        data_dir, test.select_columns(["text", "label_id"]).to_pandas(), labels, cfg.eval.baseline_max_features,
-    )
-    report["base_zero_shot"] = evaluate_llm(base_dir, test, labels, cfg.eval.batch_size)
+    predictions = {
+        "baseline_tfidf_logreg": evaluate_baseline(
+            data_dir, test.select_columns(["text", "label", "label_id"]).to_pandas(), cfg.eval.baseline_max_features),
+        "base_zero_shot": evaluate_llm(base_dir, test, labels, cfg.eval.batch_size, cfg.eval.cpus),
+    }
     if finetuned_dir is not None:
-        report["fine_tuned"] = evaluate_llm(finetuned_dir, test, labels, cfg.eval.batch_size)
+        predictions["fine_tuned"] = evaluate_llm(finetuned_dir, test, labels, cfg.eval.batch_size, cfg.eval.cpus)
+    report = {"test_examples": test.count(), "labels": labels}
+    out_dir = cfg.run_dir / "predictions"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for system, frame in predictions.items():
+        report[system] = classification_metrics(frame["label_id"], frame["pred_id"], labels)
+        frame.to_parquet(out_dir / f"{system}.parquet")
     (cfg.run_dir / "evaluation.json").write_text(json.dumps(report, indent=2))
     print(format_table(report))
-    return report
+    return report, predictions
 
 
 def format_table(report: dict) -> str:

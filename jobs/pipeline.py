@@ -1,0 +1,111 @@
+"""The main job: data -> DeepSpeed fine-tuning -> held-out evaluation -> Serve + vLLM endpoint.
+
+    ray job submit --working-dir . -- python -m jobs.pipeline --config configs/airline_sentiment.yaml
+
+Writes <storage_root>/<name>/summary.json with the headline figures of every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import requests
+
+from cluster.config import load_config_or_exit
+from cluster.contracts import EndpointSettings
+from cluster.endpoints import deploy
+from cluster.ray_cluster import connect
+from jobs import data, evaluate, finetune
+from jobs.config import RunConfig
+
+
+def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, predictions) -> dict:
+    """Classify test rows through the endpoint with the official openai client, and probe bad requests.
+
+    The served answers are compared with the fine-tuned model's offline (likelihood) predictions:
+    a served model that silently differs from the evaluated one shows up here.
+    """
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="not-needed-locally")
+    served_ids = [model.id for model in client.models.list().data]
+    answers = []
+    for row in predictions.head(cfg.serve.check_examples).itertuples():
+        reply = client.chat.completions.create(
+            model=endpoint.model_id, messages=data.chat_messages(cfg.data.system_prompt, row.text),
+            max_tokens=4, temperature=0,
+        )
+        answer = (reply.choices[0].message.content or "").strip().split()
+        answer = answer[0].strip(".,!").lower() if answer else ""
+        answers.append({
+            "text": row.text, "label": row.label, "served_answer": answer,
+            "offline_prediction": cfg.data.labels[row.pred_id],
+        })
+    chat_url = f"{base_url}/v1/chat/completions"
+    rejects = {
+        "unknown_model": requests.post(chat_url, json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, timeout=60).status_code,
+        "over_long_prompt": requests.post(chat_url, json={"model": endpoint.model_id, "messages": [{"role": "user", "content": "word " * endpoint.max_model_len}]}, timeout=60).status_code,
+        "malformed_body": requests.post(chat_url, data="{not json", headers={"content-type": "application/json"}, timeout=60).status_code,
+    }
+    agree = sum(a["served_answer"] == a["offline_prediction"] for a in answers)
+    correct = sum(a["served_answer"] == a["label"] for a in answers)
+    return {
+        "url": base_url, "model_id": endpoint.model_id, "models_listed": served_ids,
+        "answers": answers, "served_matches_offline": f"{agree}/{len(answers)}",
+        "served_correct": f"{correct}/{len(answers)}", "bad_request_status": rejects,
+    }
+
+
+def run_pipeline(cfg: RunConfig) -> dict:
+    started = time.perf_counter()
+    stage_seconds = {}
+
+    def stage_done(name: str, since: float) -> float:
+        stage_seconds[name] = round(time.perf_counter() - since, 1)
+        return time.perf_counter()
+
+    mark = time.perf_counter()
+    base_dir, data_dir, manifest = data.prepare_run_inputs(cfg)
+    mark = stage_done("model_and_data", mark)
+    training = finetune.run_finetune(cfg, base_dir, data_dir)
+    mark = stage_done("training", mark)
+    report, predictions = evaluate.run_evaluation(cfg, base_dir, data_dir, finetuned_dir=cfg.run_dir / "model")
+    mark = stage_done("evaluation", mark)
+    summary = {
+        "run": cfg.name,
+        "model_dir": training["model_dir"],
+        "data": {"counts": manifest["counts"], "splits": manifest["splits"]},
+        "training": {key: training[key] for key in (
+            "best_step", "best_val_loss", "wall_seconds", "tokens_per_s", "train_tokens",
+            "export_max_abs_logit_diff", "settings")},
+        "test_split": {
+            "examples": report["test_examples"],
+            **{system: {"accuracy": report[system]["accuracy"], "macro_f1": report[system]["macro"]["f1"]}
+               for system in ("base_zero_shot", "fine_tuned", "baseline_tfidf_logreg")},
+        },
+    }
+    if cfg.serve.enabled:
+        endpoint = cfg.serve.endpoint.model_copy(update={"model_dir": training["model_dir"]})
+        base_url = deploy(cfg.serve.import_path, endpoint)
+        mark = stage_done("serving_deploy", mark)
+        summary["serving"] = check_endpoint(cfg, endpoint, base_url, predictions["fine_tuned"])
+        mark = stage_done("serving_check", mark)
+    summary["stage_seconds"] = stage_seconds
+    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    summary["config"] = cfg.model_dump()
+    path = cfg.run_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    print(f"[pipeline] summary written to {path}")
+    print(json.dumps(summary["test_split"], indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = load_config_or_exit(RunConfig, argv)
+    connect()
+    run_pipeline(cfg)
+
+
+if __name__ == "__main__":
+    main()

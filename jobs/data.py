@@ -231,12 +231,12 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
         cleaned.filter(lambda row: row["status"] == "ok")
         .groupby("key").map_groups(_pick_representative, batch_format="pandas", fn_kwargs={"labels": cfg.labels})
     )
-    split = unique.groupby("label").map_groups(
+    split = unique.groupby("label", num_partitions=len(cfg.labels)).map_groups(
         _split_group, batch_format="pandas",
         fn_kwargs={"seed": cfg.split_seed, "validation_fraction": cfg.validation_fraction, "test_fraction": cfg.test_fraction},
     )
     templated = split.map_batches(
-        Templater, batch_format="pandas", concurrency=1,
+        Templater, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1),
         fn_constructor_kwargs={"model_dir": str(model_dir), "system_prompt": cfg.system_prompt, "labels": cfg.labels},
     ).materialize()
     rows_ok = status_counts.get("ok", 0)

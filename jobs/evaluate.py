@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import ray
 import torch
 
 from cluster.ray_cluster import connect
@@ -92,7 +93,8 @@ def classification_metrics(y_true, y_pred, labels: list[str]) -> dict:
 def evaluate_llm(model_dir: Path, test, labels: list[str], batch_size: int, threads: int) -> pd.DataFrame:
     """Per-example predictions (text, label, label_id, pred_id) of the model in `model_dir`."""
     return test.map_batches(
-        LabelScorer, batch_format="numpy", batch_size=batch_size, concurrency=1, num_cpus=threads,
+        LabelScorer, batch_format="numpy", batch_size=batch_size, num_cpus=threads,
+        compute=ray.data.ActorPoolStrategy(size=1),
         fn_constructor_kwargs={"model_dir": str(model_dir), "labels": labels, "threads": threads},
     ).to_pandas()
 

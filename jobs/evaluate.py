@@ -40,9 +40,12 @@ def score_labels(model, prompts: list[list[int]], label_token_ids: list[list[int
     """
     rows = torch.arange(len(prompts))
     ends = torch.as_tensor([len(ids) for ids in prompts])
+    # Vocabulary logits only at the positions that end a prompt (the LM head is costly).
+    keep, column = torch.unique(ends - 1, return_inverse=True)
     with torch.no_grad():
-        logits = model(*_padded(prompts, pad_id)).logits
-        first = torch.log_softmax(logits[rows, ends - 1].float(), dim=-1)
+        input_ids, attention_mask = _padded(prompts, pad_id)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        first = torch.log_softmax(logits[rows, column].float(), dim=-1)
         scores = torch.stack([first[:, ids[0]] for ids in label_token_ids], dim=1)
         for j, ids in enumerate(label_token_ids):
             if len(ids) == 1:

@@ -93,6 +93,40 @@ def classification_metrics(y_true, y_pred, labels: list[str]) -> dict:
     }
 
 
+def bootstrap_intervals(y_true, predictions: dict[str, np.ndarray], labels: list[str], resamples: int = 1000,
+                        level: float = 0.95, seed: int = 0) -> dict:
+    """Percentile bootstrap intervals of accuracy and macro-F1 for every system, and of the paired
+    differences between systems (all resampled on the same rows, so the comparison is fair)."""
+    from sklearn.metrics import f1_score
+
+    y_true = np.asarray(y_true)
+    systems = list(predictions)
+    rng = np.random.default_rng(seed)
+    classes = list(range(len(labels)))
+    samples = {name: {"accuracy": [], "macro_f1": []} for name in systems}
+    for _ in range(resamples):
+        rows = rng.integers(0, len(y_true), size=len(y_true))
+        for name in systems:
+            predicted = np.asarray(predictions[name])[rows]
+            samples[name]["accuracy"].append(float((predicted == y_true[rows]).mean()))
+            samples[name]["macro_f1"].append(float(f1_score(y_true[rows], predicted, labels=classes, average="macro", zero_division=0)))
+    tail = (1 - level) / 2 * 100
+
+    def interval(values) -> list[float]:
+        return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+
+    result = {"level": level, "resamples": resamples, "systems": {}, "differences": {}}
+    for name in systems:
+        result["systems"][name] = {metric: interval(values) for metric, values in samples[name].items()}
+    for i, first in enumerate(systems):
+        for second in systems[i + 1:]:
+            result["differences"][f"{first} - {second}"] = {
+                metric: interval(np.subtract(samples[first][metric], samples[second][metric]))
+                for metric in ("accuracy", "macro_f1")
+            }
+    return result
+
+
 def evaluate_llm(model_dir: Path, test, labels: list[str], batch_size: int, threads: int) -> pd.DataFrame:
     """Per-example predictions (text, label, label_id, pred_id) of the model in `model_dir`."""
     return test.map_batches(
@@ -137,17 +171,23 @@ def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir
     for system, frame in predictions.items():
         report[system] = classification_metrics(frame["label_id"], frame["pred_id"], labels)
         frame.to_parquet(out_dir / f"{system}.parquet")
+    y_true = next(iter(predictions.values()))["label_id"].to_numpy()
+    report["bootstrap"] = bootstrap_intervals(y_true, {name: frame["pred_id"].to_numpy() for name, frame in predictions.items()}, labels)
     (cfg.run_dir / "evaluation.json").write_text(json.dumps(report, indent=2))
     print(format_table(report))
     return report, predictions
 
 
 def format_table(report: dict) -> str:
-    lines = [f"[evaluate] held-out test split, {report['test_examples']} examples",
-             f"{'system':<24}{'accuracy':>10}{'macro-F1':>10}"]
+    intervals = report["bootstrap"]["systems"]
+    lines = [f"[evaluate] held-out test split, {report['test_examples']} examples, "
+             f"{report['bootstrap']['level']:.0%} bootstrap intervals",
+             f"{'system':<24}{'accuracy':>24}{'macro-F1':>24}"]
     for name in ("base_zero_shot", "fine_tuned", "baseline_tfidf_logreg"):
         if name in report:
-            lines.append(f"{name:<24}{report[name]['accuracy']:>10.3f}{report[name]['macro']['f1']:>10.3f}")
+            values = {"accuracy": report[name]["accuracy"], "macro_f1": report[name]["macro"]["f1"]}
+            cells = [f"{values[key]:.3f} [{intervals[name][key][0]:.3f}, {intervals[name][key][1]:.3f}]" for key in values]
+            lines.append(f"{name:<24}{cells[0]:>24}{cells[1]:>24}")
     return "\n".join(lines)
 
 

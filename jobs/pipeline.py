@@ -81,8 +81,10 @@ def run_pipeline(cfg: RunConfig) -> dict:
             "export_max_abs_logit_diff", "settings")},
         "test_split": {
             "examples": report["test_examples"],
-            **{system: {"accuracy": report[system]["accuracy"], "macro_f1": report[system]["macro"]["f1"]}
+            **{system: {"accuracy": report[system]["accuracy"], "macro_f1": report[system]["macro"]["f1"],
+                        "interval_95": report["bootstrap"]["systems"][system]}
                for system in ("base_zero_shot", "fine_tuned", "baseline_tfidf_logreg")},
+            "paired_differences_95": report["bootstrap"]["differences"],
         },
     }
     if cfg.serve.enabled:

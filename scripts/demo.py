@@ -56,7 +56,9 @@ def main(overrides: list[str]) -> None:
     scores = summary["test_split"]
     print(f"\nHeld-out test split ({scores['examples']} tweets):")
     for system in ("base_zero_shot", "fine_tuned", "baseline_tfidf_logreg"):
-        print(f"  {system:<24} accuracy {scores[system]['accuracy']:.3f}  macro-F1 {scores[system]['macro_f1']:.3f}")
+        low, high = scores[system]["interval_95"]["macro_f1"]
+        print(f"  {system:<24} accuracy {scores[system]['accuracy']:.3f}  "
+              f"macro-F1 {scores[system]['macro_f1']:.3f} (95% bootstrap interval {low:.3f}-{high:.3f})")
     print(f"\nSummary: {summary_path}")
     print(f"Endpoint (still running): {url}/v1  model={artifact.name}")
     print("Ray dashboard: http://127.0.0.1:8265   Stop everything: make down")

@@ -43,3 +43,20 @@ def test_classification_metrics_match_hand_computation():
 def test_classification_metrics_count_unpredicted_classes_as_zero():
     metrics = classification_metrics([0, 1, 2], [0, 0, 0], ["a", "b", "c"])
     assert metrics["per_class"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+
+
+def test_bootstrap_intervals_contain_the_estimate_and_separate_clearly_different_systems():
+    from jobs.evaluate import bootstrap_intervals
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, size=400)
+    good = np.where(rng.random(400) < 0.9, y, (y + 1) % 3)   # about 90% right
+    poor = np.where(rng.random(400) < 0.5, y, (y + 1) % 3)   # about 50% right
+    result = bootstrap_intervals(y, {"good": good, "poor": poor}, ["a", "b", "c"], resamples=300)
+    low, high = result["systems"]["good"]["accuracy"]
+    assert low < (good == y).mean() < high and high - low < 0.1
+    diff_low, diff_high = result["differences"]["good - poor"]["accuracy"]
+    assert 0.3 < diff_low < diff_high < 0.5
+    # Identical systems: the paired difference is exactly zero on every resample.
+    same = bootstrap_intervals(y, {"x": good, "y": good.copy()}, ["a", "b", "c"], resamples=50)
+    assert same["differences"]["x - y"] == {"accuracy": [0.0, 0.0], "macro_f1": [0.0, 0.0]}

@@ -158,13 +158,12 @@ def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir
         test = test.limit(cfg.eval.max_test_examples)  # shards are in hash order: a uniform sample
     test = test.materialize()
     labels = cfg.data.labels
-    predictions = {
-        "baseline_tfidf_logreg": evaluate_baseline(
-            data_dir, test.select_columns(["text", "label", "label_id"]).to_pandas(), cfg.eval.baseline_max_features),
-        "base_zero_shot": evaluate_llm(base_dir, test, labels, cfg.eval.batch_size, cfg.eval.cpus),
-    }
+    predictions = {}  # fine-tuned first, so paired differences read "fine_tuned - other"
     if finetuned_dir is not None:
         predictions["fine_tuned"] = evaluate_llm(finetuned_dir, test, labels, cfg.eval.batch_size, cfg.eval.cpus)
+    predictions["base_zero_shot"] = evaluate_llm(base_dir, test, labels, cfg.eval.batch_size, cfg.eval.cpus)
+    predictions["baseline_tfidf_logreg"] = evaluate_baseline(
+        data_dir, test.select_columns(["text", "label", "label_id"]).to_pandas(), cfg.eval.baseline_max_features)
     report = {"test_examples": test.count(), "labels": labels}
     out_dir = cfg.run_dir / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -81,6 +81,10 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
     for system in ("base_zero_shot", "fine_tuned", "baseline_tfidf_logreg"):
         assert 0 <= split[system]["accuracy"] <= 1 and 0 <= split[system]["macro_f1"] <= 1
     assert split["examples"] == 24
+    low, high = split["fine_tuned"]["interval_95"]["accuracy"]
+    assert low <= split["fine_tuned"]["accuracy"] <= high
+    assert set(split["paired_differences_95"]) == {
+        "fine_tuned - base_zero_shot", "fine_tuned - baseline_tfidf_logreg", "base_zero_shot - baseline_tfidf_logreg"}
     assert summary["training"]["settings"]["zero_stage"] == 2
 
     serving = summary["serving"]

@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import torch
 
 from jobs.train_loop import answer_loss, collate, deepspeed_config

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from jobs.train_loop import answer_loss, collate, deepspeed_config
@@ -28,3 +29,16 @@ def test_deepspeed_config_follows_the_train_section_and_merges_overrides():
     assert config["gradient_clipping"] == 0.5
     assert config["optimizer"]["type"] == "AdamW" and config["scheduler"]["params"]["total_num_steps"] == 50
     assert config["bf16"]["enabled"] is False
+
+
+def test_export_check_rejects_weights_that_do_not_reproduce_the_trained_logits(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from jobs.finetune import verify_export
+    from jobs.train_loop import PROBE_IDS
+
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=PROBE_IDS).logits[0, -1]
+    assert verify_export(tiny_model_dir, logits, tolerance=1e-4) <= 1e-4
+    with pytest.raises(RuntimeError, match="does not reproduce the trained model"):
+        verify_export(tiny_model_dir, logits + 0.5, tolerance=1e-4)

@@ -72,19 +72,43 @@ class LabelScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [list(ids[:n]) for ids, n in zip(batch["input_ids"], batch["prompt_len"])]
         scores = score_labels(self.model, prompts, self.label_token_ids, self.pad_id).numpy()
-        return {"text": batch["text"], "label": batch["label"], "label_id": batch["label_id"], "pred_id": scores.argmax(axis=1)}
+        probs = np.exp(scores - scores.max(axis=1, keepdims=True))  # P(label | prompt, answer is a label)
+        probs /= probs.sum(axis=1, keepdims=True)
+        return {"text": batch["text"], "label": batch["label"], "label_id": batch["label_id"],
+                "pred_id": scores.argmax(axis=1), "confidence": probs.max(axis=1)}
 
 
-def classification_metrics(y_true, y_pred, labels: list[str]) -> dict:
+def calibration(correct, confidence, bins: int = 10) -> dict:
+    """Expected calibration error over equal-width confidence bins, with the reliability table."""
+    correct, confidence = np.asarray(correct, dtype=float), np.asarray(confidence, dtype=float)
+    index = np.minimum((confidence * bins).astype(int), bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        members = index == b
+        if not members.any():
+            continue
+        accuracy, mean_confidence = correct[members].mean(), confidence[members].mean()
+        ece += members.mean() * abs(accuracy - mean_confidence)
+        table.append({"bin": [b / bins, (b + 1) / bins], "examples": int(members.sum()),
+                      "mean_confidence": float(mean_confidence), "accuracy": float(accuracy)})
+    return {"ece": float(ece), "bins": bins, "reliability": table}
+
+
+def classification_metrics(y_true, y_pred, labels: list[str], confidence=None) -> dict:
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
     classes = list(range(len(labels)))
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=classes, zero_division=0)
-    macro = precision_recall_fscore_support(y_true, y_pred, labels=classes, average="macro", zero_division=0)
+    averaged = {
+        average: dict(zip(("precision", "recall", "f1"), map(float, precision_recall_fscore_support(
+            y_true, y_pred, labels=classes, average=average, zero_division=0)[:3])))
+        for average in ("macro", "weighted")
+    }
     return {
         "examples": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro": {"precision": float(macro[0]), "recall": float(macro[1]), "f1": float(macro[2])},
+        **averaged,
+        **({"calibration": calibration(np.asarray(y_true) == np.asarray(y_pred), confidence)} if confidence is not None else {}),
         "per_class": {
             label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for label, p, r, f, s in zip(labels, precision, recall, f1, support)
@@ -148,11 +172,15 @@ def evaluate_baseline(data_dir: Path, test: pd.DataFrame, max_features: int) -> 
         LogisticRegression(max_iter=2000, C=4.0),
     )
     classifier.fit(train["text"], train["label_id"])
-    return test.assign(pred_id=classifier.predict(test["text"]))
+    probs = classifier.predict_proba(test["text"])
+    return test.assign(pred_id=classifier.classes_[probs.argmax(axis=1)], confidence=probs.max(axis=1))
 
 
 def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir: Path | None) -> tuple[dict, dict]:
     """Metrics of every system on the same test rows; also writes per-example predictions."""
+    # Without preserve_order, limit() keeps whichever blocks finish first: a uniform sample still
+    # (shards are in hash order), but a different one each run. Same config, same test rows.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     test = data.split_dataset(data_dir, "test")
     if cfg.eval.max_test_examples:
         test = test.limit(cfg.eval.max_test_examples)  # shards are in hash order: a uniform sample
@@ -168,7 +196,7 @@ def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir
     out_dir = cfg.run_dir / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)
     for system, frame in predictions.items():
-        report[system] = classification_metrics(frame["label_id"], frame["pred_id"], labels)
+        report[system] = classification_metrics(frame["label_id"], frame["pred_id"], labels, frame["confidence"])
         frame.to_parquet(out_dir / f"{system}.parquet")
     y_true = next(iter(predictions.values()))["label_id"].to_numpy()
     report["bootstrap"] = bootstrap_intervals(y_true, {name: frame["pred_id"].to_numpy() for name, frame in predictions.items()}, labels)

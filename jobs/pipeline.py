@@ -82,7 +82,8 @@ def run_pipeline(cfg: RunConfig) -> dict:
         "test_split": {
             "examples": report["test_examples"],
             **{system: {"accuracy": report[system]["accuracy"], "macro_f1": report[system]["macro"]["f1"],
-                        "interval_95": report["bootstrap"]["systems"][system]}
+                        "interval_95": report["bootstrap"]["systems"][system],
+                        "expected_calibration_error": report[system]["calibration"]["ece"]}
                for system in ("base_zero_shot", "fine_tuned", "baseline_tfidf_logreg")},
             "paired_differences_95": report["bootstrap"]["differences"],
         },

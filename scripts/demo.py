@@ -58,7 +58,8 @@ def main(overrides: list[str]) -> None:
     for system in ("base_zero_shot", "fine_tuned", "baseline_tfidf_logreg"):
         low, high = scores[system]["interval_95"]["macro_f1"]
         print(f"  {system:<24} accuracy {scores[system]['accuracy']:.3f}  "
-              f"macro-F1 {scores[system]['macro_f1']:.3f} (95% bootstrap interval {low:.3f}-{high:.3f})")
+              f"macro-F1 {scores[system]['macro_f1']:.3f} (95% bootstrap interval {low:.3f}-{high:.3f})  "
+              f"ECE {scores[system]['expected_calibration_error']:.3f}")
     print(f"\nSummary: {summary_path}")
     print(f"Endpoint (still running): {url}/v1  model={artifact.name}")
     print("Ray dashboard: http://127.0.0.1:8265   Stop everything: make down")

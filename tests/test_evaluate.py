@@ -60,3 +60,24 @@ def test_bootstrap_intervals_contain_the_estimate_and_separate_clearly_different
     # Identical systems: the paired difference is exactly zero on every resample.
     same = bootstrap_intervals(y, {"x": good, "y": good.copy()}, ["a", "b", "c"], resamples=50)
     assert same["differences"]["x - y"] == {"accuracy": [0.0, 0.0], "macro_f1": [0.0, 0.0]}
+
+
+def test_weighted_averages_match_scikit_learn():
+    from sklearn.metrics import f1_score
+
+    y_true, y_pred = [0, 0, 0, 1, 2, 2], [0, 1, 0, 1, 2, 0]
+    metrics = classification_metrics(y_true, y_pred, ["a", "b", "c"])
+    assert metrics["weighted"]["f1"] == pytest.approx(f1_score(y_true, y_pred, average="weighted"))
+    assert "calibration" not in metrics
+
+
+def test_expected_calibration_error_by_hand():
+    from jobs.evaluate import calibration
+
+    # Bin [0.9, 1.0): two predictions at 0.95, one right -> |0.5 - 0.95| = 0.45 over 2/4 of the rows.
+    # Bin [0.6, 0.7): two predictions at 0.6, both right -> |1.0 - 0.6| = 0.4 over 2/4 of the rows.
+    result = calibration([True, False, True, True], [0.95, 0.95, 0.6, 0.6])
+    assert result["ece"] == pytest.approx(0.5 * 0.45 + 0.5 * 0.4)
+    assert [row["examples"] for row in result["reliability"]] == [2, 2]
+    perfect = calibration([True] * 5, [1.0] * 5)
+    assert perfect["ece"] == 0.0 and perfect["reliability"][0]["bin"] == [0.9, 1.0]

@@ -80,6 +80,7 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
     split = summary["test_split"]
     for system in ("base_zero_shot", "fine_tuned", "baseline_tfidf_logreg"):
         assert 0 <= split[system]["accuracy"] <= 1 and 0 <= split[system]["macro_f1"] <= 1
+        assert 0 <= split[system]["expected_calibration_error"] <= 1
     assert split["examples"] == 24
     low, high = split["fine_tuned"]["interval_95"]["accuracy"]
     assert low <= split["fine_tuned"]["accuracy"] <= high

@@ -27,7 +27,6 @@ class ModelArtifact(StrictModel):
     labels: list[str] = Field(default_factory=list, description="Label words, in class-index order.")
     system_prompt: str = Field(default="", description="System message used in training; send it when calling the model.")
     max_seq_len: int = Field(default=512, description="Longest training sequence in tokens.")
-    metrics: dict = Field(default_factory=dict, description="Headline evaluation figures, if known.")
 
     def write(self, folder: str | Path) -> Path:
         path = Path(folder) / ARTIFACT_FILE

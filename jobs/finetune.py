@@ -87,7 +87,6 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
         "best_val_loss": best_metrics["val_loss"],
         "tokens_per_s": result.metrics["tokens_per_s"],
         "train_tokens": result.metrics["train_tokens"],
-        "final_metrics": result.metrics,
         "history": [metrics for _, metrics in sorted(result.best_checkpoints, key=lambda pair: pair[1]["step"])],
         "wall_seconds": wall_seconds,
         "export_max_abs_logit_diff": export_diff,

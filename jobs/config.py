@@ -88,6 +88,32 @@ class EvalSection(StrictModel):
     batch_size: int = Field(default=16, ge=1, description="Examples per forward pass when scoring labels.")
     cpus: int = Field(default=2, ge=1, description="Logical CPUs (and torch threads) of the scoring actor.")
     baseline_max_features: int = Field(default=50000, ge=100, description="Vocabulary size of the TF-IDF baseline.")
+    gate_metric: Literal["accuracy", "macro_f1"] = Field(
+        default="macro_f1", description="Metric the promotion gate compares between the new model and the current one.")
+    gate_min_improvement: float = Field(
+        default=0.0, ge=0,
+        description="The new model is deployable only if the lower end of the 95% paired bootstrap interval of "
+        "(new - current) on gate_metric exceeds this.",
+    )
+    terms: list[str] = Field(
+        default=["delay", "thank", "cancel", "customer service"],
+        description="Terms whose presence (case-insensitive) defines evaluation slices and dependence plots.",
+    )
+    worst_errors: int = Field(default=12, ge=0, description="Most confident mistakes listed in the error analysis.")
+
+
+class ExplainSection(StrictModel):
+    enabled: bool = Field(default=True, description="Run jobs.explain on the fine-tuned model at the end of the pipeline.")
+    examples: int = Field(default=12, ge=1, description="Test examples explained token by token (integrated gradients and SHAP).")
+    ig_steps: int = Field(default=32, ge=4, description="Integration steps of integrated gradients (more: smaller completeness error).")
+    shap_max_evals: int = Field(default=200, ge=10, description="Model evaluations SHAP's partition explainer may spend per example.")
+    dependence_examples: int = Field(default=64, ge=4, description="Test examples over which dependence curves and the faithfulness check are averaged.")
+    deletion_fraction: float = Field(
+        default=0.2, gt=0, lt=1,
+        description="Faithfulness check: share of an example's words deleted, top-attributed vs random.")
+    tasks: int = Field(default=2, ge=1, description="Ray tasks the examples are spread over (each loads the model once).")
+    cpus_per_task: float = Field(default=1.0, gt=0, description="Logical CPUs (and torch threads) per explanation task.")
+    seed: int = Field(default=0, description="Seed of the random-deletion baseline and example choice.")
 
 
 class ServeSection(StrictModel):
@@ -95,6 +121,11 @@ class ServeSection(StrictModel):
     import_path: str = Field(default="serving.app:build_app", description="Serve app builder, as a Serve config's import_path names it.")
     endpoint: EndpointSettings = Field(default_factory=EndpointSettings, description="Engine and HTTP settings of the endpoint.")
     check_examples: int = Field(default=5, ge=0, description="Test examples sent through the endpoint as a serving check.")
+    deploy_unpromoted: bool = Field(
+        default=False,
+        description="Serve the new model even when the promotion gate rejects it and no version is current "
+        "(experiments, tests); normally only deployable versions are served.",
+    )
 
 
 class RunConfig(StrictModel):
@@ -107,6 +138,7 @@ class RunConfig(StrictModel):
     data: DataSection = Field(default_factory=DataSection, description="Source, cleaning, split and template.")
     train: TrainSection = Field(default_factory=TrainSection, description="Ray Train + DeepSpeed settings.")
     eval: EvalSection = Field(default_factory=EvalSection, description="Held-out evaluation settings.")
+    explain: ExplainSection = Field(default_factory=ExplainSection, description="Interpretability settings (jobs.explain).")
     serve: ServeSection = Field(default_factory=ServeSection, description="Serving at the end of the pipeline.")
 
     @property

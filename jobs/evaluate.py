@@ -1,10 +1,12 @@
-"""Held-out evaluation: base model zero-shot vs fine-tuned model vs a TF-IDF baseline.
+"""Held-out evaluation: the fine-tuned model vs the current version, the base model zero-shot and
+a TF-IDF baseline, with the promotion gate's decision.
 
     python -m jobs.evaluate --config configs/airline_sentiment.yaml [key=value ...]
 
 The LLMs are scored by likelihood, not by parsing free text: each label word's log-probability
 as the assistant's answer to the templated prompt; the prediction is the most likely label. All
-three systems see the same test rows, which training and checkpoint selection never saw.
+systems see the same test rows, which training and checkpoint selection never saw, so paired
+bootstrap intervals compare them honestly.
 """
 
 from __future__ import annotations
@@ -18,8 +20,14 @@ import ray
 import torch
 
 from cluster.ray_cluster import connect
+from cluster.registry import ModelRegistry
 from jobs import data
 from jobs.config import RunConfig
+from jobs.report import write_report
+
+
+# Report order: the candidate, what it must beat, where it started, what a classical model does.
+SYSTEMS = ("fine_tuned", "previous_version", "base_zero_shot", "baseline_tfidf_logreg")
 
 
 def _padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,8 +82,13 @@ class LabelScorer:
         scores = score_labels(self.model, prompts, self.label_token_ids, self.pad_id).numpy()
         probs = np.exp(scores - scores.max(axis=1, keepdims=True))  # P(label | prompt, answer is a label)
         probs /= probs.sum(axis=1, keepdims=True)
-        return {"text": batch["text"], "label": batch["label"], "label_id": batch["label_id"],
-                "pred_id": scores.argmax(axis=1), "confidence": probs.max(axis=1)}
+        gold = batch["label_id"].astype(int)
+        passthrough = {column: batch[column] for column in ("text", "label", "label_id", "source") if column in batch}
+        return {**passthrough,
+                "pred_id": scores.argmax(axis=1), "confidence": probs.max(axis=1), "probabilities": probs,
+                # log P(gold answer | prompt) and its token count: the held-out answers' perplexity
+                "gold_logprob": scores[np.arange(len(gold)), gold],
+                "answer_tokens": np.asarray([len(self.label_token_ids[g]) for g in gold])}
 
 
 def calibration(correct, confidence, bins: int = 10) -> dict:
@@ -172,12 +185,85 @@ def evaluate_baseline(data_dir: Path, test: pd.DataFrame, max_features: int) -> 
         LogisticRegression(max_iter=2000, C=4.0),
     )
     classifier.fit(train["text"], train["label_id"])
-    probs = classifier.predict_proba(test["text"])
-    return test.assign(pred_id=classifier.classes_[probs.argmax(axis=1)], confidence=probs.max(axis=1))
+    probs = np.zeros((len(test), int(train["label_id"].max()) + 1))
+    probs[:, classifier.classes_] = classifier.predict_proba(test["text"])
+    return test.assign(pred_id=probs.argmax(axis=1), confidence=probs.max(axis=1), probabilities=list(probs))
 
 
-def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir: Path | None) -> tuple[dict, dict]:
-    """Metrics of every system on the same test rows; also writes per-example predictions."""
+def answer_perplexity(frame: pd.DataFrame) -> float:
+    """exp(mean negative log-likelihood per gold answer token) over the test rows."""
+    return float(np.exp(-frame["gold_logprob"].sum() / frame["answer_tokens"].sum()))
+
+
+def promotion_gate(bootstrap: dict, metric: str, min_improvement: float) -> dict:
+    """Deployable only if the fine-tuned model beats the current version (or, before the first
+    version, the base model zero-shot) by more than `min_improvement` at the interval's lower end."""
+    reference = "previous_version" if "previous_version" in bootstrap["systems"] else "base_zero_shot"
+    low, high = bootstrap["differences"][f"fine_tuned - {reference}"][metric]
+    deployable = low > min_improvement
+    verdict = "beats" if deployable else "does not beat"
+    return {
+        "metric": metric, "reference": reference, "min_improvement": min_improvement,
+        "difference_interval": [low, high], "level": bootstrap["level"], "deployable": deployable,
+        "reason": f"fine_tuned {verdict} {reference} on {metric}: {bootstrap['level']:.0%} paired interval of the "
+                  f"difference [{low:+.3f}, {high:+.3f}], lower end {'>' if deployable else '<='} {min_improvement:+.3f}",
+    }
+
+
+def error_analysis(frame: pd.DataFrame, labels: list[str], worst: int, per_class: int = 3) -> dict:
+    """The most confident mistakes, and for each true label its most confident mistakes."""
+    mistakes = frame[frame["pred_id"] != frame["label_id"]].sort_values("confidence", ascending=False)
+
+    def rows(subset: pd.DataFrame) -> list[dict]:
+        return [{"text": r.text, "label": labels[r.label_id], "predicted": labels[r.pred_id], "confidence": float(r.confidence)}
+                for r in subset.itertuples()]
+
+    return {
+        "mistakes": int(len(mistakes)),
+        "worst": rows(mistakes.head(worst)),
+        "per_class": {label: rows(mistakes[mistakes["label_id"] == i].head(per_class)) for i, label in enumerate(labels)},
+    }
+
+
+def slice_masks(texts: pd.Series, terms: list[str]) -> dict[str, np.ndarray]:
+    """Row masks of the slices reported: text length in words, each term's presence, and the
+    source a row came from where the data has several."""
+    words = texts.str.split().str.len().to_numpy()
+    lowered = texts.str.lower()
+    masks = {"length: 1-10 words": words <= 10, "length: 11-20 words": (words > 10) & (words <= 20),
+             "length: 21+ words": words > 20}
+    for term in terms:
+        present = lowered.str.contains(term.lower(), regex=False).to_numpy()
+        masks[f'contains "{term}"'] = present
+        masks[f'no "{term}"'] = ~present
+    return masks
+
+
+def slice_metrics(predictions: dict[str, pd.DataFrame], labels: list[str], terms: list[str]) -> list[dict]:
+    from sklearn.metrics import f1_score
+
+    first = next(iter(predictions.values()))
+    masks = slice_masks(first["text"], terms)
+    if "source" in first.columns and first["source"].nunique() > 1:
+        masks.update({f"source: {name}": (first["source"] == name).to_numpy() for name in sorted(first["source"].unique())})
+    result = []
+    for name, mask in masks.items():
+        systems = {}
+        for system, frame in predictions.items():
+            y_true, y_pred = frame["label_id"].to_numpy()[mask], frame["pred_id"].to_numpy()[mask]
+            systems[system] = {
+                "accuracy": float((y_true == y_pred).mean()) if mask.any() else None,
+                "macro_f1": float(f1_score(y_true, y_pred, labels=list(range(len(labels))), average="macro", zero_division=0))
+                if mask.any() else None,
+            }
+        result.append({"slice": name, "examples": int(mask.sum()), "systems": systems})
+    return result
+
+
+def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir: Path | None,
+                   previous_dir: Path | None = None) -> tuple[dict, dict]:
+    """Metrics of every system on the same test rows, error analysis, slices and (with a fine-tuned
+    model) the promotion gate; writes evaluation.json and per-example predictions."""
     # Without preserve_order, limit() keeps whichever blocks finish first: a uniform sample still
     # (shards are in hash order), but a different one each run. Same config, same test rows.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -186,20 +272,29 @@ def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir
         test = test.limit(cfg.eval.max_test_examples)  # shards are in hash order: a uniform sample
     test = test.materialize()
     labels = cfg.data.labels
+    llms = {"fine_tuned": finetuned_dir, "previous_version": previous_dir, "base_zero_shot": base_dir}
     predictions = {}  # fine-tuned first, so paired differences read "fine_tuned - other"
-    if finetuned_dir is not None:
-        predictions["fine_tuned"] = evaluate_llm(finetuned_dir, test, labels, cfg.eval.batch_size, cfg.eval.cpus)
-    predictions["base_zero_shot"] = evaluate_llm(base_dir, test, labels, cfg.eval.batch_size, cfg.eval.cpus)
+    for system, model_dir in llms.items():
+        if model_dir is not None:
+            predictions[system] = evaluate_llm(model_dir, test, labels, cfg.eval.batch_size, cfg.eval.cpus)
+    columns = [column for column in ("text", "label", "label_id", "source") if column in test.schema().names]
     predictions["baseline_tfidf_logreg"] = evaluate_baseline(
-        data_dir, test.select_columns(["text", "label", "label_id"]).to_pandas(), cfg.eval.baseline_max_features)
-    report = {"test_examples": test.count(), "labels": labels}
+        data_dir, test.select_columns(columns).to_pandas(), cfg.eval.baseline_max_features)
+    report = {"test_examples": test.count(), "labels": labels,
+              "models": {system: str(path) for system, path in llms.items() if path is not None}}
     out_dir = cfg.run_dir / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)
     for system, frame in predictions.items():
         report[system] = classification_metrics(frame["label_id"], frame["pred_id"], labels, frame["confidence"])
+        if system in llms:
+            report[system]["answer_perplexity"] = answer_perplexity(frame)
         frame.to_parquet(out_dir / f"{system}.parquet")
     y_true = next(iter(predictions.values()))["label_id"].to_numpy()
     report["bootstrap"] = bootstrap_intervals(y_true, {name: frame["pred_id"].to_numpy() for name, frame in predictions.items()}, labels)
+    report["slices"] = slice_metrics(predictions, labels, cfg.eval.terms)
+    if finetuned_dir is not None:
+        report["errors"] = error_analysis(predictions["fine_tuned"], labels, cfg.eval.worst_errors)
+        report["gate"] = promotion_gate(report["bootstrap"], cfg.eval.gate_metric, cfg.eval.gate_min_improvement)
     (cfg.run_dir / "evaluation.json").write_text(json.dumps(report, indent=2))
     print(format_table(report))
     return report, predictions
@@ -210,22 +305,28 @@ def format_table(report: dict) -> str:
     lines = [f"[evaluate] held-out test split, {report['test_examples']} examples, "
              f"{report['bootstrap']['level']:.0%} bootstrap intervals",
              f"{'system':<24}{'accuracy':>24}{'macro-F1':>24}"]
-    for name in ("base_zero_shot", "fine_tuned", "baseline_tfidf_logreg"):
+    for name in SYSTEMS:
         if name in report:
             values = {"accuracy": report[name]["accuracy"], "macro_f1": report[name]["macro"]["f1"]}
             cells = [f"{values[key]:.3f} [{intervals[name][key][0]:.3f}, {intervals[name][key][1]:.3f}]" for key in values]
             lines.append(f"{name:<24}{cells[0]:>24}{cells[1]:>24}")
+    if "gate" in report:
+        lines.append(f"[gate] {'DEPLOYABLE' if report['gate']['deployable'] else 'NOT deployable'}: {report['gate']['reason']}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Evaluate the run's model against the current registry version; registering is the pipeline's job."""
     from cluster.config import load_config_or_exit
 
     cfg = load_config_or_exit(RunConfig, argv)
     connect()
     base_dir, data_dir, _ = data.prepare_run_inputs(cfg)
     finetuned_dir = cfg.run_dir / "model"
-    run_evaluation(cfg, base_dir, data_dir, finetuned_dir if finetuned_dir.is_dir() else None)
+    current = ModelRegistry(cfg.storage_root, cfg.name).current()
+    report, _ = run_evaluation(cfg, base_dir, data_dir, finetuned_dir if finetuned_dir.is_dir() else None,
+                               Path(current["path"]) if current else None)
+    print(f"[evaluate] report: {write_report(cfg.run_dir / 'report.html', report)}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The main job: data -> DeepSpeed fine-tuning -> held-out evaluation -> Serve + vLLM endpoint.
+"""The main job: data -> DeepSpeed fine-tuning -> held-out evaluation and promotion gate ->
+explanations -> a registered model version with its report -> Serve + vLLM endpoint.
 
     ray job submit --working-dir . -- python -m jobs.pipeline --config configs/airline_sentiment.yaml
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import requests
 
@@ -16,8 +18,10 @@ from cluster.config import load_config_or_exit
 from cluster.contracts import EndpointSettings
 from cluster.endpoints import deploy
 from cluster.ray_cluster import connect
-from jobs import data, evaluate, finetune
+from cluster.registry import ModelRegistry
+from jobs import data, evaluate, explain, finetune
 from jobs.config import RunConfig
+from jobs.report import write_report
 
 
 def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, predictions) -> dict:
@@ -70,11 +74,28 @@ def run_pipeline(cfg: RunConfig) -> dict:
     mark = stage_done("model_and_data", mark)
     training = finetune.run_finetune(cfg, base_dir, data_dir)
     mark = stage_done("training", mark)
-    report, predictions = evaluate.run_evaluation(cfg, base_dir, data_dir, finetuned_dir=cfg.run_dir / "model")
+    registry = ModelRegistry(cfg.storage_root, cfg.name)
+    current = registry.current()
+    report, predictions = evaluate.run_evaluation(
+        cfg, base_dir, data_dir, finetuned_dir=Path(training["model_dir"]),
+        previous_dir=Path(current["path"]) if current else None)
     mark = stage_done("evaluation", mark)
+    explanations = explain.run_explain(cfg) if cfg.explain.enabled else None
+    mark = stage_done("explanation", mark)
+    version = registry.register(
+        training["model_dir"], gate=report["gate"], run=cfg.name,
+        metrics={"accuracy": report["fine_tuned"]["accuracy"], "macro_f1": report["fine_tuned"]["macro"]["f1"],
+                 "compared_with": report["models"]},
+        attachments=[cfg.run_dir / "evaluation.json", cfg.run_dir / "explanations.json"])
+    report_path = write_report(Path(version["path"]) / "report.html", report, explanations, version)
+    mark = stage_done("report", mark)
+    print(f"[pipeline] registered {cfg.name} {version['version']} "
+          f"({'deployable' if version['deployable'] else 'not deployable'}); report: {report_path}")
     summary = {
         "run": cfg.name,
         "model_dir": training["model_dir"],
+        "version": {key: version[key] for key in ("version", "path", "deployable", "gate")},
+        "report": str(report_path),
         "data": {"counts": manifest["counts"], "splits": manifest["splits"]},
         "training": {key: training[key] for key in (
             "best_step", "best_val_loss", "wall_seconds", "tokens_per_s", "train_tokens",
@@ -83,17 +104,31 @@ def run_pipeline(cfg: RunConfig) -> dict:
             "examples": report["test_examples"],
             **{system: {"accuracy": report[system]["accuracy"], "macro_f1": report[system]["macro"]["f1"],
                         "interval_95": report["bootstrap"]["systems"][system],
-                        "expected_calibration_error": report[system]["calibration"]["ece"]}
-               for system in ("base_zero_shot", "fine_tuned", "baseline_tfidf_logreg")},
+                        "expected_calibration_error": report[system]["calibration"]["ece"],
+                        **({"answer_perplexity": report[system]["answer_perplexity"]}
+                           if "answer_perplexity" in report[system] else {})}
+               for system in evaluate.SYSTEMS if system in report},
             "paired_differences_95": report["bootstrap"]["differences"],
         },
     }
+    if explanations is not None:
+        summary["explanations"] = {"faithfulness": explanations["faithfulness"]}
     if cfg.serve.enabled:
-        endpoint = cfg.serve.endpoint.model_copy(update={"model_dir": training["model_dir"]})
-        base_url = deploy(cfg.serve.import_path, endpoint)
-        mark = stage_done("serving_deploy", mark)
-        summary["serving"] = check_endpoint(cfg, endpoint, base_url, predictions["fine_tuned"])
-        mark = stage_done("serving_check", mark)
+        # Serve what the gate allows: the current version (this one if it was promoted).
+        serving = registry.current()
+        if serving is None and cfg.serve.deploy_unpromoted:
+            serving = version
+        if serving is None:
+            summary["serving"] = {"skipped": "no deployable version: " + report["gate"]["reason"]}
+            print(f"[pipeline] not serving: {summary['serving']['skipped']}")
+        else:
+            endpoint = cfg.serve.endpoint.model_copy(update={"model_dir": serving["path"]})
+            base_url = deploy(cfg.serve.import_path, endpoint)
+            mark = stage_done("serving_deploy", mark)
+            served_predictions = predictions["fine_tuned" if serving is version else "previous_version"]
+            summary["serving"] = {"version": serving["version"],
+                                  **check_endpoint(cfg, endpoint, base_url, served_predictions)}
+            mark = stage_done("serving_check", mark)
     summary["stage_seconds"] = stage_seconds
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     summary["config"] = cfg.model_dump()

@@ -81,3 +81,85 @@ def test_expected_calibration_error_by_hand():
     assert [row["examples"] for row in result["reliability"]] == [2, 2]
     perfect = calibration([True] * 5, [1.0] * 5)
     assert perfect["ece"] == 0.0 and perfect["reliability"][0]["bin"] == [0.9, 1.0]
+
+
+def _bootstrap_of(y, systems: dict) -> dict:
+    from jobs.evaluate import bootstrap_intervals
+
+    return bootstrap_intervals(y, systems, ["a", "b", "c"], resamples=200)
+
+
+@pytest.fixture(scope="module")
+def labelled_rows():
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 3, size=300)
+    return y, np.where(rng.random(300) < 0.9, y, (y + 1) % 3), np.where(rng.random(300) < 0.6, y, (y + 2) % 3)
+
+
+def test_gate_promotes_a_clearly_better_model_over_the_current_version(labelled_rows):
+    from jobs.evaluate import promotion_gate
+
+    y, better, worse = labelled_rows
+    gate = promotion_gate(_bootstrap_of(y, {"fine_tuned": better, "previous_version": worse, "base_zero_shot": worse}),
+                          "macro_f1", 0.0)
+    assert gate["deployable"] and gate["reference"] == "previous_version"
+    assert gate["difference_interval"][0] > 0 and "beats previous_version" in gate["reason"]
+    # The same gap is not enough when the configured margin is larger than it.
+    strict = promotion_gate(_bootstrap_of(y, {"fine_tuned": better, "previous_version": worse}), "accuracy", 0.5)
+    assert not strict["deployable"]
+
+
+def test_gate_rejects_a_worse_or_indistinguishable_model(labelled_rows):
+    from jobs.evaluate import promotion_gate
+
+    y, better, worse = labelled_rows
+    assert not promotion_gate(_bootstrap_of(y, {"fine_tuned": worse, "previous_version": better}), "macro_f1", 0.0)["deployable"]
+    # Retraining to the same predictions: the paired interval is [0, 0], not a win.
+    same = promotion_gate(_bootstrap_of(y, {"fine_tuned": better, "previous_version": better.copy()}), "accuracy", 0.0)
+    assert not same["deployable"] and same["difference_interval"] == [0.0, 0.0]
+    # Before the first version the reference is the base model zero-shot.
+    first = promotion_gate(_bootstrap_of(y, {"fine_tuned": better, "base_zero_shot": worse}), "accuracy", 0.0)
+    assert first["reference"] == "base_zero_shot" and first["deployable"]
+
+
+def test_error_analysis_lists_the_most_confident_mistakes_first():
+    import pandas as pd
+
+    from jobs.evaluate import error_analysis
+
+    frame = pd.DataFrame({
+        "text": ["w1", "ok", "w2", "w3"], "label_id": [0, 1, 2, 2], "pred_id": [1, 1, 0, 1],
+        "confidence": [0.6, 0.99, 0.9, 0.7],
+    })
+    errors = error_analysis(frame, ["a", "b", "c"], worst=2)
+    assert errors["mistakes"] == 3
+    assert [row["text"] for row in errors["worst"]] == ["w2", "w3"]
+    assert errors["worst"][0] == {"text": "w2", "label": "c", "predicted": "a", "confidence": 0.9}
+    assert [row["text"] for row in errors["per_class"]["c"]] == ["w2", "w3"] and errors["per_class"]["b"] == []
+
+
+def test_slice_metrics_match_scikit_learn_on_each_slice():
+    import pandas as pd
+    from sklearn.metrics import f1_score
+
+    from jobs.evaluate import slice_metrics
+
+    texts = ["flight delay again", "thanks", "delay delay " + "word " * 20, "great crew on this flight today ok"]
+    frame = pd.DataFrame({"text": texts, "label_id": [0, 2, 0, 2], "pred_id": [0, 2, 1, 0]})
+    slices = {s["slice"]: s for s in slice_metrics({"m": frame}, ["a", "b", "c"], ["Delay"])}
+    delay = slices['contains "Delay"']  # case-insensitive
+    assert delay["examples"] == 2 and delay["systems"]["m"]["accuracy"] == 0.5
+    assert delay["systems"]["m"]["macro_f1"] == pytest.approx(
+        f1_score([0, 0], [0, 1], labels=[0, 1, 2], average="macro", zero_division=0))
+    assert slices['no "Delay"']["examples"] == 2 and slices["length: 21+ words"]["examples"] == 1
+    assert slices["length: 11-20 words"]["systems"]["m"]["accuracy"] is None  # empty slice: no figure
+
+
+def test_answer_perplexity_is_per_answer_token():
+    import pandas as pd
+
+    from jobs.evaluate import answer_perplexity
+
+    # Two answers: one token at log p = -1, two tokens at log p total -3 -> exp(4 / 3).
+    frame = pd.DataFrame({"gold_logprob": [-1.0, -3.0], "answer_tokens": [1, 2]})
+    assert answer_perplexity(frame) == pytest.approx(np.exp(4 / 3))

@@ -1,0 +1,55 @@
+import json
+
+import pytest
+
+from cluster.registry import ModelRegistry
+
+
+def _model_folder(path, weights: bytes):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model.safetensors").write_bytes(weights)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def _gate(deployable: bool) -> dict:
+    return {"deployable": deployable, "reason": "constructed", "metric": "macro_f1"}
+
+
+def test_only_deployable_versions_become_current(tmp_path):
+    registry = ModelRegistry(tmp_path, "sentiment")
+    assert registry.current() is None and registry.versions() == []
+
+    run_model = _model_folder(tmp_path / "run" / "model", b"weights-1")
+    rejected = registry.register(run_model, _gate(False), metrics={"macro_f1": 0.3}, run="r1")
+    assert rejected["version"] == "v0001" and registry.current() is None
+
+    _model_folder(run_model, b"weights-2")
+    promoted = registry.register(run_model, _gate(True), metrics={"macro_f1": 0.7}, run="r2")
+    assert registry.current()["version"] == "v0002"
+
+    registry.register(_model_folder(run_model, b"weights-3"), _gate(False), metrics={}, run="r3")
+    assert registry.current()["version"] == "v0002"  # a rejected version never displaces the current one
+    assert [v["version"] for v in registry.versions()] == ["v0001", "v0002", "v0003"]
+    assert json.loads((registry.root / "index.json").read_text())["current"] == "v0002"
+    assert registry.get("v0002")["metrics"] == {"macro_f1": 0.7}
+    assert promoted["gate"]["deployable"] is True
+
+
+def test_versions_are_copies_that_later_runs_cannot_change(tmp_path):
+    registry = ModelRegistry(tmp_path, "m")
+    run_model = _model_folder(tmp_path / "model", b"first")
+    (tmp_path / "evaluation.json").write_text('{"accuracy": 1}')
+    entry = registry.register(run_model, _gate(True), metrics={}, run="r",
+                              attachments=[tmp_path / "evaluation.json", tmp_path / "missing.json"])
+    (run_model / "model.safetensors").write_bytes(b"overwritten by the next training run")
+    version_dir = registry.root / entry["version"]
+    assert (version_dir / "model.safetensors").read_bytes() == b"first"
+    assert (version_dir / "evaluation.json").is_file() and not (version_dir / "missing.json").exists()
+
+
+def test_unknown_version_is_named_in_the_error(tmp_path):
+    registry = ModelRegistry(tmp_path, "m")
+    registry.register(_model_folder(tmp_path / "model", b"w"), _gate(True), metrics={}, run="r")
+    with pytest.raises(KeyError, match="no version 'v0009'.*v0001"):
+        registry.get("v0009")

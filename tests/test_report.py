@@ -1,0 +1,34 @@
+import numpy as np
+import pandas as pd
+
+from jobs import evaluate
+from jobs.report import write_report
+
+
+def test_report_shows_every_system_the_gate_and_escaped_examples(tmp_path):
+    labels = ["negative", "neutral", "positive"]
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, size=120)
+    texts = [f"<script>alert({i})</script> flight delay" if i % 4 == 0 else f"message {i} thank you" for i in range(120)]
+    predictions = {}
+    for system, accuracy in (("fine_tuned", 0.9), ("base_zero_shot", 0.4), ("baseline_tfidf_logreg", 0.7)):
+        predicted = np.where(rng.random(120) < accuracy, y, (y + 1) % 3)
+        predictions[system] = pd.DataFrame({"text": texts, "label_id": y, "pred_id": predicted,
+                                            "confidence": rng.uniform(0.4, 1.0, 120)})
+    report = {"test_examples": 120, "labels": labels, "models": {"fine_tuned": "/models/candidate"}}
+    for system, frame in predictions.items():
+        report[system] = evaluate.classification_metrics(frame["label_id"], frame["pred_id"], labels, frame["confidence"])
+    report["bootstrap"] = evaluate.bootstrap_intervals(y, {k: f["pred_id"].to_numpy() for k, f in predictions.items()}, labels, resamples=50)
+    report["slices"] = evaluate.slice_metrics(predictions, labels, ["delay"])
+    report["errors"] = evaluate.error_analysis(predictions["fine_tuned"], labels, worst=5)
+    report["gate"] = evaluate.promotion_gate(report["bootstrap"], "macro_f1", 0.0)
+
+    page = write_report(tmp_path / "report.html", report,
+                        version={"name": "sentiment", "version": "v0003", "created": "2026-11-25T12:00:00"}).read_text()
+
+    assert "Promotion gate: Deployable" in page and "v0003" in page
+    for system in predictions:
+        assert system in page
+    assert page.count("<img") == 2  # confusion matrices + reliability diagram
+    assert 'contains &quot;delay&quot;' in page and "Most confident mistakes" in page
+    assert "<script>" not in page and "&lt;script&gt;alert(" in page

@@ -22,12 +22,13 @@ import torch
 from cluster.ray_cluster import connect
 from cluster.registry import ModelRegistry
 from jobs import data
-from jobs.config import RunConfig
+from jobs.config import EvalSection, RunConfig
 from jobs.report import write_report
 
 
 # Report order: the candidate, what it must beat, where it started, what a classical model does.
 SYSTEMS = ("fine_tuned", "previous_version", "base_zero_shot", "baseline_tfidf_logreg")
+GENERATION_SEED = 1  # not the split seed: the generated rows are a sample within the test sample
 
 
 def _padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,16 +67,32 @@ def score_labels(model, prompts: list[list[int]], label_token_ids: list[list[int
 
 
 class LabelScorer:
-    """Ray Data UDF: adds `scores` (per-label log-likelihoods) and `pred_id` to each test batch."""
+    """Ray Data UDF: per-label log-likelihoods -> prediction, label probabilities, the gold answer's
+    log-likelihood; on a fixed share of rows also the model's free (greedy) answer."""
 
-    def __init__(self, model_dir: str, labels: list[str], threads: int):
+    def __init__(self, model_dir: str, labels: list[str], threads: int, generation_fraction: float):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(threads)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.label_token_ids = [tokenizer(label, add_special_tokens=False).input_ids for label in labels]
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.label_token_ids = [self.tokenizer(label, add_special_tokens=False).input_ids for label in labels]
+        self.generation_fraction = generation_fraction
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def generate(self, prompts: list[list[int]]) -> list[str]:
+        """Greedy answers, a few tokens longer than the longest label (enough to see extra words)."""
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(ids):] = torch.as_tensor(ids)
+            attention_mask[row, width - len(ids):] = 1
+        with torch.no_grad():
+            output = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, do_sample=False, pad_token_id=self.pad_id,
+                max_new_tokens=max(len(ids) for ids in self.label_token_ids) + 2)
+        return self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [list(ids[:n]) for ids, n in zip(batch["input_ids"], batch["prompt_len"])]
@@ -83,12 +100,29 @@ class LabelScorer:
         probs = np.exp(scores - scores.max(axis=1, keepdims=True))  # P(label | prompt, answer is a label)
         probs /= probs.sum(axis=1, keepdims=True)
         gold = batch["label_id"].astype(int)
+        # Which rows also generate is fixed by their text, so every model answers the same rows.
+        chosen = [i for i, text in enumerate(batch["text"])
+                  if data.split_position(data.dedup_key(text), GENERATION_SEED) < self.generation_fraction]
+        generated = np.full(len(prompts), None, dtype=object)
+        if chosen:
+            generated[chosen] = self.generate([prompts[i] for i in chosen])
         passthrough = {column: batch[column] for column in ("text", "label", "label_id", "source") if column in batch}
         return {**passthrough,
                 "pred_id": scores.argmax(axis=1), "confidence": probs.max(axis=1), "probabilities": probs,
                 # log P(gold answer | prompt) and its token count: the held-out answers' perplexity
                 "gold_logprob": scores[np.arange(len(gold)), gold],
-                "answer_tokens": np.asarray([len(self.label_token_ids[g]) for g in gold])}
+                "answer_tokens": np.asarray([len(self.label_token_ids[g]) for g in gold]),
+                "generated": generated}
+
+
+def generation_metrics(frame: pd.DataFrame, labels: list[str]) -> dict:
+    """Exact match of the free answer with the reference label (case, spaces and final punctuation
+    ignored), and how often the answer is one of the label words at all."""
+    answers = frame["generated"].dropna().str.strip().str.strip(".!").str.lower()
+    references = frame.loc[answers.index, "label"].str.lower()
+    return {"examples": int(len(answers)),
+            "exact_match": float((answers == references).mean()) if len(answers) else None,
+            "label_word_rate": float(answers.isin([label.lower() for label in labels]).mean()) if len(answers) else None}
 
 
 def calibration(correct, confidence, bins: int = 10) -> dict:
@@ -164,12 +198,13 @@ def bootstrap_intervals(y_true, predictions: dict[str, np.ndarray], labels: list
     return result
 
 
-def evaluate_llm(model_dir: Path, test, labels: list[str], batch_size: int, threads: int) -> pd.DataFrame:
-    """Per-example predictions (text, label, label_id, pred_id) of the model in `model_dir`."""
+def evaluate_llm(model_dir: Path, test, labels: list[str], settings: EvalSection) -> pd.DataFrame:
+    """Per-example predictions (see LabelScorer) of the model in `model_dir`."""
     return test.map_batches(
-        LabelScorer, batch_format="numpy", batch_size=batch_size, num_cpus=threads,
+        LabelScorer, batch_format="numpy", batch_size=settings.batch_size, num_cpus=settings.cpus,
         compute=ray.data.ActorPoolStrategy(size=1),
-        fn_constructor_kwargs={"model_dir": str(model_dir), "labels": labels, "threads": threads},
+        fn_constructor_kwargs={"model_dir": str(model_dir), "labels": labels, "threads": settings.cpus,
+                               "generation_fraction": settings.generation_fraction},
     ).to_pandas()
 
 
@@ -276,7 +311,7 @@ def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir
     predictions = {}  # fine-tuned first, so paired differences read "fine_tuned - other"
     for system, model_dir in llms.items():
         if model_dir is not None:
-            predictions[system] = evaluate_llm(model_dir, test, labels, cfg.eval.batch_size, cfg.eval.cpus)
+            predictions[system] = evaluate_llm(model_dir, test, labels, cfg.eval)
     columns = [column for column in ("text", "label", "label_id", "source") if column in test.schema().names]
     predictions["baseline_tfidf_logreg"] = evaluate_baseline(
         data_dir, test.select_columns(columns).to_pandas(), cfg.eval.baseline_max_features)
@@ -288,6 +323,7 @@ def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir
         report[system] = classification_metrics(frame["label_id"], frame["pred_id"], labels, frame["confidence"])
         if system in llms:
             report[system]["answer_perplexity"] = answer_perplexity(frame)
+            report[system]["generation"] = generation_metrics(frame, labels)
         frame.to_parquet(out_dir / f"{system}.parquet")
     y_true = next(iter(predictions.values()))["label_id"].to_numpy()
     report["bootstrap"] = bootstrap_intervals(y_true, {name: frame["pred_id"].to_numpy() for name, frame in predictions.items()}, labels)

@@ -44,6 +44,12 @@ def _systems(evaluation: dict) -> list[str]:
     return [name for name in SYSTEMS if name in evaluation]
 
 
+def _generation_cell(generation: dict | None) -> str:
+    if not generation or not generation["examples"]:
+        return "-"
+    return f"{generation['exact_match']:.3f} / {generation['label_word_rate']:.3f} ({generation['examples']})"
+
+
 def _metrics_table(evaluation: dict) -> str:
     intervals = evaluation["bootstrap"]["systems"]
     rows = []
@@ -54,7 +60,7 @@ def _metrics_table(evaluation: dict) -> str:
             f"<tr><td>{name}</td><td>{m['accuracy']:.3f} <span class=muted>[{acc[0]:.3f}, {acc[1]:.3f}]</span></td>"
             f"<td>{m['macro']['f1']:.3f} <span class=muted>[{f1[0]:.3f}, {f1[1]:.3f}]</span></td>"
             f"<td>{m['weighted']['f1']:.3f}</td><td>{m['calibration']['ece']:.3f}</td>"
-            f"<td>{_fmt(m.get('answer_perplexity'), 2)}</td></tr>")
+            f"<td>{_fmt(m.get('answer_perplexity'), 2)}</td><td>{_generation_cell(m.get('generation'))}</td></tr>")
     level = evaluation["bootstrap"]["level"]
     differences = "".join(
         f"<tr><td>{html.escape(pair)}</td><td>[{d['accuracy'][0]:+.3f}, {d['accuracy'][1]:+.3f}]</td>"
@@ -63,7 +69,8 @@ def _metrics_table(evaluation: dict) -> str:
     return (
         f"<h2>Held-out test split: {evaluation['test_examples']} examples</h2>"
         f"<table><tr><th>system</th><th>accuracy [{level:.0%} CI]</th><th>macro-F1 [{level:.0%} CI]</th>"
-        f"<th>weighted F1</th><th>ECE</th><th>answer perplexity</th></tr>{''.join(rows)}</table>"
+        f"<th>weighted F1</th><th>ECE</th><th>answer perplexity</th><th>free answer: exact match / is a label "
+        f"(examples)</th></tr>{''.join(rows)}</table>"
         f"<h3>Paired differences ({level:.0%} bootstrap intervals, same resampled rows)</h3>"
         f"<table><tr><th>difference</th><th>accuracy</th><th>macro-F1</th></tr>{differences}</table>")
 

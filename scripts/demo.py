@@ -42,8 +42,14 @@ def main(overrides: list[str]) -> None:
 
     summary_path = outputs / "airline_sentiment" / "summary.json"
     summary = json.loads(summary_path.read_text())
+    version = summary["version"]
+    print(f"\nModel version {version['version']}: {'deployable' if version['deployable'] else 'NOT deployable'} "
+          f"({version['gate']['reason']})")
+    if "url" not in summary["serving"]:
+        sys.exit(f"nothing served: {summary['serving']['skipped']}\nReport: {summary['report']}")
     artifact = ModelArtifact.read(summary["model_dir"])
     url = summary["serving"]["url"]
+    print(f"Serving version {summary['serving']['version']}")
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed-locally")
     print(f"\nClassifying through {url}/v1/chat/completions with the openai client:")
     for text in MESSAGES:
@@ -55,12 +61,19 @@ def main(overrides: list[str]) -> None:
 
     scores = summary["test_split"]
     print(f"\nHeld-out test split ({scores['examples']} tweets):")
-    for system in ("base_zero_shot", "fine_tuned", "baseline_tfidf_logreg"):
+    for system in ("fine_tuned", "previous_version", "base_zero_shot", "baseline_tfidf_logreg"):
+        if system not in scores:
+            continue
         low, high = scores[system]["interval_95"]["macro_f1"]
         print(f"  {system:<24} accuracy {scores[system]['accuracy']:.3f}  "
               f"macro-F1 {scores[system]['macro_f1']:.3f} (95% bootstrap interval {low:.3f}-{high:.3f})  "
               f"ECE {scores[system]['expected_calibration_error']:.3f}")
-    print(f"\nSummary: {summary_path}")
+    if "explanations" in summary:
+        faithfulness = summary["explanations"]["faithfulness"]
+        print(f"\nFaithfulness: deleting the top-attributed words lowers the predicted label's probability by "
+              f"{faithfulness['top_drop_mean']:.3f}, random words by {faithfulness['random_drop_mean']:.3f}")
+    print(f"\nReport (metrics, errors, slices, explanations): {summary['report']}")
+    print(f"Summary: {summary_path}")
     print(f"Endpoint (still running): {url}/v1  model={artifact.name}")
     print("Ray dashboard: http://127.0.0.1:8265   Stop everything: make down")
 

@@ -163,3 +163,33 @@ def test_answer_perplexity_is_per_answer_token():
     # Two answers: one token at log p = -1, two tokens at log p total -3 -> exp(4 / 3).
     frame = pd.DataFrame({"gold_logprob": [-1.0, -3.0], "answer_tokens": [1, 2]})
     assert answer_perplexity(frame) == pytest.approx(np.exp(4 / 3))
+
+
+def test_generation_exact_match_ignores_case_and_final_punctuation():
+    import pandas as pd
+
+    from jobs.evaluate import generation_metrics
+
+    frame = pd.DataFrame({"label": ["negative", "neutral", "positive", "positive"],
+                          "generated": [" Negative.", "The sentiment is neutral", None, "positive!"]})
+    result = generation_metrics(frame, ["negative", "neutral", "positive"])
+    assert result == {"examples": 3, "exact_match": pytest.approx(2 / 3), "label_word_rate": pytest.approx(2 / 3)}
+
+
+def test_label_scorer_batched_answers_equal_one_by_one_generation(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from jobs.evaluate import LabelScorer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["short", "a much longer message that forces left padding in the batch", "mid length text"]
+    prompts = [tokenizer(t).input_ids for t in texts]
+    width = max(map(len, prompts))
+    batch = {"text": np.array(texts, dtype=object), "label": np.array(["a", "b", "a"], dtype=object),
+             "label_id": np.array([0, 1, 0]), "prompt_len": np.array([len(p) for p in prompts]),
+             "input_ids": [np.array(p + [0] * (width - len(p))) for p in prompts]}
+    scorer = LabelScorer(str(tiny_model_dir), ["a", "b"], threads=1, generation_fraction=1.0)
+    result = scorer(batch)
+    assert list(result["generated"]) == [scorer.generate([p])[0] for p in prompts]
+    assert result["probabilities"].shape == (3, 2) and np.allclose(result["probabilities"].sum(axis=1), 1)
+    assert list(LabelScorer(str(tiny_model_dir), ["a", "b"], 1, generation_fraction=0.0)(batch)["generated"]) == [None] * 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -88,7 +89,16 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
         "fine_tuned - base_zero_shot", "fine_tuned - baseline_tfidf_logreg", "base_zero_shot - baseline_tfidf_logreg"}
     assert summary["training"]["settings"]["zero_stage"] == 2
 
+    # The run became version v0001 of the model, with its evaluation, explanations and report.
+    version_dir = Path(summary["version"]["path"])
+    assert summary["version"]["version"] == "v0001"
+    for name in ("model.safetensors", "lakeforge_model.json", "evaluation.json", "explanations.json", "report.html"):
+        assert (version_dir / name).is_file(), name
+    assert summary["report"] == str(version_dir / "report.html")
+    assert "Promotion gate" in (version_dir / "report.html").read_text()
+
     serving = summary["serving"]
+    assert serving["version"] == "v0001"  # promoted, or served anyway (deploy_unpromoted)
     assert serving["models_listed"] == ["tiny"]
     assert len(serving["answers"]) == 2
     assert serving["bad_request_status"] == {"unknown_model": 404, "over_long_prompt": 400, "malformed_body": 400}
@@ -106,3 +116,19 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
     served_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(served_token))[0]
     assert float(logprobs[served_id]) == pytest.approx(served_logprob, abs=1e-2)
     assert float(logprobs.max() - logprobs[served_id]) < 1e-2  # vLLM's greedy pick is transformers' argmax
+
+    # Retraining to the same weights is no improvement: against the registered version as the
+    # previous one, the gate's paired interval is [0, 0] and the version is not deployable.
+    from cluster.registry import ModelRegistry
+    from jobs import data, evaluate
+
+    base_dir, data_dir, _ = data.prepare_run_inputs(cfg)
+    report, _ = evaluate.run_evaluation(cfg, base_dir, data_dir, finetuned_dir=Path(summary["model_dir"]),
+                                        previous_dir=version_dir)
+    assert report["gate"]["reference"] == "previous_version"
+    assert report["gate"]["difference_interval"] == [0.0, 0.0] and not report["gate"]["deployable"]
+    assert report["previous_version"]["accuracy"] == report["fine_tuned"]["accuracy"]
+    registry = ModelRegistry(cfg.storage_root, cfg.name)
+    current_before = registry.current()
+    assert registry.register(summary["model_dir"], report["gate"], metrics={}, run="again")["version"] == "v0002"
+    assert registry.current() == current_before

@@ -54,17 +54,48 @@ class DataSection(StrictModel):
         return labels
 
 
+class LoraSection(StrictModel):
+    rank: int = Field(default=16, ge=1, description="Rank r of each adapter's low-rank update.")
+    alpha: float = Field(default=32, gt=0, description="Scaling numerator: the update is scaled by alpha / rank.")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] = Field(
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1,
+        description="Names of the linear layers that get adapters (Llama-style names by default).",
+    )
+
+
 class TrainSection(StrictModel):
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(default=False, description="One GPU per worker and the nccl backend; gloo on CPU otherwise.")
     cpus_per_worker: float = Field(default=1.0, gt=0, description="Logical CPUs reserved per worker; also its torch thread count.")
-    zero_stage: Literal[1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
-    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="Training precision; bf16 needs a GPU that supports it.")
+    zero_stage: Literal[1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.")
+    offload_optimizer: bool = Field(
+        default=False, description="ZeRO-Offload: keep optimizer state (and its step) in CPU memory; for GPU workers short of memory.")
+    offload_parameters: bool = Field(
+        default=False, description="ZeRO-Infinity parameter offload to CPU memory; ZeRO stage 3 only.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="Training precision. auto: fp32 on CPU; on GPU bf16 where the device supports it, else fp16 (with loss scaling).",
+    )
+    method: Literal["full", "lora"] = Field(default="full", description="full: train every weight; lora: train low-rank adapters (peft) on a frozen base.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="Adapter settings when method is lora.")
+    freeze_embeddings: bool = Field(default=False, description="Full fine-tuning only: keep the token embeddings (and a tied LM head) fixed.")
+    freeze_layers: int = Field(default=0, ge=0, description="Full fine-tuning only: keep the first N transformer layers fixed (transfer learning).")
     micro_batch_size: int = Field(default=8, ge=1, description="Examples per worker per forward pass.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(default=5e-5, gt=0, description="Peak AdamW learning rate.")
-    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(default=10, ge=0, description="Linear warm-up steps, then linear decay to zero at max_steps.")
+    global_batch_size: int | None = Field(
+        default=None, ge=1,
+        description="Examples per optimizer step over all workers. When set, gradient_accumulation_steps is derived "
+        "from it (global = micro x accumulation x workers), so changing num_workers keeps the optimization the same.",
+    )
+    optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="AdamW, or SGD with momentum.")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum (ignored by AdamW).")
+    learning_rate: float = Field(default=5e-5, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, description="Decoupled weight decay (AdamW) or L2 penalty (SGD).")
+    gradient_clipping: float = Field(default=1.0, ge=0, description="Clip the global gradient norm to this (0: no clipping).")
+    lr_schedule: Literal["linear", "cosine"] = Field(
+        default="linear", description="After linear warm-up, decay to zero at max_steps linearly or along a cosine.")
+    warmup_steps: int = Field(default=10, ge=0, description="Linear warm-up steps from zero to the peak learning rate.")
     max_steps: int = Field(default=100, ge=1, description="Optimizer steps to run (the run's length).")
     log_every: int = Field(default=1, ge=1, description="Steps between training log lines (loss, lr, tokens/s).")
     eval_every: int = Field(default=50, ge=1, description="Steps between validation-loss checks, each followed by a checkpoint.")
@@ -74,9 +105,22 @@ class TrainSection(StrictModel):
     deepspeed_overrides: dict = Field(default_factory=dict, description="Expert escape hatch: merged into the generated DeepSpeed config.")
 
     @model_validator(mode="after")
-    def _warmup_fits(self) -> "TrainSection":
+    def _consistent(self) -> "TrainSection":
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than max_steps ({self.max_steps})")
+        if self.precision in ("bf16", "fp16") and not self.use_gpu:
+            raise ValueError(f"precision {self.precision} needs use_gpu=true; CPU workers train in fp32 (precision auto)")
+        if self.offload_parameters and self.zero_stage != 3:
+            raise ValueError("offload_parameters needs zero_stage 3 (only stage 3 partitions parameters)")
+        if self.method == "lora" and (self.freeze_embeddings or self.freeze_layers):
+            raise ValueError("freeze_embeddings/freeze_layers apply to method full; lora already freezes the whole base model")
+        if self.global_batch_size is not None:
+            per_step = self.micro_batch_size * self.num_workers
+            if self.global_batch_size % per_step:
+                raise ValueError(f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size x "
+                                 f"num_workers ({self.micro_batch_size} x {self.num_workers} = {per_step})")
+            # validate_assignment would re-enter this validator; set the derived value directly.
+            object.__setattr__(self, "gradient_accumulation_steps", self.global_batch_size // per_step)
         return self
 
 

@@ -1,4 +1,5 @@
-"""Fine-tune with Ray Train + DeepSpeed ZeRO, then export the best checkpoint as one HF folder.
+"""Fine-tune with Ray Train + DeepSpeed ZeRO (full or LoRA), then export the best checkpoint as one
+HF folder (LoRA: merged weights, and the adapter alone in `adapter/`).
 
     python -m jobs.finetune --config configs/airline_sentiment.yaml [key=value ...]
 """
@@ -20,7 +21,25 @@ from jobs.train_loop import HF_EXPORT_DIR, PROBE_FILE, PROBE_IDS, train_loop_per
 # Max |logit difference| between the trained model and its export reloaded in fp32 on the driver's
 # CPU. Workers on GPUs use other kernels (and bf16 keeps ~3 digits), so they get looser bounds; a
 # broken export (missing, shuffled or untrained weights) is off by whole units either way.
-EXPORT_TOLERANCE = {"fp32": 1e-3, "bf16": 0.25}
+EXPORT_TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "fp16": 0.25}
+ADAPTER_DIR = "adapter"  # inside a LoRA run's export: the adapter alone, for multi-LoRA serving
+
+
+def export_model(trained_dir: Path, base_dir: Path, export_dir: Path) -> None:
+    """One Hugging Face folder servable as is. A LoRA checkpoint holds only the adapter: it is
+    merged into the base weights, and kept beside them in `adapter/`."""
+    shutil.rmtree(export_dir, ignore_errors=True)
+    if not (trained_dir / "adapter_config.json").is_file():
+        shutil.copytree(trained_dir, export_dir)
+        return
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, trained_dir).merge_and_unload()
+    merged.save_pretrained(export_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(trained_dir).save_pretrained(export_dir)
+    shutil.copytree(trained_dir, export_dir / ADAPTER_DIR)
 
 
 def verify_export(export_dir: Path, probe_logits: torch.Tensor, tolerance: float) -> float:
@@ -71,10 +90,9 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
     best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"])
     export_dir = cfg.run_dir / "model"
     with best_checkpoint.as_directory() as folder:
-        shutil.rmtree(export_dir, ignore_errors=True)
-        shutil.copytree(Path(folder) / HF_EXPORT_DIR, export_dir)
+        export_model(Path(folder) / HF_EXPORT_DIR, base_dir, export_dir)
         probe_logits = torch.load(Path(folder) / PROBE_FILE)
-    export_diff = verify_export(export_dir, probe_logits, EXPORT_TOLERANCE[train.precision])
+    export_diff = verify_export(export_dir, probe_logits, EXPORT_TOLERANCE[best_metrics["precision"]])
     ModelArtifact(
         name=cfg.serve.endpoint.model_id, base_model=cfg.model.base, labels=cfg.data.labels,
         system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len,

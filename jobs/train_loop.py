@@ -21,33 +21,78 @@ PROBE_FILE = "probe_logits.pt"
 PROBE_IDS = torch.arange(1, 33).unsqueeze(0)
 
 
-def deepspeed_config(train: dict, world_size: int) -> dict:
+def resolve_precision(requested: str, use_gpu: bool) -> str:
+    """'auto' -> fp32 on CPU; on GPU bf16 where supported (Ampere and newer), else fp16."""
+    if requested != "auto":
+        return requested
+    if not use_gpu:
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def deepspeed_config(train: dict, world_size: int, precision: str) -> dict:
     """DeepSpeed config from the typed train section, with the expert overrides merged last."""
+    if train["optimizer"] == "adamw":
+        # torch_adam: PyTorch's AdamW instead of DeepSpeed's compiled CPU/fused Adam ops, which
+        # would need a JIT build on every fresh node (also with offload: slower, but no build).
+        optimizer = {"type": "AdamW", "params": {
+            "lr": train["learning_rate"], "weight_decay": train["weight_decay"],
+            "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}}
+    else:  # DeepSpeed takes any torch.optim class by name
+        optimizer = {"type": "SGD", "params": {
+            "lr": train["learning_rate"], "momentum": train["momentum"], "weight_decay": train["weight_decay"]}}
+    if train["lr_schedule"] == "linear":
+        scheduler = {"type": "WarmupDecayLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": train["learning_rate"], "warmup_num_steps": train["warmup_steps"],
+            "total_num_steps": train["max_steps"], "warmup_type": "linear"}}
+    else:  # ratios of the optimizer's own lr
+        scheduler = {"type": "WarmupCosineLR", "params": {
+            "warmup_min_ratio": 0.0, "warmup_num_steps": train["warmup_steps"], "total_num_steps": train["max_steps"],
+            "cos_min_ratio": 0.0, "warmup_type": "linear"}}
+    zero = {"stage": train["zero_stage"]}
+    if train["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train["use_gpu"]}
+    if train["offload_parameters"]:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": train["use_gpu"]}
+    if train["zero_stage"] == 3:
+        # Lets rank 0 gather full weights for the Hugging Face export.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
     config = {
         "train_micro_batch_size_per_gpu": train["micro_batch_size"],
         "gradient_accumulation_steps": train["gradient_accumulation_steps"],
         "train_batch_size": train["micro_batch_size"] * train["gradient_accumulation_steps"] * world_size,
-        "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": train["zero_stage"]},
-        # torch_adam: PyTorch's AdamW instead of DeepSpeed's compiled CPU/fused Adam ops, which
-        # would need a JIT build on every fresh node.
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": train["learning_rate"], "weight_decay": train["weight_decay"],
-            "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True,
-        }},
-        "scheduler": {"type": "WarmupDecayLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": train["learning_rate"],
-            "warmup_num_steps": train["warmup_steps"], "total_num_steps": train["max_steps"],
-            "warmup_type": "linear",
-        }},
-        "bf16": {"enabled": train["precision"] == "bf16"},
+        "gradient_clipping": train["gradient_clipping"],
+        "zero_optimization": zero,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},  # dynamic loss scaling by default
+        # ZeRO lists Adam-family optimizers as tested; SGD's state (momentum) partitions the same way.
+        "zero_allow_untested_optimizer": train["optimizer"] == "sgd",
         "steps_per_print": 10**9,  # our own per-step lines replace DeepSpeed's
         "wall_clock_breakdown": False,
     }
-    if train["zero_stage"] == 3:
-        # Lets rank 0 gather full weights for the Hugging Face export.
-        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     return _deep_merge(config, train["deepspeed_overrides"])
+
+
+def prepare_model(model, train: dict):
+    """Apply the training method: LoRA adapters on a frozen base, or full fine-tuning with
+    optional frozen embeddings / first layers. Returns the model to train."""
+    if train["method"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = train["lora"]
+        return get_peft_model(model, LoraConfig(
+            r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+            target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+    if train["freeze_embeddings"]:
+        model.get_input_embeddings().requires_grad_(False)  # a tied LM head is the same tensor
+    layers = model.model.layers
+    if train["freeze_layers"] > len(layers):
+        raise ValueError(f"freeze_layers={train['freeze_layers']} but the model has {len(layers)} layers")
+    for layer in layers[: train["freeze_layers"]]:
+        layer.requires_grad_(False)
+    return model
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -113,8 +158,10 @@ def _save_checkpoint(engine, zero_stage: int, tokenizer, folder: Path, rank: int
     engine.save_checkpoint(str(folder), tag="deepspeed")
     # ZeRO-3 weights are partitioned: gathering them is a collective every rank must join.
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    engine.eval()  # dropout off (LoRA has some): the probe is what the exported model must give
     with torch.no_grad():
         probe_logits = engine(input_ids=PROBE_IDS.to(device)).logits[0, -1].float().cpu()
+    engine.train()
     if rank == 0:
         export = folder / HF_EXPORT_DIR
         module = engine.module
@@ -139,11 +186,18 @@ def train_loop_per_worker(config: dict) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(config["base_model_dir"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dtype = torch.bfloat16 if train["precision"] == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(config["base_model_dir"], dtype=dtype)
+    precision = resolve_precision(train["precision"], train["use_gpu"])
+    # Weights stay fp32 for fp16 training: DeepSpeed keeps fp32 masters and casts itself.
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(config["base_model_dir"], dtype=dtype), train)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=deepspeed_config(train, world_size),
+        model=model, model_parameters=trainable, config=deepspeed_config(train, world_size, precision),
     )
+    if rank == 0:
+        total = sum(parameter.numel() for parameter in model.parameters())
+        print(f"[train] method {train['method']}, precision {precision}: "
+              f"{sum(p.numel() for p in trainable):,} of {total:,} parameters trainable", flush=True)
 
     train_shard = ray.train.get_dataset_shard("train")
     validation_shard = ray.train.get_dataset_shard("validation")
@@ -187,7 +241,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     print(f"[train] step {step} validation loss {val_loss:.4f}", flush=True)
                 metrics = {
-                    "step": step, "epoch": epoch, "val_loss": val_loss, "train_loss": last_train_loss,
+                    "step": step, "epoch": epoch, "precision": precision, "val_loss": val_loss, "train_loss": last_train_loss,
                     "train_tokens": total_tokens, "tokens_per_s": total_tokens / max(compute_seconds, 1e-9),
                     "train_seconds": time.perf_counter() - run_start,
                 }

@@ -68,6 +68,41 @@ def test_zero3_training_lowers_loss_and_exports_weights_that_reload(ray_cluster,
         assert not torch.allclose(base(input_ids=PROBE_IDS).logits[0, -1], logits, atol=1e-3)
 
 
+@pytest.mark.parametrize("overrides", [
+    ("train.zero_stage=1", "train.optimizer=sgd", "train.learning_rate=0.1", "train.lr_schedule=cosine",
+     "train.offload_optimizer=true", "train.freeze_embeddings=true"),
+    ("train.method=lora", "train.learning_rate=1e-2", "train.lora.rank=8"),
+], ids=["zero1-sgd-cosine-offload-frozen-embeddings", "lora-zero2"])
+def test_training_variants_lower_loss_and_export(ray_cluster, tmp_path, tiny_model_dir, small_csv, overrides):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from jobs import data
+    from jobs.finetune import ADAPTER_DIR, run_finetune
+    from jobs.train_loop import PROBE_IDS
+
+    cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv, *overrides)
+    base_dir, data_dir, _ = data.prepare_run_inputs(cfg)
+    record = run_finetune(cfg, base_dir, data_dir)  # raises if the export does not reproduce the trained logits
+
+    history = record["history"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    export = Path(record["model_dir"])
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(export).eval()(input_ids=PROBE_IDS).logits[0, -1]
+        assert not torch.allclose(base(input_ids=PROBE_IDS).logits[0, -1], exported, atol=1e-3)
+        if cfg.train.method == "lora":
+            # The adapter alone on the base model gives what the merged export gives.
+            adapted = PeftModel.from_pretrained(base, export / ADAPTER_DIR).eval()
+            torch.testing.assert_close(adapted(input_ids=PROBE_IDS).logits[0, -1], exported, rtol=0, atol=1e-4)
+        else:
+            # Frozen embeddings: the exported embedding matrix is the base model's.
+            assert torch.equal(AutoModelForCausalLM.from_pretrained(export).get_input_embeddings().weight,
+                               base.get_input_embeddings().weight)
+    assert not (export / ADAPTER_DIR).exists() or cfg.train.method == "lora"
+
+
 def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_cluster, tmp_path, tiny_model_dir, small_csv):
     import openai
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -21,14 +21,65 @@ def test_answer_loss_equals_the_full_causal_lm_loss(tiny_model_dir):
 
 def test_deepspeed_config_follows_the_train_section_and_merges_overrides():
     train = TrainSection(zero_stage=3, micro_batch_size=4, gradient_accumulation_steps=3, max_steps=50,
-                         deepspeed_overrides={"zero_optimization": {"offload_optimizer": {"device": "cpu"}}, "gradient_clipping": 0.5})
-    config = deepspeed_config(train.model_dump(), world_size=2)
+                         deepspeed_overrides={"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5})
+    config = deepspeed_config(train.model_dump(), world_size=2, precision="fp32")
     assert config["train_batch_size"] == 4 * 3 * 2
     assert config["zero_optimization"] == {
-        "stage": 3, "stage3_gather_16bit_weights_on_model_save": True, "offload_optimizer": {"device": "cpu"}}
+        "stage": 3, "stage3_gather_16bit_weights_on_model_save": True, "reduce_bucket_size": 1000}
     assert config["gradient_clipping"] == 0.5
-    assert config["optimizer"]["type"] == "AdamW" and config["scheduler"]["params"]["total_num_steps"] == 50
-    assert config["bf16"]["enabled"] is False
+    assert config["optimizer"]["type"] == "AdamW" and config["scheduler"]["type"] == "WarmupDecayLR"
+    assert config["scheduler"]["params"]["total_num_steps"] == 50
+    assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
+
+
+def test_deepspeed_config_for_sgd_cosine_offload_and_half_precision():
+    train = TrainSection(zero_stage=3, optimizer="sgd", momentum=0.8, lr_schedule="cosine", offload_optimizer=True,
+                         offload_parameters=True, gradient_clipping=0.0, use_gpu=True, precision="fp16")
+    config = deepspeed_config(train.model_dump(), world_size=1, precision="fp16")
+    assert config["optimizer"] == {"type": "SGD", "params": {"lr": train.learning_rate, "momentum": 0.8, "weight_decay": 0.0}}
+    assert config["scheduler"]["type"] == "WarmupCosineLR" and config["scheduler"]["params"]["cos_min_ratio"] == 0.0
+    assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert config["fp16"]["enabled"] and not config["bf16"]["enabled"] and config["gradient_clipping"] == 0.0
+
+
+def test_global_batch_size_sets_accumulation_for_any_worker_count():
+    for workers, accumulation in ((1, 8), (2, 4), (4, 2)):
+        train = TrainSection(num_workers=workers, micro_batch_size=4, global_batch_size=32)
+        assert train.gradient_accumulation_steps == accumulation
+        assert deepspeed_config(train.model_dump(), workers, "fp32")["train_batch_size"] == 32
+
+
+def test_precision_auto_is_fp32_on_cpu():
+    from jobs.train_loop import resolve_precision
+
+    assert resolve_precision("auto", use_gpu=False) == "fp32"
+    assert resolve_precision("bf16", use_gpu=True) == "bf16"
+
+
+def test_prepare_model_trains_only_what_the_method_says(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from jobs.train_loop import prepare_model
+
+    def trainable(model) -> set[str]:
+        return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+    lora = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                         TrainSection(method="lora", lora={"rank": 4, "target_modules": ["q_proj", "v_proj"]}).model_dump())
+    assert trainable(lora) and all("lora_" in name for name in trainable(lora))
+    assert {name.split(".")[-4] for name in trainable(lora)} == {"q_proj", "v_proj"}
+
+    frozen = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           TrainSection(freeze_embeddings=True, freeze_layers=1).model_dump())
+    names = trainable(frozen)
+    assert not any("embed_tokens" in name or ".layers.0." in name for name in names)
+    assert any(".layers.1." in name for name in names) and "model.norm.weight" in names
+
+    full = trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    assert trainable(prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainSection().model_dump())) == full
+    with pytest.raises(ValueError, match="freeze_layers=5 but the model has 2 layers"):
+        prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainSection(freeze_layers=5).model_dump())
 
 
 def test_export_check_rejects_weights_that_do_not_reproduce_the_trained_logits(tiny_model_dir):

@@ -100,8 +100,21 @@ class TrainSection(StrictModel):
     log_every: int = Field(default=1, ge=1, description="Steps between training log lines (loss, lr, tokens/s).")
     eval_every: int = Field(default=50, ge=1, description="Steps between validation-loss checks, each followed by a checkpoint.")
     max_validation_examples: int = Field(default=128, ge=2, description="Validation examples scored at each check (CPU time is the limit).")
+    max_failures: int = Field(
+        default=2, ge=0,
+        description="Worker-group failures Ray Train recovers from by restarting the workers and resuming from the latest checkpoint.")
+    resume_from: str | None = Field(
+        default=None, description="Checkpoint folder or URI (s3://...) to resume a run from by hand: same step, optimizer, scheduler and data position.")
+    fault_at_step: int | None = Field(
+        default=None, ge=1,
+        description="Fault drill: the last worker raises once at this step, to exercise recovery (tests, game days); leave unset.")
     keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept in storage, best validation loss first.")
     seed: int = Field(default=0, description="Seed for weight init of new parameters and dropout.")
+    peak_flops_per_worker: float | None = Field(
+        default=None, gt=0,
+        description="Peak FLOP/s of one worker's device, the denominator of MFU (e.g. 989e12 for an H100's dense bf16); "
+        "None measures a dense matmul on each worker at start.",
+    )
     deepspeed_overrides: dict = Field(default_factory=dict, description="Expert escape hatch: merged into the generated DeepSpeed config.")
 
     @model_validator(mode="after")
@@ -165,6 +178,14 @@ class ExplainSection(StrictModel):
     seed: int = Field(default=0, description="Seed of the random-deletion baseline and example choice.")
 
 
+class TrackingSection(StrictModel):
+    enabled: bool = Field(default=True, description="Record every training run in MLflow (config, data manifest, code version, metrics).")
+    uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI (http://host:5000 for a server). None: an embedded SQLite store in <storage_root>/mlflow/.")
+    experiment: str = Field(default="lakeforge", description="MLflow experiment the runs are grouped under.")
+
+
 class ServeSection(StrictModel):
     enabled: bool = Field(default=True, description="Deploy the fine-tuned model at the end of the pipeline.")
     import_path: str = Field(default="serving.app:build_app", description="Serve app builder, as a Serve config's import_path names it.")
@@ -187,6 +208,7 @@ class RunConfig(StrictModel):
     data: DataSection = Field(default_factory=DataSection, description="Source, cleaning, split and template.")
     train: TrainSection = Field(default_factory=TrainSection, description="Ray Train + DeepSpeed settings.")
     eval: EvalSection = Field(default_factory=EvalSection, description="Held-out evaluation settings.")
+    tracking: TrackingSection = Field(default_factory=TrackingSection, description="Experiment tracking (MLflow).")
     explain: ExplainSection = Field(default_factory=ExplainSection, description="Interpretability settings (jobs.explain).")
     serve: ServeSection = Field(default_factory=ServeSection, description="Serving at the end of the pipeline.")
 

@@ -6,6 +6,7 @@ HF folder (LoRA: merged weights, and the adapter alone in `adapter/`).
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -16,7 +17,8 @@ from cluster.contracts import ModelArtifact
 from cluster.ray_cluster import connect
 from jobs import data
 from jobs.config import RunConfig
-from jobs.train_loop import HF_EXPORT_DIR, PROBE_FILE, PROBE_IDS, train_loop_per_worker
+from jobs.tracking import MetricLogger, start_run
+from jobs.train_loop import FAULT_MARKER, HF_EXPORT_DIR, PROBE_FILE, PROBE_IDS, train_loop_per_worker
 
 # Max |logit difference| between the trained model and its export reloaded in fp32 on the driver's
 # CPU. Workers on GPUs use other kernels (and bf16 keeps ~3 digits), so they get looser bounds; a
@@ -58,13 +60,18 @@ def verify_export(export_dir: Path, probe_logits: torch.Tensor, tolerance: float
 def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
     """Train on the prepared shards; returns the training record (best step, losses, wall time)."""
     import ray.train
-    from ray.train import CheckpointConfig, DataConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     train = cfg.train
+    uri, run_id = (None, None)
+    if cfg.tracking.enabled:
+        uri, run_id = start_run(cfg, json.loads((data_dir / data.MANIFEST).read_text()))
+        print(f"[finetune] tracking: MLflow run {run_id} at {uri}")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": train.model_dump(), "base_model_dir": str(base_dir)},
+        train_loop_config={"train": train.model_dump(), "base_model_dir": str(base_dir),
+                           "tracking_uri": uri, "tracking_run_id": run_id, "storage_dir": str(cfg.run_dir)},
         scaling_config=ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu,
             resources_per_worker={"CPU": train.cpus_per_worker},
@@ -78,13 +85,20 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
         run_config=ray.train.RunConfig(
             name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(cfg.run_dir / "ray_train"),
+            failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=train.keep_checkpoints, checkpoint_score_attribute="val_loss", checkpoint_score_order="min",
             ),
         ),
     )
+    tracker = MetricLogger(uri, run_id)
+    (cfg.run_dir / FAULT_MARKER).unlink(missing_ok=True)  # a fault drill fires once per run, not once ever
     started = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
     wall_seconds = time.perf_counter() - started
 
     best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"])
@@ -97,6 +111,9 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
         name=cfg.serve.endpoint.model_id, base_model=cfg.model.base, labels=cfg.data.labels,
         system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len,
     ).write(export_dir)
+    tracker.log({"best_val_loss": best_metrics["val_loss"], "best_step": best_metrics["step"],
+                 "export_max_abs_logit_diff": export_diff, "wall_seconds": wall_seconds}, best_metrics["step"])
+    tracker.finish()
     print(f"[finetune] exported step {best_metrics['step']} (val loss {best_metrics['val_loss']:.4f}) to {export_dir}; "
           f"reload max |logit diff| {export_diff:.2e}")
     return {
@@ -109,6 +126,10 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
         "wall_seconds": wall_seconds,
         "export_max_abs_logit_diff": export_diff,
         "checkpoint_path": best_checkpoint.path,
+        "final": {key: result.metrics[key] for key in ("step", "train_loss", "val_loss", "resumed_from_step")},
+        "mfu": result.metrics["mfu"],
+        "peak_memory_gib_max_worker": result.metrics["peak_memory_gib_max_worker"],
+        "tracking": {"uri": uri, "run_id": run_id},
         "settings": train.model_dump(),
     }
 

@@ -22,6 +22,7 @@ from cluster.registry import ModelRegistry
 from jobs import data, evaluate, explain, finetune
 from jobs.config import RunConfig
 from jobs.report import write_report
+from jobs.tracking import MetricLogger
 
 
 def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, predictions) -> dict:
@@ -80,6 +81,9 @@ def run_pipeline(cfg: RunConfig) -> dict:
         cfg, base_dir, data_dir, finetuned_dir=Path(training["model_dir"]),
         previous_dir=Path(current["path"]) if current else None)
     mark = stage_done("evaluation", mark)
+    MetricLogger(training["tracking"]["uri"], training["tracking"]["run_id"]).log({
+        "test_accuracy": report["fine_tuned"]["accuracy"], "test_macro_f1": report["fine_tuned"]["macro"]["f1"],
+        "gate_deployable": float(report["gate"]["deployable"])}, training["best_step"])
     explanations = explain.run_explain(cfg) if cfg.explain.enabled else None
     mark = stage_done("explanation", mark)
     version = registry.register(
@@ -99,7 +103,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
         "data": {"counts": manifest["counts"], "splits": manifest["splits"]},
         "training": {key: training[key] for key in (
             "best_step", "best_val_loss", "wall_seconds", "tokens_per_s", "train_tokens",
-            "export_max_abs_logit_diff", "settings")},
+            "export_max_abs_logit_diff", "mfu", "peak_memory_gib_max_worker", "tracking", "settings")},
         "test_split": {
             "examples": report["test_examples"],
             **{system: {"accuracy": report[system]["accuracy"], "macro_f1": report[system]["macro"]["f1"],

@@ -15,7 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jobs.tracking import MetricLogger
+
 HF_EXPORT_DIR = "hf_model"
+DEEPSPEED_TAG = "deepspeed"
+FAULT_MARKER = "fault_injected"
 PROBE_FILE = "probe_logits.pt"
 # A fixed input whose logits are saved beside each export: reloading the export must reproduce them.
 PROBE_IDS = torch.arange(1, 33).unsqueeze(0)
@@ -132,10 +136,42 @@ def answer_loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=-100)
 
 
-def _all_reduce_sum(values: list[float], device) -> list[float]:
+def _all_reduce(values: list[float], device, op=torch.distributed.ReduceOp.SUM) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor)
+    torch.distributed.all_reduce(tensor, op=op)
     return tensor.tolist()
+
+
+def measure_peak_flops(device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.5) -> float:
+    """Dense matmul FLOP/s this worker reaches: the MFU denominator when none is configured."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.matmul(a, b)  # warm-up (kernel selection, thread pool start)
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.matmul(a, b)
+        calls += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size**3 * calls / (time.perf_counter() - start)
+
+
+def train_flops_per_token(model, method: str) -> float:
+    """Model FLOPs per trained token: forward 2N over the non-embedding parameters N (the LM head
+    runs only at answer positions, so it is left out); backward 2N more for the activations, and
+    2N for the weight gradients in full fine-tuning only."""
+    embeddings = model.get_input_embeddings().weight.numel()
+    non_embedding = sum(parameter.numel() for parameter in model.parameters()) - embeddings
+    return (4 if method == "lora" else 6) * non_embedding
+
+
+def peak_memory_gib(device) -> float:
+    """Peak memory of this worker: allocated GPU memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _validation_loss(engine, shard, micro_batch_size: int, pad_id: int, device) -> float:
@@ -149,13 +185,15 @@ def _validation_loss(engine, shard, micro_batch_size: int, pad_id: int, device) 
             loss_sum += float(answer_loss(engine, batch)) * n
             tokens += n
     engine.train()
-    loss_sum, tokens = _all_reduce_sum([loss_sum, tokens], device)
+    loss_sum, tokens = _all_reduce([loss_sum, tokens], device)
     return loss_sum / max(tokens, 1)
 
 
-def _save_checkpoint(engine, zero_stage: int, tokenizer, folder: Path, rank: int, device) -> None:
-    """Every rank writes its DeepSpeed shard; rank 0 also writes a Hugging Face export + probe logits."""
-    engine.save_checkpoint(str(folder), tag="deepspeed")
+def _save_checkpoint(engine, zero_stage: int, tokenizer, folder: Path, rank: int, device, position: dict) -> None:
+    """Every rank writes its DeepSpeed shard (weights, optimizer, scheduler, step) and its RNG
+    state; rank 0 also writes the data position, a Hugging Face export and probe logits."""
+    engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, client_state={"position": position})
+    torch.save(torch.get_rng_state(), folder / f"rng_rank{rank}.pt")  # dropout draws continue as if never stopped
     # ZeRO-3 weights are partitioned: gathering them is a collective every rank must join.
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
     engine.eval()  # dropout off (LoRA has some): the probe is what the exported model must give
@@ -194,10 +232,14 @@ def train_loop_per_worker(config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=trainable, config=deepspeed_config(train, world_size, precision),
     )
+    flops_per_token = train_flops_per_token(model, train["method"])
+    peak_flops = train["peak_flops_per_worker"] or measure_peak_flops(device, dtype)
+    tracker = MetricLogger(config["tracking_uri"], config["tracking_run_id"]) if rank == 0 else MetricLogger(None, None)
     if rank == 0:
         total = sum(parameter.numel() for parameter in model.parameters())
         print(f"[train] method {train['method']}, precision {precision}: "
-              f"{sum(p.numel() for p in trainable):,} of {total:,} parameters trainable", flush=True)
+              f"{sum(p.numel() for p in trainable):,} of {total:,} parameters trainable; "
+              f"{flops_per_token / 1e9:.2f} GFLOP per token, peak {peak_flops / 1e9:.1f} GFLOP/s per worker", flush=True)
 
     train_shard = ray.train.get_dataset_shard("train")
     validation_shard = ray.train.get_dataset_shard("validation")
@@ -205,13 +247,32 @@ def train_loop_per_worker(config: dict) -> None:
         batch_size=train["micro_batch_size"], collate_fn=lambda b: collate(b, pad_id),
     )
 
-    step, epoch = 0, 0
+    # Resume: after a worker or job failure Ray Train hands back the latest reported checkpoint;
+    # a run restarted by hand names one. Weights, optimizer, scheduler, step, RNG and the data
+    # position all come back, so the run continues as if it had never stopped.
+    checkpoint = ray.train.get_checkpoint() or (Checkpoint(train["resume_from"]) if train["resume_from"] else None)
+    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "total_tokens": 0.0, "compute_seconds": 0.0}
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            _, client_state = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
+            position = client_state["position"]
+            torch.set_rng_state(torch.load(Path(folder) / f"rng_rank{rank}.pt"))
+        if rank == 0:
+            print(f"[train] resumed from step {position['step']} (epoch {position['epoch']}, "
+                  f"{position['batches_in_epoch']} micro-batches into it)", flush=True)
+
+    resumed_from_step = position["step"]
+    step, epoch, step_at_window_start = position["step"], position["epoch"], position["step"]
+    skip_batches = position["batches_in_epoch"]
     last_train_loss = float("nan")
-    total_tokens, compute_seconds = 0.0, 0.0  # all workers' tokens; time spent in training steps only
+    # All workers' tokens; time spent in training steps only.
+    total_tokens, compute_seconds = position["total_tokens"], position["compute_seconds"]
     window_loss, window_micro, window_tokens = 0.0, 0, 0
     window_start = run_start = time.perf_counter()
     while step < train["max_steps"]:
-        for batch in batches():
+        for batch_index, batch in enumerate(batches()):
+            if batch_index < skip_batches:
+                continue  # consumed before the checkpoint this run resumed from (same order: no shuffle)
             batch = {key: value.to(device) for key, value in batch.items()}
             loss = answer_loss(engine, batch)
             engine.backward(loss)
@@ -222,14 +283,25 @@ def train_loop_per_worker(config: dict) -> None:
             if engine.global_steps == step:
                 continue  # still accumulating gradients
             step = engine.global_steps
+            fault_marker = Path(config["storage_dir"]) / FAULT_MARKER
+            if step == train["fault_at_step"] and rank == world_size - 1 and not fault_marker.exists():
+                fault_marker.touch()  # once per run: the restarted worker group must get past this step
+                raise RuntimeError(f"fault drill: worker {rank} fails at step {step} (train.fault_at_step)")
 
             if step % train["log_every"] == 0 or step == train["max_steps"]:
-                loss_sum, micro, tokens = _all_reduce_sum([window_loss, window_micro, window_tokens], device)
+                loss_sum, micro, tokens = _all_reduce([window_loss, window_micro, window_tokens], device)
+                (memory,) = _all_reduce([peak_memory_gib(device)], device, op=torch.distributed.ReduceOp.MAX)
                 elapsed = time.perf_counter() - window_start
+                steps_in_window = step - step_at_window_start
+                mfu = tokens / elapsed * flops_per_token / (peak_flops * world_size)
                 if rank == 0:
                     print(f"[train] step {step}/{train['max_steps']} epoch {epoch} loss {loss_sum / micro:.4f} "
-                          f"lr {engine.get_lr()[0]:.2e} tokens/s {tokens / elapsed:.0f} "
-                          f"elapsed {time.perf_counter() - run_start:.0f}s", flush=True)
+                          f"lr {engine.get_lr()[0]:.2e} tokens/s {tokens / elapsed:.0f} MFU {mfu:.1%} "
+                          f"peak mem {memory:.2f} GiB elapsed {time.perf_counter() - run_start:.0f}s", flush=True)
+                    tracker.log({"train_loss": loss_sum / micro, "learning_rate": engine.get_lr()[0],
+                                 "tokens_per_s": tokens / elapsed, "step_seconds": elapsed / max(steps_in_window, 1),
+                                 "mfu": mfu, "peak_memory_gib_max_worker": memory}, step)
+                step_at_window_start = step
                 last_train_loss = loss_sum / micro
                 total_tokens += tokens
                 compute_seconds += elapsed
@@ -238,15 +310,20 @@ def train_loop_per_worker(config: dict) -> None:
 
             if step % train["eval_every"] == 0 or step == train["max_steps"]:
                 val_loss = _validation_loss(engine, validation_shard, train["micro_batch_size"], pad_id, device)
+                (memory,) = _all_reduce([peak_memory_gib(device)], device, op=torch.distributed.ReduceOp.MAX)
                 if rank == 0:
                     print(f"[train] step {step} validation loss {val_loss:.4f}", flush=True)
+                    tracker.log({"val_loss": val_loss}, step)
                 metrics = {
-                    "step": step, "epoch": epoch, "precision": precision, "val_loss": val_loss, "train_loss": last_train_loss,
+                    "step": step, "epoch": epoch, "resumed_from_step": resumed_from_step, "precision": precision, "val_loss": val_loss, "train_loss": last_train_loss,
                     "train_tokens": total_tokens, "tokens_per_s": total_tokens / max(compute_seconds, 1e-9),
-                    "train_seconds": time.perf_counter() - run_start,
+                    "train_seconds": time.perf_counter() - run_start, "peak_memory_gib_max_worker": memory,
+                    "mfu": total_tokens / max(compute_seconds, 1e-9) * flops_per_token / (peak_flops * world_size),
                 }
                 with tempfile.TemporaryDirectory() as folder:
-                    _save_checkpoint(engine, train["zero_stage"], tokenizer, Path(folder), rank, device)
+                    position = {"step": step, "epoch": epoch, "batches_in_epoch": batch_index + 1,
+                                "total_tokens": total_tokens, "compute_seconds": compute_seconds}
+                    _save_checkpoint(engine, train["zero_stage"], tokenizer, Path(folder), rank, device, position)
                     # report() is not a barrier (ray PR #42422): wait until every shard is on disk.
                     torch.distributed.barrier()
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
@@ -254,3 +331,4 @@ def train_loop_per_worker(config: dict) -> None:
             if step >= train["max_steps"]:
                 break
         epoch += 1
+        skip_batches = 0

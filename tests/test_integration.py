@@ -56,6 +56,16 @@ def test_zero3_training_lowers_loss_and_exports_weights_that_reload(ray_cluster,
     assert [m["step"] for m in history] == [4, 8]
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     assert record["tokens_per_s"] > 0 and record["train_tokens"] > 0
+    assert 0 < record["mfu"] < 1 and record["peak_memory_gib_max_worker"] > 0.1
+    # The tracked run holds the step metrics logged by rank 0 and what reproduces the run.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(record["tracking"]["uri"])
+    run_id = record["tracking"]["run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [4, 8]
+    assert len(client.get_metric_history(run_id, "train_loss")) == 8
+    assert {"config.json", "data_manifest.json", "code_version.json"} <= {a.path for a in client.list_artifacts(run_id)}
+    assert client.get_run(run_id).info.status == "FINISHED"
     # Independently of the job's own check: the exported folder reproduces the trained model.
     reloaded = AutoModelForCausalLM.from_pretrained(record["model_dir"]).eval()
     with torch.no_grad():
@@ -101,6 +111,32 @@ def test_training_variants_lower_loss_and_export(ray_cluster, tmp_path, tiny_mod
             assert torch.equal(AutoModelForCausalLM.from_pretrained(export).get_input_embeddings().weight,
                                base.get_input_embeddings().weight)
     assert not (export / ADAPTER_DIR).exists() or cfg.train.method == "lora"
+
+
+def test_a_worker_failure_resumes_from_the_last_checkpoint_exactly(ray_cluster, tmp_path, tiny_model_dir, small_csv):
+    """A worker raises at step 5; Ray Train restarts the group, which resumes from the step-4
+    checkpoint (weights, optimizer, scheduler, RNG, data position) and ends where an
+    uninterrupted run with the same seed ends."""
+    from jobs import data
+    from jobs.finetune import run_finetune
+    from jobs.train_loop import FAULT_MARKER
+
+    settings = ("train.eval_every=2", "train.keep_checkpoints=1", "tracking.enabled=false")
+    uninterrupted_cfg = tiny_run_config(tmp_path / "a", tiny_model_dir, small_csv, *settings)
+    base_dir, data_dir, _ = data.prepare_run_inputs(uninterrupted_cfg)
+    uninterrupted = run_finetune(uninterrupted_cfg, base_dir, data_dir)
+
+    failing_cfg = tiny_run_config(tmp_path / "b", tiny_model_dir, small_csv, *settings, "train.fault_at_step=5")
+    base_dir, data_dir, _ = data.prepare_run_inputs(failing_cfg)
+    resumed = run_finetune(failing_cfg, base_dir, data_dir)
+
+    assert (failing_cfg.run_dir / FAULT_MARKER).exists()  # the fault did fire
+    assert uninterrupted["final"]["resumed_from_step"] == 0
+    assert resumed["final"]["resumed_from_step"] == 4  # from the checkpoint, not from scratch
+    assert resumed["final"]["step"] == uninterrupted["final"]["step"] == 8
+    assert resumed["final"]["train_loss"] == pytest.approx(uninterrupted["final"]["train_loss"], rel=1e-5)
+    assert resumed["final"]["val_loss"] == pytest.approx(uninterrupted["final"]["val_loss"], rel=1e-5)
+    assert resumed["train_tokens"] == uninterrupted["train_tokens"]  # no batch skipped or seen twice
 
 
 def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_cluster, tmp_path, tiny_model_dir, small_csv):

@@ -1,0 +1,56 @@
+import json
+
+from cluster.config import load_config
+from jobs.config import RunConfig
+from tests.conftest import SHIPPED_CONFIG
+
+
+def test_a_run_records_what_reproduces_it_and_its_metrics(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from jobs.tracking import MetricLogger, start_run
+
+    cfg = load_config(RunConfig, SHIPPED_CONFIG, [f"storage_root={tmp_path}", "train.method=lora"])
+    manifest = {"identity": {"source_sha256": "abc"}, "counts": {"kept": 10}}
+    uri, run_id = start_run(cfg, manifest)
+    assert uri == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+
+    logger = MetricLogger(uri, run_id)
+    logger.log({"train_loss": 2.0, "mfu": 0.1}, step=1)
+    logger.log({"train_loss": 1.5}, step=2)
+    logger.finish()
+
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["lakeforge.method"] == "lora"
+    assert run.data.params["train.method"] == "lora" and run.data.params["train.lora.rank"] == "16"
+    assert [m.value for m in client.get_metric_history(run_id, "train_loss")] == [2.0, 1.5]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert artifacts == {"config.json", "data_manifest.json", "code_version.json"}
+    local = client.download_artifacts(run_id, "data_manifest.json", str(tmp_path / "download"))
+    assert json.loads(open(local).read()) == manifest
+    assert str(tmp_path / "mlflow" / "artifacts") in run.info.artifact_uri  # not ./mlruns of the cwd
+
+
+def test_code_version_names_the_commit_and_hashes_the_source(tmp_path, monkeypatch):
+    from jobs import tracking
+
+    version = tracking.code_version()
+    assert len(version["source_sha256"]) == 64 and len(version["git_commit"]) == 40  # this checkout
+
+    # A job's working-dir copy has no .git: the source hash alone still tells two versions apart.
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(tracking, "REPO", tmp_path)
+    first = tracking.code_version()
+    assert "git_commit" not in first
+    (tmp_path / "jobs" / "a.py").write_text("x = 2\n")
+    assert tracking.code_version()["source_sha256"] != first["source_sha256"]
+
+
+def test_metric_logger_without_a_run_logs_nothing():
+    from jobs.tracking import MetricLogger
+
+    logger = MetricLogger(None, None)
+    logger.log({"x": 1.0}, step=1)  # other ranks, or tracking disabled
+    logger.finish()

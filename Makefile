@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lakeforge-installed
 EXTRA  ?= cpu
 
-.PHONY: setup demo test down clean
+.PHONY: setup demo test bench down clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Speed and memory measurements (minutes, not seconds); results as JSON under bench/results/.
+bench: setup
+	$(PY) -m bench.train_bench
 
 down:
 	$(PY) -m cluster.ray_cluster down

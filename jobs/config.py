@@ -167,7 +167,7 @@ class EvalSection(StrictModel):
 class ExplainSection(StrictModel):
     enabled: bool = Field(default=True, description="Run jobs.explain on the fine-tuned model at the end of the pipeline.")
     examples: int = Field(default=12, ge=1, description="Test examples explained token by token (integrated gradients and SHAP).")
-    ig_steps: int = Field(default=32, ge=4, description="Integration steps of integrated gradients (more: smaller completeness error).")
+    ig_steps: int = Field(default=64, ge=4, description="Integration steps of integrated gradients (more: smaller completeness error).")
     shap_max_evals: int = Field(default=200, ge=10, description="Model evaluations SHAP's partition explainer may spend per example.")
     dependence_examples: int = Field(default=64, ge=4, description="Test examples over which dependence curves and the faithfulness check are averaged.")
     deletion_fraction: float = Field(

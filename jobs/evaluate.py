@@ -221,7 +221,8 @@ def evaluate_baseline(data_dir: Path, test: pd.DataFrame, max_features: int) -> 
     )
     classifier.fit(train["text"], train["label_id"])
     probs = np.zeros((len(test), int(train["label_id"].max()) + 1))
-    probs[:, classifier.classes_] = classifier.predict_proba(test["text"])
+    # classes_ takes the label column's dtype, which Ray may hand over as an object array.
+    probs[:, classifier.classes_.astype(int)] = classifier.predict_proba(test["text"])
     return test.assign(pred_id=probs.argmax(axis=1), confidence=probs.max(axis=1), probabilities=list(probs))
 
 
@@ -263,7 +264,7 @@ def error_analysis(frame: pd.DataFrame, labels: list[str], worst: int, per_class
 def slice_masks(texts: pd.Series, terms: list[str]) -> dict[str, np.ndarray]:
     """Row masks of the slices reported: text length in words, each term's presence, and the
     source a row came from where the data has several."""
-    words = texts.str.split().str.len().to_numpy()
+    words = texts.str.count(r"\S+").to_numpy()  # not str.split(): on Arrow strings it yields Arrow lists
     lowered = texts.str.lower()
     masks = {"length: 1-10 words": words <= 10, "length: 11-20 words": (words > 10) & (words <= 20),
              "length: 21+ words": words > 20}

@@ -84,7 +84,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     MetricLogger(training["tracking"]["uri"], training["tracking"]["run_id"]).log({
         "test_accuracy": report["fine_tuned"]["accuracy"], "test_macro_f1": report["fine_tuned"]["macro"]["f1"],
         "gate_deployable": float(report["gate"]["deployable"])}, training["best_step"])
-    explanations = explain.run_explain(cfg) if cfg.explain.enabled else None
+    explanations = explain.explain(cfg) if cfg.explain.enabled else None
     mark = stage_done("explanation", mark)
     version = registry.register(
         training["model_dir"], gate=report["gate"], run=cfg.name,
@@ -116,7 +116,9 @@ def run_pipeline(cfg: RunConfig) -> dict:
         },
     }
     if explanations is not None:
-        summary["explanations"] = {"faithfulness": explanations["faithfulness"]}
+        summary["explanations"] = {
+            "faithfulness": {key: value for key, value in explanations["faithfulness"].items() if key != "per_example"},
+            "completeness": explanations["completeness"]}
     if cfg.serve.enabled:
         # Serve what the gate allows: the current version (this one if it was promoted).
         serving = registry.current()

@@ -229,16 +229,17 @@ def train_loop_per_worker(config: dict) -> None:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = prepare_model(AutoModelForCausalLM.from_pretrained(config["base_model_dir"], dtype=dtype), train)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    # Counted before DeepSpeed: ZeRO-3 partitions parameters, leaving each rank's tensors empty.
+    flops_per_token = train_flops_per_token(model, train["method"])
+    trainable_count, total_count = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=trainable, config=deepspeed_config(train, world_size, precision),
     )
-    flops_per_token = train_flops_per_token(model, train["method"])
     peak_flops = train["peak_flops_per_worker"] or measure_peak_flops(device, dtype)
     tracker = MetricLogger(config["tracking_uri"], config["tracking_run_id"]) if rank == 0 else MetricLogger(None, None)
     if rank == 0:
-        total = sum(parameter.numel() for parameter in model.parameters())
         print(f"[train] method {train['method']}, precision {precision}: "
-              f"{sum(p.numel() for p in trainable):,} of {total:,} parameters trainable; "
+              f"{trainable_count:,} of {total_count:,} parameters trainable; "
               f"{flops_per_token / 1e9:.2f} GFLOP per token, peak {peak_flops / 1e9:.1f} GFLOP/s per worker", flush=True)
 
     train_shard = ray.train.get_dataset_shard("train")

@@ -71,7 +71,8 @@ def main(overrides: list[str]) -> None:
     if "explanations" in summary:
         faithfulness = summary["explanations"]["faithfulness"]
         print(f"\nFaithfulness: deleting the top-attributed words lowers the predicted label's probability by "
-              f"{faithfulness['top_drop_mean']:.3f}, random words by {faithfulness['random_drop_mean']:.3f}")
+              f"{faithfulness['mean_drop_top']:.3f} on average, as many random words by "
+              f"{faithfulness['mean_drop_random']:.3f} (gap {faithfulness['gap']:+.3f}, {faithfulness['examples']} tweets)")
     print(f"\nReport (metrics, errors, slices, explanations): {summary['report']}")
     print(f"Summary: {summary_path}")
     print(f"Endpoint (still running): {url}/v1  model={artifact.name}")

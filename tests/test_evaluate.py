@@ -140,12 +140,14 @@ def test_error_analysis_lists_the_most_confident_mistakes_first():
 
 def test_slice_metrics_match_scikit_learn_on_each_slice():
     import pandas as pd
+    import pyarrow as pa
     from sklearn.metrics import f1_score
 
     from jobs.evaluate import slice_metrics
 
     texts = ["flight delay again", "thanks", "delay delay " + "word " * 20, "great crew on this flight today ok"]
-    frame = pd.DataFrame({"text": texts, "label_id": [0, 2, 0, 2], "pred_id": [0, 2, 1, 0]})
+    # Arrow-backed strings, as Ray Data's to_pandas() returns them.
+    frame = pd.DataFrame({"text": pd.Series(texts, dtype=pd.ArrowDtype(pa.string())), "label_id": [0, 2, 0, 2], "pred_id": [0, 2, 1, 0]})
     slices = {s["slice"]: s for s in slice_metrics({"m": frame}, ["a", "b", "c"], ["Delay"])}
     delay = slices['contains "Delay"']  # case-insensitive
     assert delay["examples"] == 2 and delay["systems"]["m"]["accuracy"] == 0.5

@@ -278,6 +278,10 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
 
 
 def split_dataset(data_dir: str | Path, split: str) -> ray.data.Dataset:
+    """One split's shards, read in order: without preserve_order, limit() keeps whichever blocks
+    finish first (a uniform sample still, shards being in hash order, but a different one each
+    run), and workers would see batches in a different order. Same config, same rows, same order."""
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     return ray.data.read_parquet(str(Path(data_dir) / split))
 
 

@@ -300,9 +300,6 @@ def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir
                    previous_dir: Path | None = None) -> tuple[dict, dict]:
     """Metrics of every system on the same test rows, error analysis, slices and (with a fine-tuned
     model) the promotion gate; writes evaluation.json and per-example predictions."""
-    # Without preserve_order, limit() keeps whichever blocks finish first: a uniform sample still
-    # (shards are in hash order), but a different one each run. Same config, same test rows.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     test = data.split_dataset(data_dir, "test")
     if cfg.eval.max_test_examples:
         test = test.limit(cfg.eval.max_test_examples)  # shards are in hash order: a uniform sample

@@ -131,7 +131,8 @@ def run_pipeline(cfg: RunConfig) -> dict:
             endpoint = cfg.serve.endpoint.model_copy(update={"model_dir": serving["path"]})
             base_url = deploy(cfg.serve.import_path, endpoint)
             mark = stage_done("serving_deploy", mark)
-            served_predictions = predictions["fine_tuned" if serving is version else "previous_version"]
+            served_is_new = serving["version"] == version["version"]
+            served_predictions = predictions["fine_tuned" if served_is_new else "previous_version"]
             summary["serving"] = {"version": serving["version"],
                                   **check_endpoint(cfg, endpoint, base_url, served_predictions)}
             mark = stage_done("serving_check", mark)

@@ -262,6 +262,7 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"[train] resumed from step {position['step']} (epoch {position['epoch']}, "
                   f"{position['batches_in_epoch']} micro-batches into it)", flush=True)
 
+    fault_marker = Path(config["storage_dir"]) / FAULT_MARKER
     resumed_from_step = position["step"]
     step, epoch, step_at_window_start = position["step"], position["epoch"], position["step"]
     skip_batches = position["batches_in_epoch"]
@@ -284,7 +285,6 @@ def train_loop_per_worker(config: dict) -> None:
             if engine.global_steps == step:
                 continue  # still accumulating gradients
             step = engine.global_steps
-            fault_marker = Path(config["storage_dir"]) / FAULT_MARKER
             if step == train["fault_at_step"] and rank == world_size - 1 and not fault_marker.exists():
                 fault_marker.touch()  # once per run: the restarted worker group must get past this step
                 raise RuntimeError(f"fault drill: worker {rank} fails at step {step} (train.fault_at_step)")

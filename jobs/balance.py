@@ -36,9 +36,6 @@ class AugmentSettings(StrictModel):
         "negations are never dropped)."))
     swap_probability: float = Field(0.1, ge=0.0, le=0.5, description=(
         "Probability of swapping each unprotected word with the next unprotected word of a copy."))
-    max_tries: int = Field(5, ge=1, le=50, description=(
-        "Perturbation attempts per copy until its text differs from the original (a short text may "
-        "still come out unchanged)."))
 
     @model_validator(mode="after")
     def _does_something(self) -> "AugmentSettings":
@@ -85,26 +82,24 @@ def target_size(class_sizes: pd.Series, settings: BalanceSettings) -> int:
 
 
 def augment(text: str, settings: AugmentSettings, rng: np.random.Generator) -> str:
-    """Drop and swap random unprotected words; tries until the text changes (or gives up)."""
+    """Drop and swap random unprotected words; if that changed nothing, drop one (when 2+ can go)."""
     words = text.split()
     movable = [not _PROTECTED.search(word) for word in words]
-    for _ in range(settings.max_tries):
-        kept = [(w, m) for w, m in zip(words, movable) if not (m and rng.random() < settings.word_dropout)]
-        if not any(m for _, m in kept):  # keep at least one ordinary word
-            kept = list(zip(words, movable))
-        out = [w for w, _ in kept]
-        flags = [m for _, m in kept]
-        i = 0
-        while i < len(out) - 1:
-            if flags[i] and flags[i + 1] and rng.random() < settings.swap_probability:
-                out[i], out[i + 1] = out[i + 1], out[i]
-                i += 2  # a word moves at most one place
-            else:
-                i += 1
-        candidate = " ".join(out)
-        if candidate != " ".join(words):
-            return candidate
-    return candidate
+    kept = [(w, m) for w, m in zip(words, movable) if not (m and rng.random() < settings.word_dropout)]
+    if not any(m for _, m in kept):  # keep at least one ordinary word
+        kept = list(zip(words, movable))
+    i = 0
+    while i < len(kept) - 1:
+        if kept[i][1] and kept[i + 1][1] and rng.random() < settings.swap_probability:
+            kept[i], kept[i + 1] = kept[i + 1], kept[i]
+            i += 2  # a word moves at most one place
+        else:
+            i += 1
+    out = [w for w, _ in kept]
+    if out == words and sum(movable) >= 2:  # so that a copy is never an exact duplicate
+        drop = rng.choice(np.flatnonzero(movable))
+        out = words[:drop] + words[drop + 1:]
+    return " ".join(out)
 
 
 def rebalance(frame: pd.DataFrame, settings: BalanceSettings, text_column: str = "text",

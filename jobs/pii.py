@@ -124,24 +124,30 @@ class PiiSettings(StrictModel):
 _EMAIL_CORE = r"[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
 # `<a@b.com>` is replaced brackets and all, so no `<<EMAIL>>`.
 _EMAIL = re.compile(rf"<{_EMAIL_CORE}>|(?<![\w.+-]){_EMAIL_CORE}")
+_EMAIL_HINT = re.compile(r"[\w.+-]@\w")
 _URL_CHARS = r"[^\s<>\"'`]"
-# Bare domains only for common TLDs, so `file.txt` or `e.g.` are not URLs.
-_TLDS = ("com|net|org|edu|gov|mil|int|info|biz|io|co|ai|app|dev|me|ly|gl|tv|fm|us|uk|ca|au|de|fr|es|it|nl|"
-         "be|ch|at|se|no|dk|fi|ie|pl|pt|ru|cn|jp|in|br|mx|nz|za|eu")
+# Bare domains only for common TLDs written in lower case, and not the TLDs that are English words
+# (it, no, me, us, in, at, be), so `file.txt`, `e.g.` and `terrible.No` (a missing space) are not URLs.
+_TLDS = ("com|net|org|edu|gov|mil|info|biz|io|co|ai|app|dev|ly|gl|tv|fm|uk|ca|au|de|fr|es|nl|"
+         "ch|se|dk|fi|ie|pl|pt|ru|cn|jp|br|mx|nz|za|eu")
 _URL = re.compile(
-    rf"\b(?:https?|ftp)://{_URL_CHARS}+"
+    # Any scheme (also `ttp://`, what is left of a cut-off link), and a truncated `http:/` at a tweet's end.
+    rf"\b[a-z][a-z0-9+.-]*://{_URL_CHARS}*|\bhttps?:/{{0,2}}(?!\S)|(?<!\S)https?$"
     rf"|\bwww\d?\.{_URL_CHARS}+"
-    rf"|(?<![\w@.\-/])(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+(?:{_TLDS})\b(?![.\-]\w)(?:/{_URL_CHARS}*)?",
+    rf"|(?<![\w@.\-/])(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+(?-i:{_TLDS})\b(?![.\-]\w)(?:/{_URL_CHARS}*)?",
     re.IGNORECASE)
+_URL_HINT = re.compile(rf"://|https?(?::|$)|www\d?\.|\.(?-i:{_TLDS})\b", re.IGNORECASE)
 _URL_TRAILING = ".,;:!?)]}*"
-# Twitter-style handles; `@5pm` / `@10:30` are times, not handles.
-_HANDLE = re.compile(r"(?<![\w@.+-])@(?!\d{1,2}(?::\d\d)?(?:am|pm)?\b)(\w+)", re.IGNORECASE)
+# Twitter-style handles, also `.@name` and chains `@a@b`; `chk@gate` (word@word), `@5pm` and `@10:30`
+# are not handles.
+_HANDLE = re.compile(r"(?<![\w@])(?:@(?!\d{1,2}(?::\d\d)?(?:am|pm)?\b)\w+)+", re.IGNORECASE)
 # 13-19 digits in groups split by single spaces or hyphens; issuer prefixes start with 2-6.
 _CARD = re.compile(r"(?<![\w-])[2-6]\d{3}(?:[ -]?\d){9,15}(?![\w-])")
 # Country code, check digits, then groups (usually of 4); the exact length is the validator's job.
 _IBAN = re.compile(r"(?<!\w)[A-Z]{2}\d{2}(?: ?[A-Z0-9]{1,4}){3,8}(?!\w)")
 _IPV4 = re.compile(r"(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?![\w]|\.\d)")
-_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|\d{1,3}(?:\.\d{1,3}){3})?(?![\w:])")
+_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\d)")
+_DIGIT = re.compile(r"\d")
 # libphonenumber is the slow part: only texts with 7+ digits can hold a phone number.
 _SEVEN_DIGITS = re.compile(r"(?:\d\D{0,3}){7}")
 
@@ -161,7 +167,8 @@ def _iban_spans(text: str) -> list[tuple[int, int, str]]:
 
 def _ip_spans(text: str) -> list[tuple[int, int, str]]:
     spans = []
-    for pattern in (_IPV4, _IPV6):
+    patterns = ((_IPV4,) if text.count(".") >= 3 else ()) + ((_IPV6,) if text.count(":") >= 2 else ())
+    for pattern in patterns:
         for match in pattern.finditer(text):
             try:
                 address = ipaddress.ip_address(match.group(0))
@@ -186,31 +193,35 @@ class Redactor:
     def _spans(self, text: str) -> list[tuple[int, int, str, str]]:
         """Every candidate as (start, end, type, normalized value); overlaps resolved later."""
         found: list[tuple[int, int, str, str]] = []
-        has_digit = any(c.isdigit() for c in text)
+        # Each detector runs only where a cheap test says it could match (4x faster on tweets).
         if "@" in text:
-            for match in _EMAIL.finditer(text):
-                found.append((match.start(), match.end(), "email", match.group(0).strip("<>").lower()))
+            if _EMAIL_HINT.search(text):
+                for match in _EMAIL.finditer(text):
+                    found.append((match.start(), match.end(), "email", match.group(0).strip("<>").lower()))
             for match in _HANDLE.finditer(text):
-                if match.group(1).lower() not in self.allowed:
-                    found.append((match.start(), match.end(), "handle", match.group(1).lower()))
-        if "." in text or ":" in text:
+                start = match.start()
+                for name in match.group(0).split("@")[1:]:
+                    if name.lower() not in self.allowed:
+                        found.append((start, start + 1 + len(name), "handle", name.lower()))
+                    start += 1 + len(name)
+        if _URL_HINT.search(text):
             for match in _URL.finditer(text):
                 value = match.group(0).rstrip(_URL_TRAILING)
                 if "(" not in value:
                     value = value.rstrip(")")
                 found.append((match.start(), match.start() + len(value), "url", value))
-        if has_digit:
+        if not _DIGIT.search(text):
+            return found
+        found += [(start, end, "iban", value) for start, end, value in _iban_spans(text)]
+        found += [(start, end, "ip", value) for start, end, value in _ip_spans(text)]
+        if _SEVEN_DIGITS.search(text):
             for match in _CARD.finditer(text):
                 digits = re.sub(r"\D", "", match.group(0))
                 if 13 <= len(digits) <= 19 and luhn.is_valid(digits):
                     found.append((match.start(), match.end(), "card", digits))
-            found += [(start, end, "iban", value) for start, end, value in _iban_spans(text)]
-            if "." in text or ":" in text:
-                found += [(start, end, "ip", value) for start, end, value in _ip_spans(text)]
-            if _SEVEN_DIGITS.search(text):
-                for match in phonenumbers.PhoneNumberMatcher(text, self.settings.phone_region):
-                    value = phonenumbers.format_number(match.number, phonenumbers.PhoneNumberFormat.E164)
-                    found.append((match.start, match.end, "phone", value))
+            for match in phonenumbers.PhoneNumberMatcher(text, self.settings.phone_region):
+                value = phonenumbers.format_number(match.number, phonenumbers.PhoneNumberFormat.E164)
+                found.append((match.start, match.end, "phone", value))
         return found
 
     def _resolve(self, found: list[tuple[int, int, str, str]]) -> list[tuple[int, int, str, str]]:

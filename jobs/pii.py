@@ -152,15 +152,26 @@ _DIGIT = re.compile(r"\d")
 _SEVEN_DIGITS = re.compile(r"(?:\d\D{0,3}){7}")
 
 
-def _iban_spans(text: str) -> list[tuple[int, int, str]]:
+def _card_value(candidate: str) -> str | None:
+    digits = re.sub(r"\D", "", candidate)
+    return digits if 13 <= len(digits) <= 19 and luhn.is_valid(digits) else None
+
+
+def _iban_value(candidate: str) -> str | None:
+    return stdnum_iban.compact(candidate) if stdnum_iban.is_valid(candidate) else None
+
+
+def _checked_spans(pattern: re.Pattern, text: str, check) -> list[tuple[int, int, str]]:
+    """Matches of `pattern` that `check` confirms. A candidate may run into the next group of digits
+    (`4111 1111 1111 1111 12/25`): its longest prefix ending at a separator that checks wins."""
     spans = []
-    for match in _IBAN.finditer(text):
-        # The candidate may run into the next words; the longest prefix of groups that validates wins.
-        groups = match.group(0).split(" ")
-        for n in range(len(groups), 0, -1):
-            value = " ".join(groups[:n])
-            if stdnum_iban.is_valid(value):
-                spans.append((match.start(), match.start() + len(value), stdnum_iban.compact(value)))
+    for match in pattern.finditer(text):
+        candidate = match.group(0)
+        ends = [sep.start() for sep in re.finditer(r"[ -]", candidate)] + [len(candidate)]
+        for end in reversed(ends):
+            value = check(candidate[:end])
+            if value is not None:
+                spans.append((match.start(), match.start() + end, value))
                 break
     return spans
 
@@ -212,13 +223,10 @@ class Redactor:
                 found.append((match.start(), match.start() + len(value), "url", value))
         if not _DIGIT.search(text):
             return found
-        found += [(start, end, "iban", value) for start, end, value in _iban_spans(text)]
+        found += [(start, end, "iban", value) for start, end, value in _checked_spans(_IBAN, text, _iban_value)]
         found += [(start, end, "ip", value) for start, end, value in _ip_spans(text)]
         if _SEVEN_DIGITS.search(text):
-            for match in _CARD.finditer(text):
-                digits = re.sub(r"\D", "", match.group(0))
-                if 13 <= len(digits) <= 19 and luhn.is_valid(digits):
-                    found.append((match.start(), match.end(), "card", digits))
+            found += [(start, end, "card", value) for start, end, value in _checked_spans(_CARD, text, _card_value)]
             for match in phonenumbers.PhoneNumberMatcher(text, self.settings.phone_region):
                 value = phonenumbers.format_number(match.number, phonenumbers.PhoneNumberFormat.E164)
                 found.append((match.start, match.end, "phone", value))

@@ -32,6 +32,7 @@ def found(counts: dict[str, int]) -> dict[str, int]:
     # Payment cards with a valid Luhn checksum, with and without separators.
     ("card 4111 1111 1111 1111 expired", "card <CARD> expired", {"card": 1}),
     ("paid with 5500-0000-0000-0004 and 378282246310005", "paid with <CARD> and <CARD>", {"card": 2}),
+    ("card 4111 1111 1111 1111 12/25 cvv 123", "card <CARD> 12/25 cvv 123", {"card": 1}),
     # IBANs with a valid mod-97 check, grouped or compact; the words after one are not swallowed.
     ("IBAN DE89 3704 0044 0532 0130 00 thanks", "IBAN <IBAN> thanks", {"iban": 1}),
     ("to GB82WEST12345698765432.", "to <IBAN>.", {"iban": 1}),
@@ -154,6 +155,14 @@ def test_every_settings_field_is_described():
     for model in (PiiSettings, *(f.annotation for f in PiiSettings.model_fields.values() if hasattr(f.annotation, "model_fields"))):
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"
+
+
+def test_redactor_survives_pickling_as_ray_ships_it():
+    import pickle
+
+    redactor = Redactor(PiiSettings(actions={"phone": "hash"}, hash_salt=SALT, allow_handles=["united"]))
+    text = "@united @bob call 917 703 1472"
+    assert pickle.loads(pickle.dumps(redactor)).redact(text) == redactor.redact(text)
 
 
 def test_hash_salt_is_not_printed():

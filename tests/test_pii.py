@@ -71,6 +71,12 @@ def test_lookalikes_are_left_alone(text):
     assert redact(text) == (text, dict.fromkeys(PII_TYPES, 0))
 
 
+@pytest.mark.parametrize("region, text", [("DE", "ruf an: 030 901820"), ("GB", "call 020 7946 0958")])
+def test_phone_region_decides_national_numbers(region, text):
+    assert redact(text, phone_region=region)[1]["phone"] == 1
+    assert redact(text, phone_region="US")[1]["phone"] == 0  # not a valid US number
+
+
 def test_overlaps_give_one_placeholder_per_span():
     # An email and a handle inside a URL: one URL.
     assert redact("http://x.com/?u=a@b.com&by=@carol end") == ("<URL> end", {**dict.fromkeys(PII_TYPES, 0), "url": 1})

@@ -29,7 +29,7 @@ import re
 from typing import Literal
 
 import phonenumbers
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_serializer, field_validator, model_validator
 from stdnum import iban as stdnum_iban
 from stdnum import luhn
 
@@ -93,7 +93,8 @@ class PiiSettings(StrictModel):
         "are; case-insensitive, with or without the @. Every other handle follows actions.handle."))
     hash_salt: SecretStr = Field(SecretStr(""), description=(
         "Secret salt of the 'hash' action (required when any action is 'hash'); without it a phone "
-        "number's hash could be reversed by trying every number. Never logged."))
+        "number's hash could be reversed by trying every number. Never logged: JSON dumps of the "
+        "config hold only a fingerprint of it."))
 
     @field_validator("phone_region")
     @classmethod
@@ -111,6 +112,12 @@ class PiiSettings(StrictModel):
         if bad:
             raise ValueError(f"not handles (letters, digits, _ only): {bad}")
         return names
+
+    @field_serializer("hash_salt", when_used="json")
+    def _salt_fingerprint(self, salt: SecretStr) -> str:
+        # Config hashes (shard manifests) then change with the salt, which itself is never written.
+        value = salt.get_secret_value()
+        return "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:12] if value else ""
 
     @model_validator(mode="after")
     def _salt_when_hashing(self) -> "PiiSettings":

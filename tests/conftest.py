@@ -34,8 +34,9 @@ def ray_cluster():
 def s3_server():
     """A real S3-protocol server (moto's server mode) on a free loopback port, for s3:// URIs.
 
-    Yields its endpoint URL; the AWS_* variables point boto3 and pyarrow's S3 filesystem at it
-    (`AWS_ENDPOINT_URL` is honoured by both), and Ray workers inherit them from this process.
+    Yields its endpoint URL. The AWS_* variables point boto3, `pyarrow.fs.FileSystem.from_uri("s3://...")`
+    and Ray Data's s3:// readers/writers at it (all honour `AWS_ENDPOINT_URL`; a bare
+    `pyarrow.fs.S3FileSystem()` does not). Buckets: create them with boto3 (names of 3+ characters).
     """
     from moto.server import ThreadedMotoServer
 

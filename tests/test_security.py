@@ -146,7 +146,6 @@ def test_jwt_config_errors(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="not a usable RS256 public key"):
         Authenticator(SecuritySettings(jwt=JwtSettings(algorithm="RS256", public_key_file=str(tmp_path / "bad.pem"),
                                                        issuer=ISSUER, audience=AUDIENCE)))
-    key, _ = new_api_key("crm", ["app"], "acme")
     no_jwt = Authenticator(SecuritySettings())
     with pytest.raises(AuthError, match="not accepted"):
         no_jwt.authenticate(f"Bearer {token(secrets.token_urlsafe(48))}")
@@ -164,7 +163,7 @@ def test_jwt_config_errors(tmp_path, monkeypatch):
     ({"jwt": {"algorithm": "ES256", "issuer": "i", "audience": "a"}}, "ES256 needs public_key_file"),
 ])
 def test_bad_settings_are_named(tree, named):
-    with pytest.raises(ValidationError, match=None) as error:
+    with pytest.raises(ValidationError) as error:
         SecuritySettings.model_validate(tree)
     assert named in str(error.value)
 
@@ -260,6 +259,14 @@ def test_parameter_limits_take_the_most_generous_role(access):
     assert access.decide(both, "/v1/completions", "acme-sentiment", {"max_tokens": 4096, "n": 8}).allowed
 
 
+@pytest.mark.parametrize("route, role", [
+    ('/admin" || True || "', "analyst"), ("/admin') or True or ('", "analyst"), ("/admin", 'analyst" || True || "'),
+])
+def test_hostile_strings_are_data_not_policy_expressions(access, route, role):
+    principal = Principal(subject="x", roles=[role], tenant="acme")
+    assert not access.decide(principal, route, "acme-sentiment", {}).allowed
+
+
 def test_custom_policy_lines_extend_the_defaults():
     settings = SecuritySettings(models=MODELS, policy=["g, support, analyst", "p, support, /v1/chat/completions, public, tenant"])
     access = AccessController(settings)
@@ -339,3 +346,10 @@ def test_concurrent_checks_do_not_over_admit():
     for thread in threads:
         thread.join()
     assert sum(admitted) == 50 and len(admitted) == 320
+
+
+def test_every_security_field_is_described():
+    from cluster.audit import AuditSettings
+    for model in (SecuritySettings, ApiKeyRecord, JwtSettings, ModelAccess, RateLimit, ParamLimits, Principal, AuditSettings):
+        for name, info in model.model_fields.items():
+            assert info.description, f"{model.__name__}.{name} has no description"

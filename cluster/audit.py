@@ -134,8 +134,8 @@ class AuditLog:
 @dataclass
 class VerifyReport:
     ok: bool
-    entries: int
-    first_bad_line: int | None = None
+    entries: int  # entries that verified (before the first bad line, if any)
+    first_bad_line: int | None = None  # 1-based
     reason: str = ""
 
     def __str__(self) -> str:
@@ -144,33 +144,35 @@ class VerifyReport:
         return f"TAMPERED: line {self.first_bad_line}: {self.reason} ({self.entries} entries before it verified)"
 
 
+def _problem(raw: bytes, number: int, prev_hash: str, key: bytes | None) -> tuple[str, dict | None]:
+    """Why line `number` breaks the chain ("" if it does not), and the entry it holds."""
+    if not raw.endswith(b"\n"):
+        return "last line is incomplete (no newline): truncated or partly written", None
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return "not valid JSON", None
+    if not isinstance(entry, dict) or not all(name in entry for name in RESERVED_FIELDS):
+        return "missing chain fields", None
+    if entry["hash"] != entry_hash(entry, key):
+        return "hash does not match the entry's content (edited)", None
+    if entry["prev_hash"] != prev_hash:
+        return "prev_hash does not match the previous entry (line deleted, inserted or reordered)", None
+    if entry["seq"] != number:
+        return f"seq {entry['seq']} where {number} was expected", None
+    return "", entry
+
+
 def verify(path: str | Path, hmac_key: bytes | None = None) -> VerifyReport:
     """Check every line's hash and its link to the line before; report the first break."""
-    data = Path(path).expanduser().read_bytes()
-    lines = data.split(b"\n")
-    complete = lines[:-1]  # a well-formed file ends with a newline, leaving an empty last piece
-    if lines[-1]:
-        complete.append(lines[-1])
-    prev_hash = GENESIS_HASH
-    for number, raw in enumerate(complete, start=1):
-        def bad(reason: str) -> VerifyReport:
-            return VerifyReport(False, number - 1, number, reason)
-        if number == len(complete) and lines[-1]:
-            return bad("last line is incomplete (no newline): truncated or partly written")
-        try:
-            entry = json.loads(raw)
-        except ValueError:
-            return bad("not valid JSON")
-        if not isinstance(entry, dict) or not all(name in entry for name in RESERVED_FIELDS):
-            return bad("missing chain fields")
-        if entry["hash"] != entry_hash(entry, hmac_key):
-            return bad("hash does not match the entry's content (edited)")
-        if entry["prev_hash"] != prev_hash:
-            return bad("prev_hash does not match the previous entry (line deleted, inserted or reordered)")
-        if entry["seq"] != number:
-            return bad(f"seq {entry['seq']} where {number} was expected")
-        prev_hash = entry["hash"]
-    return VerifyReport(True, len(complete))
+    prev_hash, count = GENESIS_HASH, 0
+    with open(Path(path).expanduser(), "rb") as handle:
+        for count, raw in enumerate(handle, start=1):
+            reason, entry = _problem(raw, count, prev_hash, hmac_key)
+            if reason:
+                return VerifyReport(False, count - 1, count, reason)
+            prev_hash = entry["hash"]
+    return VerifyReport(True, count)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -306,7 +306,9 @@ class Authenticator:
     @staticmethod
     def _load_jwt_key(cfg: JwtSettings):
         if cfg.algorithm == "HS256":
-            secret = os.environ.get(cfg.secret_env, "")
+            secret = os.environ.get(cfg.secret_env)
+            if secret is None:
+                raise ConfigError(f"jwt: env var {cfg.secret_env} (the HS256 secret) is not set")
             if len(secret.encode()) < 32:  # RFC 7518 3.2: an HS256 key at least as long as the hash
                 raise ConfigError(f"jwt: env var {cfg.secret_env} must hold a secret of at least 32 bytes")
             return secret
@@ -374,6 +376,8 @@ class Authenticator:
 
 @dataclass(frozen=True)
 class Decision:
+    """An access decision; audit `detail or reason`, return only `reason` to the client."""
+
     allowed: bool
     reason: str  # safe to return to the client
     detail: str = ""  # the precise cause, for the audit log only (may name other tenants' models)

@@ -139,6 +139,9 @@ def test_jwt_config_errors(tmp_path, monkeypatch):
         JwtSettings(issuer=ISSUER, audience=AUDIENCE)
     with pytest.raises(ValidationError, match="RS256 needs public_key_file"):
         JwtSettings(algorithm="RS256", secret_env="X", issuer=ISSUER, audience=AUDIENCE)
+    monkeypatch.delenv("LF_UNSET", raising=False)
+    with pytest.raises(ConfigError, match="LF_UNSET .* is not set"):
+        Authenticator(SecuritySettings(jwt=JwtSettings(secret_env="LF_UNSET", issuer=ISSUER, audience=AUDIENCE)))
     monkeypatch.setenv("LF_SHORT", "tooshort")
     with pytest.raises(ConfigError, match="at least 32 bytes"):
         Authenticator(SecuritySettings(jwt=JwtSettings(secret_env="LF_SHORT", issuer=ISSUER, audience=AUDIENCE)))

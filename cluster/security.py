@@ -266,11 +266,10 @@ class SecuritySettings(StrictModel):
         return records
 
     def rate_limit_for(self, principal: Principal) -> RateLimit:
-        return _most_generous([self.rate_limits[r] if r in self.rate_limits else RateLimit() for r in principal.roles], RateLimit)
+        return _most_generous([self.rate_limits.get(role, RateLimit()) for role in principal.roles], RateLimit)
 
     def param_limits_for(self, principal: Principal) -> ParamLimits:
-        return _most_generous([self.param_limits[r] if r in self.param_limits else ParamLimits() for r in principal.roles],
-                              ParamLimits)
+        return _most_generous([self.param_limits.get(role, ParamLimits()) for role in principal.roles], ParamLimits)
 
 
 class AuthError(Exception):

@@ -31,6 +31,33 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto's server mode) on a free loopback port, for s3:// URIs.
+
+    Yields its endpoint URL. The AWS_* variables point boto3, `pyarrow.fs.FileSystem.from_uri("s3://...")`
+    and Ray Data's s3:// readers/writers at it (all honour `AWS_ENDPOINT_URL`; a bare
+    `pyarrow.fs.S3FileSystem()` does not). Buckets: create them with boto3 (names of 3+ characters).
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    settings = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from jobs.model import TINY, materialize
 

@@ -94,9 +94,9 @@ class EndpointSettings(StrictModel):
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Multi-LoRA adapters served on the base model.")
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request parameter limits and backpressure.")
     security: SecuritySettings = Field(
-        default_factory=SecuritySettings,
+        default_factory=lambda: SecuritySettings(open_routes=["/-/healthz", "/health"]),
         description="Authentication, authorization, rate limits and audit of every route; the default opens only "
-        "the health route and accepts no key, so a deployment must configure its keys or tokens.",
+        "the health routes and accepts no key or token, so a deployment must configure its callers.",
     )
     host: str = Field(default="127.0.0.1", description="Address the Serve HTTP proxy binds; 0.0.0.0 for other machines.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the Serve HTTP proxy.")

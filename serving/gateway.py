@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -35,7 +35,7 @@ from vllm.entrypoints.generate.base.protocol import StreamOptions
 from cluster.contracts import ARTIFACT_FILE, EndpointSettings, ModelArtifact
 from cluster.label_scoring import chat_prompt_ids, label_probabilities, label_token_ids
 from cluster.audit import AuditLog
-from cluster.security import AccessController, Authenticator, AuthError
+from cluster.security import AccessController, Authenticator, AuthError, RateLimiter
 from serving.limits import InvalidRequest, check_limits, prompt_text, request_params
 
 HEALTH_ROUTE = "/health"
@@ -119,16 +119,15 @@ async def guard(request: Request, call_next):
     except AuthError as error:
         return gateway.finish(record, error_response(401, str(error), {"WWW-Authenticate": "Bearer"}))
     record.update(subject=principal.subject, key_id=principal.key_id, tenant=principal.tenant,
-                  _key=gateway.rate_key(principal))
+                  _key=principal.key_id or principal.subject)
     request.state.principal = principal
-    limit = record["_limit"] = gateway.rate_limit(principal)
-    if limit is not None:
-        retry_after = gateway.limiter.check(gateway.rate_key(principal), limit)
-        if retry_after is not None:
-            seconds = max(1, int(retry_after + 0.999))
-            return gateway.finish(record, error_response(
-                429, f"rate limit of role(s) {sorted(principal.roles)} reached; retry in {seconds}s",
-                {"Retry-After": str(seconds)}))
+    limit = record["_limit"] = security.rate_limit_for(principal)
+    retry_after = gateway.limiter.check(record["_key"], limit)
+    if retry_after is not None:
+        seconds = max(1, math.ceil(retry_after))
+        return gateway.finish(record, error_response(
+            429, f"rate limit of role(s) {', '.join(principal.roles)} reached; retry in {seconds}s",
+            {"Retry-After": str(seconds)}))
     return gateway.finish(record, await call_next(request))
 
 
@@ -142,13 +141,11 @@ class Gateway(OpenAiIngress):
                          _get_lora_model_metadata_func=self._adapter_metadata)
         from transformers import AutoTokenizer
 
-        from cluster.security import RateLimiter
-
         security = self.settings.security
         self.authenticator = Authenticator(security)
         self.access = AccessController(security)
         self.limiter = RateLimiter()
-        self.audit = AuditLog(security.audit.path)
+        self.audit = AuditLog.from_settings(security.audit)
         self.metrics = GatewayMetrics()
         # The engine's tokenizer and chat template, so /v1/classify scores the evaluation's tokens.
         self.tokenizer = AutoTokenizer.from_pretrained(self.settings.model_dir)
@@ -157,16 +154,6 @@ class Gateway(OpenAiIngress):
 
     # ----- security, audit and metrics helpers -----
 
-    def rate_limit(self, principal):
-        """The most generous limit among the caller's roles (None: no role is limited)."""
-        limits = [self.settings.security.rate_limits[role] for role in principal.roles
-                  if role in self.settings.security.rate_limits]
-        return max(limits, key=lambda limit: limit.requests_per_minute) if limits else None
-
-    @staticmethod
-    def rate_key(principal) -> str:
-        return principal.key_id or principal.subject
-
     def finish(self, record: dict, response: Response) -> Response:
         """Write the audit entry and metrics once the response's last byte is sent."""
         def close():
@@ -174,7 +161,7 @@ class Gateway(OpenAiIngress):
             record["latency_s"] = time.perf_counter() - record["_started"]
             record["outcome"] = "ok" if response.status_code < 400 else "error"
             tokens = record["prompt_tokens"] + record["completion_tokens"]
-            if record.get("_limit") is not None and tokens:
+            if "_limit" in record and tokens:
                 self.limiter.record_tokens(record["_key"], record["_limit"], tokens)
             self.metrics.observe(record)
             self.audit.append(self._audit_entry(record))
@@ -195,7 +182,6 @@ class Gateway(OpenAiIngress):
 
     def _audit_entry(self, record: dict) -> dict:
         entry = {key: value for key, value in record.items() if not key.startswith("_") and key != "prompt"}
-        entry["time"] = datetime.now(timezone.utc).isoformat()
         if self.settings.security.audit.log_prompts and record.get("prompt") is not None:
             entry["prompt"] = record["prompt"]
         return entry
@@ -204,9 +190,9 @@ class Gateway(OpenAiIngress):
         """Ask the access controller, audit the decision, and answer 403 when denied."""
         principal = request.state.principal
         decision = self.access.decide(principal, route, model_id, params)
-        self.audit.append({"event": "decision", "time": datetime.now(timezone.utc).isoformat(), "route": route,
-                           "model": model_id, "subject": principal.subject, "key_id": principal.key_id,
-                           "tenant": principal.tenant, "allowed": decision.allowed, "reason": decision.reason})
+        self.audit.append({"event": "decision", "route": route, "model": model_id, "subject": principal.subject,
+                           "key_id": principal.key_id, "tenant": principal.tenant, "allowed": decision.allowed,
+                           "reason": decision.reason, "detail": decision.detail})
         if not decision.allowed and raise_denied:
             raise OpenAIHTTPException(403, f"access denied: {decision.reason}", type="PermissionDenied")
         return decision.allowed

@@ -89,7 +89,7 @@ def llm_config(settings: EndpointSettings) -> LLMConfig:
 
 def build_app(args: dict) -> Application:
     """Serve app builder: `args` are `EndpointSettings` fields (validated; unknown keys rejected)."""
-    from serving.gateway import ENDPOINTS, Gateway, app
+    from serving.gateway import ENDPOINTS, Gateway, gateway_app
 
     settings = EndpointSettings.model_validate(args)
     config = llm_config(settings)
@@ -99,7 +99,7 @@ def build_app(args: dict) -> Application:
         config, bind_kwargs={"model_downloader": partial(LocalLoraLoader, adapters_dir)} if local_adapters else None)
     limits, scaling = settings.limits, settings.autoscaling
     gateway = serve.deployment(
-        make_fastapi_ingress(Gateway, endpoint_map=ENDPOINTS, app=app),
+        make_fastapi_ingress(Gateway, endpoint_map=ENDPOINTS, app=gateway_app()),
         name="Gateway",
         max_ongoing_requests=limits.max_ongoing_requests,
         max_queued_requests=limits.max_queued_requests,

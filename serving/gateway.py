@@ -99,13 +99,12 @@ def _usage(payload: dict, record: dict) -> None:
     record["completion_tokens"] = usage.get("completion_tokens", record["completion_tokens"])
 
 
-app = init()  # ray.serve.llm's FastAPI app: its error handling, request ids and HTTP metrics
+_replica_gateway: "Gateway | None" = None
 
 
-@app.middleware("http")
 async def guard(request: Request, call_next):
     """Authenticate, rate-limit, then audit and measure the whole response (added last: runs first)."""
-    gateway: Gateway = request.app.state.gateway
+    gateway = _replica_gateway
     security = gateway.settings.security
     route = request.url.path
     if route in security.open_routes:
@@ -150,7 +149,10 @@ class Gateway(OpenAiIngress):
         # The engine's tokenizer and chat template, so /v1/classify scores the evaluation's tokens.
         self.tokenizer = AutoTokenizer.from_pretrained(self.settings.model_dir)
         self.base_artifact = self._read_artifact(Path(self.settings.model_dir))
-        app.state.gateway = self
+        # Serve runs a pickled copy of the FastAPI app, but `guard` is this module's function: a
+        # module global is how it finds this replica's gateway (one per replica process).
+        global _replica_gateway
+        _replica_gateway = self
 
     # ----- security, audit and metrics helpers -----
 
@@ -203,7 +205,7 @@ class Gateway(OpenAiIngress):
         record = request.state.record
         model_id = await self._get_model_id(body.model)
         record["model"] = model_id
-        raw = body.model_dump(exclude_unset=True)
+        raw = body.model_dump()
         params = request_params(raw)
         self.authorize(request, request.url.path, model_id, params)
         try:
@@ -351,6 +353,14 @@ class Gateway(OpenAiIngress):
             except Exception as error:  # noqa: BLE001 - any failure means the engine cannot answer
                 return error_response(503, f"engine of {model_id!r} is unhealthy: {type(error).__name__}: {error}")
         return JSONResponse({"status": "ok", "models": list(self._default_serve_handles)})
+
+
+def gateway_app():
+    """ray.serve.llm's FastAPI app (its error handling, request ids, HTTP metrics) with `guard`
+    added last, so it runs first; a fresh app per build, as routes are bound to it."""
+    app = init()
+    app.middleware("http")(guard)
+    return app
 
 
 ENDPOINTS = {

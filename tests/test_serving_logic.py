@@ -54,3 +54,39 @@ def test_endpoint_settings_are_locked_down_by_default_and_validated():
         AutoscalingSettings(min_replicas=3, max_replicas=2)
     with pytest.raises(ValueError, match="extra"):
         EndpointSettings.model_validate({"limits": {"max_tokenz": 3}})
+
+
+def test_replica_options_fixed_or_autoscaling():
+    from serving.app import replica_options
+
+    assert replica_options(AutoscalingSettings(min_replicas=2, max_replicas=2)) == {"num_replicas": 2}
+    assert replica_options(AutoscalingSettings(min_replicas=0, max_replicas=3, target_ongoing_requests=4)) == {
+        "autoscaling_config": {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 4}}
+
+
+def test_local_lora_loader_reads_adapters_in_place(tmp_path):
+    import asyncio
+
+    from serving.app import LocalLoraLoader
+
+    (tmp_path / "support").mkdir()
+    (tmp_path / "support" / "adapter_config.json").write_text("{}")
+    loader = LocalLoraLoader(str(tmp_path))
+    loaded = asyncio.run(loader.load_model_from_config("base:support", None))
+    assert loaded.local_path == str(tmp_path / "support") and loaded.model_id == "base:support"
+    assert asyncio.run(loader.load_model_from_config("base:support", None)) is loaded  # cached: one id per adapter
+    with pytest.raises(ValueError, match="no LoRA adapter 'missing'"):
+        asyncio.run(loader.load_model_from_config("base:missing", None))
+
+
+def test_the_pipelines_local_key_is_stored_as_a_digest(monkeypatch):
+    from cluster.endpoints import with_local_key
+    from cluster.security import Authenticator, new_api_key
+
+    key, settings = with_local_key(EndpointSettings())
+    assert key not in settings.model_dump_json()
+    assert Authenticator(settings.security).authenticate(f"Bearer {key}").roles == ["admin"]
+    chosen, _ = new_api_key("x", ["admin"], "t", key_id="chosen")
+    monkeypatch.setenv("LAKEFORGE_API_KEY", chosen)
+    key, settings = with_local_key(settings)
+    assert key == chosen and Authenticator(settings.security).authenticate(f"Bearer {chosen}").key_id == "chosen"

@@ -209,7 +209,7 @@ class Gateway(OpenAiIngress):
         params = request_params(raw)
         self.authorize(request, request.url.path, model_id, params)
         try:
-            check_limits(params, self.settings.limits)
+            check_limits(params, self.settings.limits, prompt_logprobs=not self.adapters_dir)
         except InvalidRequest as error:
             raise OpenAIHTTPException(error.status, str(error), type="InvalidRequest") from None
         if params["max_tokens"] is None:  # the engine's default is "the rest of the context": cap it
@@ -295,19 +295,31 @@ class Gateway(OpenAiIngress):
                                       type="InvalidRequest")
         return artifact
 
-    async def _sequence_logprob(self, model_id: str, prompt_ids: list[int], answer_ids: list[int]) -> float:
-        """log P(answer | prompt) from the engine's prompt log-probs of prompt + answer."""
-        request = CompletionRequest(model=model_id, prompt=prompt_ids + answer_ids, max_tokens=1, temperature=0,
-                                    prompt_logprobs=0)
+    async def _next_token_logprobs(self, model_id: str, prefix: list[int], token_ids: set[int]) -> dict[int, float]:
+        """log P(token | prefix) for the given tokens, from one engine step (`logprob_token_ids`).
+
+        Not prompt log-probs: vLLM's CPU LoRA kernels crash the engine on those (see limits).
+        """
+        request = CompletionRequest(model=model_id, prompt=prefix, max_tokens=1, temperature=0, logprobs=1,
+                                    logprob_token_ids=sorted(token_ids), return_tokens_as_token_ids=True)
         response = await self._get_response(body=request, call_method="completions").__anext__()
         if isinstance(response, ErrorResponse):
             raise OpenAIHTTPException(response.error.code, response.error.message, type=response.error.type)
-        positions = response.choices[0].prompt_logprobs[len(prompt_ids):]
-        total = 0.0
-        for token, logprobs in zip(answer_ids, positions):
-            entry = logprobs.get(token, logprobs.get(str(token)))
-            total += entry["logprob"] if isinstance(entry, dict) else entry.logprob
-        return total
+        top = response.choices[0].logprobs.top_logprobs[0]  # {"token_id:<id>": logprob}
+        return {int(key.rsplit(":", 1)[1]): value for key, value in top.items()}
+
+    async def _label_logprobs(self, model_id: str, prompt: list[int], labels: list[list[int]]) -> list[float]:
+        """log P(label tokens | prompt) per label: one engine request per distinct label prefix
+        (a single request when every label is one token), as the evaluation's teacher forcing."""
+        needed: dict[tuple, set[int]] = {}
+        for ids in labels:
+            for k, token in enumerate(ids):
+                needed.setdefault(tuple(ids[:k]), set()).add(token)
+        prefixes = list(needed)
+        answers = await asyncio.gather(*(self._next_token_logprobs(model_id, prompt + list(prefix), needed[prefix])
+                                         for prefix in prefixes))
+        table = dict(zip(prefixes, answers))
+        return [sum(table[tuple(ids[:k])][token] for k, token in enumerate(ids)) for ids in labels]
 
     async def classify(self, body: ClassifyRequest, request: Request) -> Response:
         record = request.state.record
@@ -329,17 +341,15 @@ class Gateway(OpenAiIngress):
         longest = max(map(len, prompts)) + max(map(len, labels))
         if longest > self.settings.max_model_len:
             raise OpenAIHTTPException(400, f"a prompt plus label is {longest} tokens; max_model_len is {self.settings.max_model_len}", type="InvalidRequest")
-        scores = await asyncio.gather(*(self._sequence_logprob(model_id, prompt, label)
-                                        for prompt in prompts for label in labels))
+        scores = await asyncio.gather(*(self._label_logprobs(model_id, prompt, labels) for prompt in prompts))
         results = []
-        for row in range(len(texts)):
-            logprobs = scores[row * len(labels):(row + 1) * len(labels)]
+        for logprobs in scores:
             probabilities = label_probabilities(logprobs)
             best = max(range(len(labels)), key=probabilities.__getitem__)
             results.append({"label": artifact.labels[best],
                             "probabilities": dict(zip(artifact.labels, probabilities)),
                             "logprobs": dict(zip(artifact.labels, logprobs))})
-        record["prompt_tokens"] = sum(len(prompt) + len(label) for prompt in prompts for label in labels)
+        record["prompt_tokens"] = sum(map(len, prompts))
         return JSONResponse({"object": "classification", "model": model_id, "results": results,
                              "usage": {"prompt_tokens": record["prompt_tokens"], "completion_tokens": 0}})
 

@@ -42,11 +42,19 @@ def request_params(body: dict) -> dict:
         "top_p": body.get("top_p"),
         "stream": bool(body.get("stream")),
         "prompt_chars": len(prompt_text(body)),
+        "prompt_logprobs": body.get("prompt_logprobs") is not None or bool(body.get("echo") and body.get("logprobs") is not None),
     }
 
 
-def check_limits(params: dict, limits: RequestLimits) -> None:
-    """Raise InvalidRequest naming the first parameter outside the limits."""
+def check_limits(params: dict, limits: RequestLimits, prompt_logprobs: bool = True) -> None:
+    """Raise InvalidRequest naming the first parameter outside the limits.
+
+    `prompt_logprobs=False` refuses prompt log-probs (`prompt_logprobs`, or `echo` with `logprobs`):
+    with LoRA enabled, vLLM 0.32's CPU LoRA logits kernel crashes the engine on them.
+    """
+    if params["prompt_logprobs"] and not prompt_logprobs:
+        raise InvalidRequest(400, "prompt log-probs (prompt_logprobs, or echo with logprobs) are not available "
+                                  "on an endpoint serving LoRA adapters")
     max_tokens = params["max_tokens"]
     if max_tokens is not None and not 1 <= max_tokens <= limits.max_tokens:
         raise InvalidRequest(400, f"max_tokens must be between 1 and {limits.max_tokens} (got {max_tokens})")

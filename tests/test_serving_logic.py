@@ -14,7 +14,7 @@ def test_params_from_chat_and_completion_bodies():
                                        {"role": "user", "content": [{"type": "text", "text": "hello"}]}],
             "max_completion_tokens": 7, "n": 2, "temperature": 0.5, "stream": True}
     assert request_params(chat) == {"max_tokens": 7, "n": 2, "temperature": 0.5, "top_p": None, "stream": True,
-                                    "prompt_chars": len("be brief\nhello")}
+                                    "prompt_chars": len("be brief\nhello"), "prompt_logprobs": False}
     completion = {"model": "m", "prompt": ["ab", "cd"], "max_tokens": 3}
     assert prompt_text(completion) == "ab\ncd"
     assert request_params(completion)["max_tokens"] == 3 and request_params(completion)["n"] == 1
@@ -33,6 +33,14 @@ def test_limits_name_the_parameter(change, status, named):
     with pytest.raises(InvalidRequest) as error:
         check_limits(request_params(body), LIMITS)
     assert error.value.status == status and named in str(error.value)
+
+
+def test_prompt_logprobs_are_refused_only_where_they_are_unsafe():
+    for body in ({"prompt": "hi", "prompt_logprobs": 1}, {"prompt": "hi", "echo": True, "logprobs": 2}):
+        check_limits(request_params(body), LIMITS)
+        with pytest.raises(InvalidRequest, match="prompt log-probs"):
+            check_limits(request_params(body), LIMITS, prompt_logprobs=False)
+    check_limits(request_params({"prompt": "hi", "echo": True}), LIMITS, prompt_logprobs=False)
 
 
 def test_requests_within_limits_pass():

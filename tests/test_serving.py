@@ -332,15 +332,23 @@ def test_audit_log_verifies_and_holds_requests_and_decisions(served):
 
 def test_health_fails_when_the_engine_dies(served):
     """Last: kills this module's own vLLM engine process (the replica's child), which Serve then replaces."""
+    import os
+
     import psutil
-    from ray.util.state import list_actors
 
     assert requests.get(served["url"] + "/health", timeout=60).status_code == 200
-    replicas = [actor for actor in list_actors(filters=[("state", "=", "ALIVE")])
-                if "LLMServer" in actor.class_name and "tiny" in actor.class_name]
+    # Only processes of this test session's own cluster (descendants of this process) are searched.
+    mine = psutil.Process(os.getpid()).children(recursive=True)
+
+    def named(process, text):
+        try:
+            return text in process.name() or text in " ".join(process.cmdline())
+        except psutil.Error:
+            return False
+
+    replicas = [process for process in mine if named(process, "ServeReplica:serving-test:LLMServer")]
     assert len(replicas) == 1, replicas
-    engines = [child for child in psutil.Process(replicas[0].pid).children(recursive=True) if "EngineCore" in child.name()
-               or "EngineCore" in " ".join(child.cmdline())]
+    engines = [child for child in replicas[0].children(recursive=True) if named(child, "EngineCore")]
     assert engines, "no vLLM engine process under the replica"
     for engine in engines:
         engine.kill()

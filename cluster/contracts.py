@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cluster.config import StrictModel
+from cluster.security import SecuritySettings
 
 ARTIFACT_FILE = "lakeforge_model.json"
 
@@ -41,6 +42,43 @@ class ModelArtifact(StrictModel):
         return cls.model_validate(json.loads(path.read_text()))
 
 
+class LoraSettings(StrictModel):
+    """Multi-LoRA: fine-tuned adapters served together on the one base model."""
+
+    adapters_dir: str = Field(
+        default="",
+        description="Storage folder holding one adapter folder per fine-tuned model (a LoRA run's `adapter/`), "
+        "served as `<model_id>:<folder name>` and loaded on first use; a local/shared path or s3:// gs:// URI; empty: LoRA off.",
+    )
+    max_lora_rank: int = Field(default=16, ge=1, description="Largest adapter rank vLLM reserves room for.")
+    max_adapters_per_replica: int = Field(default=4, ge=1, description="Adapters kept loaded per engine replica (least recently used are evicted).")
+
+
+class RequestLimits(StrictModel):
+    """What one request may ask for, and how much traffic a replica accepts before answering 503."""
+
+    max_tokens: int = Field(default=512, ge=1, description="Largest `max_tokens` a request may ask for (larger: 400).")
+    max_prompt_chars: int = Field(default=32_000, ge=1, description="Longest prompt or chat history in characters (longer: 413).")
+    max_n: int = Field(default=4, ge=1, description="Largest `n` (completions per request).")
+    max_classify_texts: int = Field(default=64, ge=1, description="Most texts in one /v1/classify request.")
+    max_ongoing_requests: int = Field(default=64, ge=1, description="Requests one gateway replica works on at once (Serve max_ongoing_requests).")
+    max_queued_requests: int = Field(default=128, ge=0, description="Requests waiting for a replica before new ones get 503 (Serve max_queued_requests).")
+
+
+class AutoscalingSettings(StrictModel):
+    """Engine replicas: a fixed count when min equals max, otherwise Serve autoscaling between them."""
+
+    min_replicas: int = Field(default=1, ge=0, description="Fewest engine replicas (0 lets an idle endpoint scale to zero).")
+    max_replicas: int = Field(default=1, ge=1, description="Most engine replicas.")
+    target_ongoing_requests: float = Field(default=8, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        return self
+
+
 class EndpointSettings(StrictModel):
     """How a model is served by Ray Serve + vLLM (the Serve app builder's argument)."""
 
@@ -52,7 +90,14 @@ class EndpointSettings(StrictModel):
     use_gpu: bool = Field(default=False, description="Place the engine on a GPU (NVIDIA clusters with the `gpu` extra).")
     cpu_kv_cache_gib: int = Field(default=1, ge=1, description="CPU only: RAM reserved for vLLM's KV cache, in GiB.")
     replica_cpus: float = Field(default=1.0, gt=0, description="Logical CPUs reserved per engine replica.")
-    num_replicas: int = Field(default=1, ge=1, description="Engine replicas (each holds a copy of the model).")
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings, description="Engine replica count or autoscaling range.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="Multi-LoRA adapters served on the base model.")
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request parameter limits and backpressure.")
+    security: SecuritySettings = Field(
+        default_factory=lambda: SecuritySettings(open_routes=["/-/healthz", "/health"]),
+        description="Authentication, authorization, rate limits and audit of every route; the default opens only "
+        "the health routes and accepts no key or token, so a deployment must configure its callers.",
+    )
     host: str = Field(default="127.0.0.1", description="Address the Serve HTTP proxy binds; 0.0.0.0 for other machines.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the Serve HTTP proxy.")
     app_name: str = Field(default="lakeforge", description="Serve application name.")

@@ -5,17 +5,41 @@ Jobs deploy the serving app this way, by name, so `jobs` never imports `serving`
 
 from __future__ import annotations
 
+import os
 import time
 
 import requests
 from ray import serve
 from ray._common.utils import import_attr
 
+from cluster.config import ConfigError
 from cluster.contracts import EndpointSettings
+from cluster.security import KEY_PREFIX, ApiKeyRecord, hash_key, new_api_key
+
+LOCAL_KEY_ENV = "LAKEFORGE_API_KEY"
+
+
+def with_local_key(settings: EndpointSettings) -> tuple[str, EndpointSettings]:
+    """An admin API key for the deploying job's own calls, and the settings that accept it.
+
+    The key is $LAKEFORGE_API_KEY when set (so the demo or a test can call the endpoint after
+    the job), else a fresh one; only its digest goes into the settings, never the key.
+    """
+    key = os.environ.get(LOCAL_KEY_ENV)
+    if key is None:
+        key, record = new_api_key("lakeforge-pipeline", ["admin"], "lakeforge", key_id="pipeline")
+    else:
+        if not key.startswith(KEY_PREFIX) or "_" not in key[len(KEY_PREFIX):]:
+            raise ConfigError(f"{LOCAL_KEY_ENV} must look like lf_<key_id>_<secret> (make one: python -m cluster.security new-key)")
+        key_id = key[len(KEY_PREFIX):].split("_", 1)[0]
+        record = ApiKeyRecord(key_id=key_id, sha256=hash_key(key), subject="lakeforge-pipeline", roles=["admin"], tenant="lakeforge")
+    others = [existing for existing in settings.security.api_keys if existing.key_id != record.key_id]
+    security = settings.security.model_copy(update={"api_keys": [*others, record]})
+    return key, settings.model_copy(update={"security": security})
 
 
 def deploy(import_path: str, settings: EndpointSettings, timeout_s: float = 900) -> str:
-    """Deploy (or update) the app and wait until `/v1/models` answers; returns the base URL."""
+    """Deploy (or update) the app and wait until its engines are healthy; returns the base URL."""
     builder = import_attr(import_path)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(builder(settings.model_dump()), name=settings.app_name, route_prefix="/", blocking=False)
@@ -30,5 +54,8 @@ def deploy(import_path: str, settings: EndpointSettings, timeout_s: float = 900)
         if time.monotonic() > deadline:
             raise TimeoutError(f"Serve app {settings.app_name} not running after {timeout_s:.0f}s")
         time.sleep(2)
-    requests.get(f"{base_url}/v1/models", timeout=30).raise_for_status()
+    # The gateway's engine health route: open by default, and a 401 (closed by config) still proves it answers.
+    health = requests.get(f"{base_url}/health", timeout=30)
+    if health.status_code >= 500:
+        raise RuntimeError(f"Serve app {settings.app_name} is running but unhealthy: {health.text}")
     return base_url

@@ -16,7 +16,7 @@ import requests
 
 from cluster.config import load_config_or_exit
 from cluster.contracts import EndpointSettings
-from cluster.endpoints import deploy
+from cluster.endpoints import deploy, with_local_key
 from cluster.ray_cluster import connect
 from cluster.registry import ModelRegistry
 from jobs import data, evaluate, explain, finetune
@@ -25,7 +25,7 @@ from jobs.report import write_report
 from jobs.tracking import MetricLogger
 
 
-def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, predictions) -> dict:
+def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, api_key: str, predictions) -> dict:
     """Classify test rows through the endpoint with the official openai client, and probe bad requests.
 
     The served answers are compared with the fine-tuned model's offline (likelihood) predictions:
@@ -33,7 +33,7 @@ def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, pr
     """
     import openai
 
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="not-needed-locally")
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key)
     served_ids = [model.id for model in client.models.list().data]
     answers = []
     for row in predictions.head(cfg.serve.check_examples).itertuples():
@@ -47,11 +47,12 @@ def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, pr
             "text": row.text, "label": row.label, "served_answer": answer,
             "offline_prediction": cfg.data.labels[row.pred_id],
         })
-    chat_url = f"{base_url}/v1/chat/completions"
+    chat_url, auth = f"{base_url}/v1/chat/completions", {"authorization": f"Bearer {api_key}"}
     rejects = {
-        "unknown_model": requests.post(chat_url, json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, timeout=60).status_code,
-        "over_long_prompt": requests.post(chat_url, json={"model": endpoint.model_id, "messages": [{"role": "user", "content": "word " * endpoint.max_model_len}]}, timeout=60).status_code,
-        "malformed_body": requests.post(chat_url, data="{not json", headers={"content-type": "application/json"}, timeout=60).status_code,
+        "no_credentials": requests.post(chat_url, json={"model": endpoint.model_id, "messages": [{"role": "user", "content": "hi"}]}, timeout=60).status_code,
+        "unknown_model": requests.post(chat_url, json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, headers=auth, timeout=60).status_code,
+        "over_long_prompt": requests.post(chat_url, json={"model": endpoint.model_id, "messages": [{"role": "user", "content": "word " * endpoint.max_model_len}]}, headers=auth, timeout=60).status_code,
+        "malformed_body": requests.post(chat_url, data="{not json", headers={"content-type": "application/json", **auth}, timeout=60).status_code,
     }
     agree = sum(a["served_answer"] == a["offline_prediction"] for a in answers)
     correct = sum(a["served_answer"] == a["label"] for a in answers)
@@ -128,13 +129,14 @@ def run_pipeline(cfg: RunConfig) -> dict:
             summary["serving"] = {"skipped": "no deployable version: " + report["gate"]["reason"]}
             print(f"[pipeline] not serving: {summary['serving']['skipped']}")
         else:
-            endpoint = cfg.serve.endpoint.model_copy(update={"model_dir": serving["path"]})
+            # The job's own admin key for its check ($LAKEFORGE_API_KEY when the caller wants to reuse it).
+            api_key, endpoint = with_local_key(cfg.serve.endpoint.model_copy(update={"model_dir": serving["path"]}))
             base_url = deploy(cfg.serve.import_path, endpoint)
             mark = stage_done("serving_deploy", mark)
             served_is_new = serving["version"] == version["version"]
             served_predictions = predictions["fine_tuned" if served_is_new else "previous_version"]
             summary["serving"] = {"version": serving["version"],
-                                  **check_endpoint(cfg, endpoint, base_url, served_predictions)}
+                                  **check_endpoint(cfg, endpoint, base_url, api_key, served_predictions)}
             mark = stage_done("serving_check", mark)
     summary["stage_seconds"] = stage_seconds
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)

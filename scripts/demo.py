@@ -8,6 +8,7 @@ messages through the endpoint with the official `openai` client and leaves it ru
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import openai
 
 from cluster.contracts import ModelArtifact
+from cluster.endpoints import LOCAL_KEY_ENV
+from cluster.security import new_api_key
 from cluster.ray_cluster import WORKING_DIR_EXCLUDES, ray_cli, job_client_env, start_local_head
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,10 +32,12 @@ MESSAGES = [
 
 def main(overrides: list[str]) -> None:
     address = start_local_head()
+    # The endpoint accepts only keys it is told about: the job adds this one (its digest) as admin.
+    api_key = os.environ.get(LOCAL_KEY_ENV) or new_api_key("demo", ["admin"], "lakeforge", key_id="demo")[0]
     outputs, models = REPO / "outputs", REPO / "models"
     command = [
         ray_cli(), "job", "submit", "--address", address, "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps({"excludes": WORKING_DIR_EXCLUDES}),
+        "--runtime-env-json", json.dumps({"excludes": WORKING_DIR_EXCLUDES, "env_vars": {LOCAL_KEY_ENV: api_key}}),
         "--", "python", "-m", "jobs.pipeline", "--config", CONFIG,
         f"storage_root={outputs}", f"model_cache={models}", *overrides,
     ]
@@ -50,7 +55,7 @@ def main(overrides: list[str]) -> None:
     artifact = ModelArtifact.read(summary["model_dir"])
     url = summary["serving"]["url"]
     print(f"Serving version {summary['serving']['version']}")
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed-locally")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key)
     print(f"\nClassifying through {url}/v1/chat/completions with the openai client:")
     for text in MESSAGES:
         reply = client.chat.completions.create(
@@ -75,7 +80,7 @@ def main(overrides: list[str]) -> None:
               f"{faithfulness['mean_drop_random']:.3f} (gap {faithfulness['gap']:+.3f}, {faithfulness['examples']} tweets)")
     print(f"\nReport (metrics, errors, slices, explanations): {summary['report']}")
     print(f"Summary: {summary_path}")
-    print(f"Endpoint (still running): {url}/v1  model={artifact.name}")
+    print(f"Endpoint (still running): {url}/v1  model={artifact.name}  api_key={api_key}")
     print("Ray dashboard: http://127.0.0.1:8265   Stop everything: make down")
 
 

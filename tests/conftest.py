@@ -92,6 +92,7 @@ def tiny_run_config(tmp_path: Path, tiny_model_dir: Path, small_csv: Path, *over
         "train.warmup_steps=1", "train.max_steps=8", "train.eval_every=4", "train.max_validation_examples=16",
         "eval.max_test_examples=24", "serve.check_examples=2", f"serve.endpoint.port={TEST_SERVE_PORT}",
         "serve.endpoint.max_model_len=256", "serve.endpoint.model_id=tiny", "serve.deploy_unpromoted=true",
+        f"serve.endpoint.security.audit.path={tmp_path}/audit.jsonl",
         "explain.examples=2", "explain.dependence_examples=4", "explain.ig_steps=8", "explain.shap_max_evals=20",
         *overrides,
     ])

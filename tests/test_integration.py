@@ -139,11 +139,15 @@ def test_a_worker_failure_resumes_from_the_last_checkpoint_exactly(ray_cluster, 
     assert resumed["train_tokens"] == uninterrupted["train_tokens"]  # no batch skipped or seen twice
 
 
-def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_cluster, tmp_path, tiny_model_dir, small_csv):
+def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_cluster, tmp_path, tiny_model_dir, small_csv, monkeypatch):
     import openai
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cluster.security import new_api_key
     from jobs.pipeline import run_pipeline
+
+    api_key, _ = new_api_key("test", ["admin"], "lakeforge", key_id="test")
+    monkeypatch.setenv("LAKEFORGE_API_KEY", api_key)  # the pipeline's endpoint accepts this key
 
     cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv)
     summary = run_pipeline(cfg)
@@ -172,11 +176,12 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
     assert serving["version"] == "v0001"  # promoted, or served anyway (deploy_unpromoted)
     assert serving["models_listed"] == ["tiny"]
     assert len(serving["answers"]) == 2
-    assert serving["bad_request_status"] == {"unknown_model": 404, "over_long_prompt": 400, "malformed_body": 400}
+    assert serving["bad_request_status"] == {"no_credentials": 401, "unknown_model": 404, "over_long_prompt": 400,
+                                             "malformed_body": 400}
 
     # What the endpoint serves is the exported model: its first-token log-probabilities
     # match transformers' on the same folder.
-    client = openai.OpenAI(base_url=f"{serving['url']}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"{serving['url']}/v1", api_key=api_key)
     tokenizer = AutoTokenizer.from_pretrained(summary["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(summary["model_dir"]).eval()
     prompt = "The flight was delayed again and"

@@ -1,0 +1,380 @@
+"""The gateway: ray.serve.llm's OpenAI ingress, extended with what downstream systems need.
+
+`Gateway` subclasses `OpenAiIngress` (the OpenAI layer, streaming, LoRA multiplexing stay
+ray.serve.llm's) and adds:
+- a middleware that authenticates every route outside `security.open_routes` (401), applies the
+  per-key request/token rate limits (429 + Retry-After), and at the end of each response (after
+  the last streamed chunk) writes the request's audit entry and its Prometheus metrics;
+- per-route authorization (403, every decision audited) and request limits (400/413) before
+  anything reaches the engine; `/v1/models` lists only what the caller may use;
+- `POST /v1/classify`: label probabilities by label scoring through vLLM's prompt log-probs;
+- `GET /health`: fails (503) when an engine's own health check fails, not only when a process dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray.llm._internal.common.utils.cloud_utils import is_remote_path
+from ray.llm._internal.common.utils.lora_utils import get_base_model_id, get_lora_id
+from ray.llm._internal.serve.core.configs.openai_api_models import (
+    ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, OpenAIHTTPException,
+)
+from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, OpenAiIngress, init
+from ray.util import metrics
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from vllm.entrypoints.generate.base.protocol import StreamOptions
+
+from cluster.contracts import ARTIFACT_FILE, EndpointSettings, ModelArtifact
+from cluster.label_scoring import chat_prompt_ids, label_probabilities, label_token_ids
+from cluster.audit import AuditLog
+from cluster.security import AccessController, Authenticator, AuthError, RateLimiter
+from serving.limits import InvalidRequest, check_limits, prompt_text, request_params
+
+HEALTH_ROUTE = "/health"
+HEALTH_TIMEOUT_S = 10
+
+
+class ClassifyRequest(BaseModel):
+    """Body of POST /v1/classify: one text or a list of texts for a classification model."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = Field(default=None, description="Served model id (base or `<base>:<adapter>`).")
+    text: Optional[str] = Field(default=None, description="One text to classify.")
+    texts: Optional[list[str]] = Field(default=None, description="Several texts to classify.")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.text is None) == (self.texts is None):
+            raise ValueError("give exactly one of `text` or `texts`")
+        return self
+
+
+def error_response(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
+    """An OpenAI-shaped error body, which the openai client turns into its typed exceptions."""
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
+                                   "code": status}}, status_code=status, headers=headers)
+
+
+class GatewayMetrics:
+    """Prometheus series on Ray's metrics endpoint, tagged per route, model and key."""
+
+    def __init__(self):
+        tags = ("route", "model", "key_id")
+        self.requests = metrics.Counter("lakeforge_requests", "Requests answered, by status code.", tag_keys=(*tags, "status"))
+        self.errors = metrics.Counter("lakeforge_errors", "Requests answered with a 4xx/5xx status.", tag_keys=(*tags, "status"))
+        self.latency = metrics.Histogram("lakeforge_request_latency_s", "Time to the last response byte.",
+                                         boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120], tag_keys=tags)
+        self.ttft = metrics.Histogram("lakeforge_time_to_first_token_s", "Time to the first streamed token.",
+                                      boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30], tag_keys=tags)
+        self.output_tokens = metrics.Counter("lakeforge_output_tokens", "Completion tokens generated.", tag_keys=tags)
+        self.tokens_per_s = metrics.Histogram("lakeforge_output_tokens_per_s", "Completion tokens per second of one request.",
+                                              boundaries=[1, 5, 10, 25, 50, 100, 250, 500, 1000], tag_keys=tags)
+
+    def observe(self, record: dict) -> None:
+        tags = {"route": record["route"], "model": record["model"] or "-", "key_id": record["key_id"] or "-"}
+        status = str(record["status"])
+        self.requests.inc(tags={**tags, "status": status})
+        if record["status"] >= 400:
+            self.errors.inc(tags={**tags, "status": status})
+        self.latency.observe(record["latency_s"], tags=tags)
+        if record.get("ttft_s") is not None:
+            self.ttft.observe(record["ttft_s"], tags=tags)
+        if record["completion_tokens"]:
+            self.output_tokens.inc(record["completion_tokens"], tags=tags)
+            if record["latency_s"] > 0:
+                self.tokens_per_s.observe(record["completion_tokens"] / record["latency_s"], tags=tags)
+
+
+def _usage(payload: dict, record: dict) -> None:
+    usage = payload.get("usage") or {}
+    record["prompt_tokens"] = usage.get("prompt_tokens", record["prompt_tokens"])
+    record["completion_tokens"] = usage.get("completion_tokens", record["completion_tokens"])
+
+
+_replica_gateway: "Gateway | None" = None
+
+
+async def guard(request: Request, call_next):
+    """Authenticate, rate-limit, then audit and measure the whole response (added last: runs first)."""
+    gateway = _replica_gateway
+    security = gateway.settings.security
+    route = request.url.path
+    if route in security.open_routes:
+        return await call_next(request)
+    record = {"event": "request", "route": route, "method": request.method, "subject": None, "key_id": None,
+              "tenant": None, "model": None, "status": None, "prompt_tokens": 0, "completion_tokens": 0,
+              "_started": time.perf_counter()}
+    request.state.record = record
+    try:
+        principal = gateway.authenticator.authenticate(request.headers.get("authorization"))
+    except AuthError as error:
+        return gateway.finish(record, error_response(401, str(error), {"WWW-Authenticate": "Bearer"}))
+    record.update(subject=principal.subject, key_id=principal.key_id, tenant=principal.tenant,
+                  _key=principal.key_id or principal.subject)
+    request.state.principal = principal
+    limit = record["_limit"] = security.rate_limit_for(principal)
+    retry_after = gateway.limiter.check(record["_key"], limit)
+    if retry_after is not None:
+        seconds = max(1, math.ceil(retry_after))
+        return gateway.finish(record, error_response(
+            429, f"rate limit of role(s) {', '.join(principal.roles)} reached; retry in {seconds}s",
+            {"Retry-After": str(seconds)}))
+    return gateway.finish(record, await call_next(request))
+
+
+class Gateway(OpenAiIngress):
+    """OpenAiIngress with lakeforge's security, limits, metrics, classify and health routes."""
+
+    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, settings: dict):
+        self.settings = EndpointSettings.model_validate(settings)
+        self.adapters_dir = self.settings.lora.adapters_dir.rstrip("/")
+        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths,
+                         _get_lora_model_metadata_func=self._adapter_metadata)
+        from transformers import AutoTokenizer
+
+        security = self.settings.security
+        self.authenticator = Authenticator(security)
+        self.access = AccessController(security)
+        self.limiter = RateLimiter()
+        self.audit = AuditLog.from_settings(security.audit)
+        self.metrics = GatewayMetrics()
+        # The engine's tokenizer and chat template, so /v1/classify scores the evaluation's tokens.
+        self.tokenizer = AutoTokenizer.from_pretrained(self.settings.model_dir)
+        self.base_artifact = self._read_artifact(Path(self.settings.model_dir))
+        # Serve runs a pickled copy of the FastAPI app, but `guard` is this module's function: a
+        # module global is how it finds this replica's gateway (one per replica process).
+        global _replica_gateway
+        _replica_gateway = self
+
+    # ----- security, audit and metrics helpers -----
+
+    def finish(self, record: dict, response: Response) -> Response:
+        """Write the audit entry and metrics once the response's last byte is sent."""
+        def close():
+            record["status"] = response.status_code
+            record["latency_s"] = time.perf_counter() - record["_started"]
+            record["outcome"] = "ok" if response.status_code < 400 else "error"
+            tokens = record["prompt_tokens"] + record["completion_tokens"]
+            if "_limit" in record and tokens:
+                self.limiter.record_tokens(record["_key"], record["_limit"], tokens)
+            self.metrics.observe(record)
+            self.audit.append(self._audit_entry(record))
+
+        iterator = getattr(response, "body_iterator", None)
+        if iterator is None:
+            close()
+            return response
+
+        async def measured():
+            try:
+                async for chunk in iterator:
+                    yield chunk
+            finally:
+                close()
+        response.body_iterator = measured()
+        return response
+
+    def _audit_entry(self, record: dict) -> dict:
+        entry = {key: value for key, value in record.items() if not key.startswith("_") and key != "prompt"}
+        if self.settings.security.audit.log_prompts and record.get("prompt") is not None:
+            entry["prompt"] = record["prompt"]
+        return entry
+
+    def authorize(self, request: Request, route: str, model_id: str, params: dict, raise_denied: bool = True) -> bool:
+        """Ask the access controller, audit the decision, and answer 403 when denied."""
+        principal = request.state.principal
+        decision = self.access.decide(principal, route, model_id, params)
+        self.audit.append({"event": "decision", "route": route, "model": model_id, "subject": principal.subject,
+                           "key_id": principal.key_id, "tenant": principal.tenant, "allowed": decision.allowed,
+                           "reason": decision.reason, "detail": decision.detail})
+        if not decision.allowed and raise_denied:
+            raise OpenAIHTTPException(403, f"access denied: {decision.reason}", type="PermissionDenied")
+        return decision.allowed
+
+    # ----- OpenAI routes -----
+
+    async def _generate(self, body, request: Request, call_method: str) -> Response:
+        record = request.state.record
+        model_id = await self._get_model_id(body.model)
+        record["model"] = model_id
+        raw = body.model_dump()
+        params = request_params(raw)
+        self.authorize(request, request.url.path, model_id, params)
+        try:
+            check_limits(params, self.settings.limits, prompt_logprobs=not self.adapters_dir)
+        except InvalidRequest as error:
+            raise OpenAIHTTPException(error.status, str(error), type="InvalidRequest") from None
+        if params["max_tokens"] is None:  # the engine's default is "the rest of the context": cap it
+            body.max_tokens = self.settings.limits.max_tokens
+        if self.settings.security.audit.log_prompts:
+            record["prompt"] = prompt_text(raw)
+        if body.stream:  # the final chunk then carries usage, for the audit, limits and metrics
+            body.stream_options = StreamOptions(include_usage=True)
+        response = await self._process_llm_request(body, call_method=call_method, raw_request=request)
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = self._watch_stream(response.body_iterator, record)
+        else:
+            _usage(json.loads(response.body), record)
+        return response
+
+    @staticmethod
+    async def _watch_stream(chunks, record: dict):
+        """Pass SSE chunks through, noting time to first token and the final usage chunk."""
+        async for chunk in chunks:
+            text = chunk if isinstance(chunk, str) else chunk.decode()
+            for line in text.splitlines():
+                if not line.startswith("data: {"):
+                    continue
+                payload = json.loads(line[len("data: "):])
+                if record.get("ttft_s") is None and payload.get("choices"):
+                    record["ttft_s"] = time.perf_counter() - record["_started"]
+                _usage(payload, record)
+            yield chunk
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        return await self._generate(body, request, "chat")
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        return await self._generate(body, request, "completions")
+
+    async def models(self, request: Request) -> ModelList:
+        """The served models (base and adapters) that this caller may use."""
+        listed = [await self.model(model_id) for model_id in self._all_model_ids()]
+        return ModelList(data=[card for card in listed if card is not None
+                               and self.authorize(request, "/v1/models", card.id, {}, raise_denied=False)])
+
+    async def model_data(self, model: str, request: Request) -> ModelCard:
+        self.authorize(request, "/v1/models", model, {})
+        return await super().model_data(model)
+
+    # ----- LoRA adapters in a storage folder -----
+
+    def _adapter_names(self) -> list[str]:
+        if not self.adapters_dir:
+            return []
+        if is_remote_path(self.adapters_dir):
+            from ray.llm._internal.common.utils.cloud_utils import CloudFileSystem
+            return CloudFileSystem.list_subfolders(self.adapters_dir)
+        root = Path(self.adapters_dir)
+        return sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").is_file()) if root.is_dir() else []
+
+    def _all_model_ids(self) -> list[str]:
+        return [model_id for base in self._model_cards
+                for model_id in (base, *(f"{base}:{name}" for name in self._adapter_names()))]
+
+    async def _adapter_metadata(self, model_id: str, base_path: str) -> dict:
+        from fastapi import HTTPException
+
+        if get_lora_id(model_id) not in self._adapter_names():
+            raise HTTPException(404, f"no adapter {get_lora_id(model_id)!r} in {base_path}")
+        return {"model_id": model_id, "base_model_id": get_base_model_id(model_id),
+                "max_request_context_length": None, "bucket_uri": f"{base_path}/{get_lora_id(model_id)}"}
+
+    # ----- classification by label scoring -----
+
+    @staticmethod
+    def _read_artifact(folder: Path) -> Optional[ModelArtifact]:
+        return ModelArtifact.read(folder) if (folder / ARTIFACT_FILE).is_file() else None
+
+    def artifact(self, model_id: str) -> ModelArtifact:
+        """An adapter's own lakeforge_model.json when its folder has one, else the base model's."""
+        artifact = None
+        if model_id != get_base_model_id(model_id) and self.adapters_dir and not is_remote_path(self.adapters_dir):
+            artifact = self._read_artifact(Path(self.adapters_dir) / get_lora_id(model_id))
+        artifact = artifact or self.base_artifact
+        if artifact is None or not artifact.labels:
+            raise OpenAIHTTPException(400, f"model {model_id!r} is not a classification model (no labels in {ARTIFACT_FILE})",
+                                      type="InvalidRequest")
+        return artifact
+
+    async def _next_token_logprobs(self, model_id: str, prefix: list[int], token_ids: set[int]) -> dict[int, float]:
+        """log P(token | prefix) for the given tokens, from one engine step (`logprob_token_ids`).
+
+        Not prompt log-probs: vLLM's CPU LoRA kernels crash the engine on those (see limits).
+        """
+        request = CompletionRequest(model=model_id, prompt=prefix, max_tokens=1, temperature=0, logprobs=1,
+                                    logprob_token_ids=sorted(token_ids), return_tokens_as_token_ids=True)
+        response = await self._get_response(body=request, call_method="completions").__anext__()
+        if isinstance(response, ErrorResponse):
+            raise OpenAIHTTPException(response.error.code, response.error.message, type=response.error.type)
+        top = response.choices[0].logprobs.top_logprobs[0]  # {"token_id:<id>": logprob}
+        return {int(key.rsplit(":", 1)[1]): value for key, value in top.items()}
+
+    async def _label_logprobs(self, model_id: str, prompt: list[int], labels: list[list[int]]) -> list[float]:
+        """log P(label tokens | prompt) per label: one engine request per distinct label prefix
+        (a single request when every label is one token), as the evaluation's teacher forcing."""
+        needed: dict[tuple, set[int]] = {}
+        for ids in labels:
+            for k, token in enumerate(ids):
+                needed.setdefault(tuple(ids[:k]), set()).add(token)
+        prefixes = list(needed)
+        answers = await asyncio.gather(*(self._next_token_logprobs(model_id, prompt + list(prefix), needed[prefix])
+                                         for prefix in prefixes))
+        table = dict(zip(prefixes, answers))
+        return [sum(table[tuple(ids[:k])][token] for k, token in enumerate(ids)) for ids in labels]
+
+    async def classify(self, body: ClassifyRequest, request: Request) -> Response:
+        record = request.state.record
+        model_id = await self._get_model_id(body.model)
+        record["model"] = model_id
+        texts = [body.text] if body.text is not None else body.texts
+        params = {"texts": len(texts), "prompt_chars": sum(map(len, texts))}
+        self.authorize(request, request.url.path, model_id, params)
+        limits = self.settings.limits
+        if not 1 <= len(texts) <= limits.max_classify_texts:
+            raise OpenAIHTTPException(400, f"texts must hold 1 to {limits.max_classify_texts} items (got {len(texts)})", type="InvalidRequest")
+        if params["prompt_chars"] > limits.max_prompt_chars:
+            raise OpenAIHTTPException(413, f"texts are {params['prompt_chars']} characters; the limit is {limits.max_prompt_chars}", type="InvalidRequest")
+        if self.settings.security.audit.log_prompts:
+            record["prompt"] = "\n".join(texts)
+        artifact = self.artifact(model_id)
+        labels = label_token_ids(self.tokenizer, artifact.labels)
+        prompts = [chat_prompt_ids(self.tokenizer, artifact.system_prompt, text) for text in texts]
+        longest = max(map(len, prompts)) + max(map(len, labels))
+        if longest > self.settings.max_model_len:
+            raise OpenAIHTTPException(400, f"a prompt plus label is {longest} tokens; max_model_len is {self.settings.max_model_len}", type="InvalidRequest")
+        scores = await asyncio.gather(*(self._label_logprobs(model_id, prompt, labels) for prompt in prompts))
+        results = []
+        for logprobs in scores:
+            probabilities = label_probabilities(logprobs)
+            best = max(range(len(labels)), key=probabilities.__getitem__)
+            results.append({"label": artifact.labels[best],
+                            "probabilities": dict(zip(artifact.labels, probabilities)),
+                            "logprobs": dict(zip(artifact.labels, logprobs))})
+        record["prompt_tokens"] = sum(map(len, prompts))
+        return JSONResponse({"object": "classification", "model": model_id, "results": results,
+                             "usage": {"prompt_tokens": record["prompt_tokens"], "completion_tokens": 0}})
+
+    # ----- health -----
+
+    async def health(self) -> Response:
+        """503 unless every engine passes its own health check (a dead engine, not just a dead process)."""
+        for model_id, handle in self._default_serve_handles.items():
+            try:
+                await asyncio.wait_for(handle.options(stream=False).check_health.remote(), HEALTH_TIMEOUT_S)
+            except Exception as error:  # noqa: BLE001 - any failure means the engine cannot answer
+                return error_response(503, f"engine of {model_id!r} is unhealthy: {type(error).__name__}: {error}")
+        return JSONResponse({"status": "ok", "models": list(self._default_serve_handles)})
+
+
+def gateway_app():
+    """ray.serve.llm's FastAPI app (its error handling, request ids, HTTP metrics) with `guard`
+    added last, so it runs first; a fresh app per build, as routes are bound to it."""
+    app = init()
+    app.middleware("http")(guard)
+    return app
+
+
+ENDPOINTS = {
+    **{name: DEFAULT_ENDPOINTS[name] for name in ("models", "model_data", "completions", "chat")},
+    "classify": lambda app: app.post("/v1/classify"),
+    "health": lambda app: app.get(HEALTH_ROUTE),
+}

@@ -1,0 +1,100 @@
+"""Request parameters and limits of the serving gateway (pure logic, no cluster)."""
+
+import pytest
+
+from cluster.contracts import AutoscalingSettings, EndpointSettings, RequestLimits
+from cluster.label_scoring import label_probabilities
+from serving.limits import InvalidRequest, check_limits, prompt_text, request_params
+
+LIMITS = RequestLimits(max_tokens=64, max_prompt_chars=100, max_n=2)
+
+
+def test_params_from_chat_and_completion_bodies():
+    chat = {"model": "m", "messages": [{"role": "system", "content": "be brief"},
+                                       {"role": "user", "content": [{"type": "text", "text": "hello"}]}],
+            "max_completion_tokens": 7, "n": 2, "temperature": 0.5, "stream": True}
+    assert request_params(chat) == {"max_tokens": 7, "n": 2, "temperature": 0.5, "top_p": None, "stream": True,
+                                    "prompt_chars": len("be brief\nhello"), "prompt_logprobs": False}
+    completion = {"model": "m", "prompt": ["ab", "cd"], "max_tokens": 3}
+    assert prompt_text(completion) == "ab\ncd"
+    assert request_params(completion)["max_tokens"] == 3 and request_params(completion)["n"] == 1
+
+
+@pytest.mark.parametrize("change, status, named", [
+    ({"max_tokens": 65}, 400, "max_tokens"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"n": 3}, 400, "n must"),
+    ({"temperature": 2.5}, 400, "temperature"),
+    ({"top_p": 0}, 400, "top_p"),
+    ({"prompt": "x" * 101}, 413, "101 characters"),
+])
+def test_limits_name_the_parameter(change, status, named):
+    body = {"model": "m", "prompt": "hi", "max_tokens": 8, **change}
+    with pytest.raises(InvalidRequest) as error:
+        check_limits(request_params(body), LIMITS)
+    assert error.value.status == status and named in str(error.value)
+
+
+def test_prompt_logprobs_are_refused_only_where_they_are_unsafe():
+    for body in ({"prompt": "hi", "prompt_logprobs": 1}, {"prompt": "hi", "echo": True, "logprobs": 2}):
+        check_limits(request_params(body), LIMITS)
+        with pytest.raises(InvalidRequest, match="prompt log-probs"):
+            check_limits(request_params(body), LIMITS, prompt_logprobs=False)
+    check_limits(request_params({"prompt": "hi", "echo": True}), LIMITS, prompt_logprobs=False)
+
+
+def test_requests_within_limits_pass():
+    check_limits(request_params({"prompt": "x" * 100, "max_tokens": 64, "n": 2, "temperature": 0, "top_p": 1}), LIMITS)
+    check_limits(request_params({"messages": [{"role": "user", "content": "hi"}]}), LIMITS)  # defaults
+
+
+def test_label_probabilities_are_a_softmax():
+    probabilities = label_probabilities([-1.0, -2.0, -3.0])
+    assert sum(probabilities) == pytest.approx(1)
+    assert probabilities[0] / probabilities[1] == pytest.approx(2.718281828, rel=1e-6)
+
+
+def test_endpoint_settings_are_locked_down_by_default_and_validated():
+    settings = EndpointSettings()
+    assert settings.security.api_keys == [] and settings.security.jwt is None
+    assert set(settings.security.open_routes) == {"/-/healthz", "/health"}
+    with pytest.raises(ValueError, match="must not exceed max_replicas"):
+        AutoscalingSettings(min_replicas=3, max_replicas=2)
+    with pytest.raises(ValueError, match="extra"):
+        EndpointSettings.model_validate({"limits": {"max_tokenz": 3}})
+
+
+def test_replica_options_fixed_or_autoscaling():
+    from serving.app import replica_options
+
+    assert replica_options(AutoscalingSettings(min_replicas=2, max_replicas=2)) == {"num_replicas": 2}
+    assert replica_options(AutoscalingSettings(min_replicas=0, max_replicas=3, target_ongoing_requests=4)) == {
+        "autoscaling_config": {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 4}}
+
+
+def test_local_lora_loader_reads_adapters_in_place(tmp_path):
+    import asyncio
+
+    from serving.app import LocalLoraLoader
+
+    (tmp_path / "support").mkdir()
+    (tmp_path / "support" / "adapter_config.json").write_text("{}")
+    loader = LocalLoraLoader(str(tmp_path))
+    loaded = asyncio.run(loader.load_model_from_config("base:support", None))
+    assert loaded.local_path == str(tmp_path / "support") and loaded.model_id == "base:support"
+    assert asyncio.run(loader.load_model_from_config("base:support", None)) is loaded  # cached: one id per adapter
+    with pytest.raises(ValueError, match="no LoRA adapter 'missing'"):
+        asyncio.run(loader.load_model_from_config("base:missing", None))
+
+
+def test_the_pipelines_local_key_is_stored_as_a_digest(monkeypatch):
+    from cluster.endpoints import with_local_key
+    from cluster.security import Authenticator, new_api_key
+
+    key, settings = with_local_key(EndpointSettings())
+    assert key not in settings.model_dump_json()
+    assert Authenticator(settings.security).authenticate(f"Bearer {key}").roles == ["admin"]
+    chosen, _ = new_api_key("x", ["admin"], "t", key_id="chosen")
+    monkeypatch.setenv("LAKEFORGE_API_KEY", chosen)
+    key, settings = with_local_key(settings)
+    assert key == chosen and Authenticator(settings.security).authenticate(f"Bearer {chosen}").key_id == "chosen"

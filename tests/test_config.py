@@ -6,7 +6,8 @@ import pytest
 
 from cluster.config import ConfigError, load_config
 from cluster.contracts import EndpointSettings
-from jobs.config import RunConfig
+from jobs.config import BatchInferConfig, RunConfig
+from serving.queue_consumer import ConsumerSettings
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
@@ -29,6 +30,8 @@ def test_every_config_field_is_described():
                 walk(annotation)
     walk(RunConfig)
     walk(EndpointSettings)
+    walk(BatchInferConfig)
+    walk(ConsumerSettings)
 
 
 def test_overrides_are_parsed_as_yaml_and_nested():

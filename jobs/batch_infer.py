@@ -81,11 +81,13 @@ class Prompter:
         prompts = [self.prompt_ids(text) for text in batch[self.text_column]]
         if not self.label_ids:
             return batch.assign(tokenized_prompt=prompts, prompt_len=[len(ids) for ids in prompts], label_index=-1)
-        variants = []
-        for index, ids in enumerate(self.label_ids):
-            variants.append(batch.assign(tokenized_prompt=[prompt + ids for prompt in prompts],
-                                         prompt_len=[len(prompt) for prompt in prompts], label_index=index))
-        return pd.concat(variants, ignore_index=True)
+        # A row's label requests side by side, so the writer gets each row's scores together.
+        n = len(self.label_ids)
+        return batch.loc[batch.index.repeat(n)].assign(
+            tokenized_prompt=[prompt + ids for prompt in prompts for ids in self.label_ids],
+            prompt_len=[len(prompt) for prompt in prompts for _ in range(n)],
+            label_index=list(range(n)) * len(prompts),
+        ).reset_index(drop=True)
 
 
 def _label_logprob(row: dict, label_ids: list[list[int]]) -> float:
@@ -111,7 +113,7 @@ class PartWriter:
 
     def finished_rows(self, batch: pd.DataFrame) -> pd.DataFrame:
         if not self.labels:
-            return batch.assign(generated_text=batch["generated_text"])[self.columns + ["generated_text"]]
+            return batch[self.columns + ["generated_text"]]
         done = []
         for row in batch.to_dict("records"):
             row_id = int(row[ROW_ID])

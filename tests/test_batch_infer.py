@@ -102,7 +102,7 @@ def test_every_row_is_labelled_once_as_the_evaluation_scores_it_and_a_rerun_resu
     templater = Templater(str(model_dir), SYSTEM_PROMPT, LABELS)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    prompts = [templater.encode(text, LABELS[0])[0][:templater.encode(text, LABELS[0])[1]] for text in tweets["text"]]
+    prompts = [ids[:prompt_len] for ids, prompt_len in (templater.encode(text, LABELS[0]) for text in tweets["text"])]
     label_ids = [tokenizer(label, add_special_tokens=False).input_ids for label in LABELS]
     expected = torch.softmax(score_labels(model, prompts, label_ids, tokenizer.eos_token_id), dim=1).numpy()
     np.testing.assert_allclose(probs, expected, atol=2e-3)

@@ -69,3 +69,11 @@ def test_cli_rejects_a_bad_config_with_one_line_and_exit_2():
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["config error: invalid config: train.zero_stag: unknown key"]
+
+
+@pytest.mark.parametrize("model, path", [
+    (BatchInferConfig, REPO / "configs" / "batch_infer" / "tweets.yaml"),
+    (ConsumerSettings, REPO / "configs" / "queue_consumer" / "consumer.yaml"),
+], ids=["batch_infer", "queue_consumer"])
+def test_shipped_batch_and_queue_configs_validate(model, path):
+    assert load_config(model, path)

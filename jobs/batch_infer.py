@@ -49,14 +49,14 @@ def read_table(cfg: BatchInputSection) -> ray.data.Dataset:
         # A picklable factory: Ray's read tasks open their own connection.
         table = ray.data.read_sql(cfg.sql, functools.partial(sqlite3.connect, cfg.database))
     table = table.materialize()
+    rows = table.count()
+    if rows == 0:
+        raise ValueError("input table is empty")
     columns = table.schema().names
     if cfg.text_column not in columns:
         raise ValueError(f"input table lacks the text column {cfg.text_column!r} (input.text_column); it has {columns}")
     if ROW_ID in columns:
         raise ValueError(f"input table already has a column named {ROW_ID!r}; rename it")
-    rows = table.count()
-    if rows == 0:
-        raise ValueError("input table is empty")
     # zip pairs rows by position, so row_id is each row's position in the (ordered) input.
     return table.zip(ray.data.range(rows).rename_columns({"id": ROW_ID}))
 

@@ -128,7 +128,7 @@ class PartWriter:
                 probs /= probs.sum()  # P(label | prompt, the answer is one of the labels)
                 result = self.rows.pop(row_id)
                 del self.pending[row_id]
-                result.update({"prediction": self.labels[int(probs.argmax())], "confidence": float(probs.max())})
+                result.update({"prediction": self.labels[int(probs.argmax())], "prediction_confidence": float(probs.max())})
                 result.update({f"prob_{label}": float(p) for label, p in zip(self.labels, probs)})
                 done.append(result)
         return pd.DataFrame(done)
@@ -198,7 +198,7 @@ def run_batch_inference(cfg: BatchInferConfig) -> dict:
     out_dir = Path(cfg.output).expanduser().resolve()
     table = read_table(cfg.input)
     input_columns = [c for c in table.schema().names if c != ROW_ID]
-    prediction_columns = (["prediction", "confidence", *(f"prob_{label}" for label in artifact.labels)]
+    prediction_columns = (["prediction", "prediction_confidence", *(f"prob_{label}" for label in artifact.labels)]
                           if artifact.labels else ["generated_text"])
     clash = set(input_columns) & set(prediction_columns)
     if clash:

@@ -58,6 +58,9 @@ def test_bad_inputs_are_named(ray_cluster, tmp_path, tweets, model_dir):
         run_batch_inference(config(model_dir, tmp_path / "out", parquet=str(tmp_path / "missing.parquet")))
     with pytest.raises(ValueError, match="lacks the text column 'body'"):
         run_batch_inference(config(model_dir, tmp_path / "out", parquet=str(tmp_path / "in.parquet"), text_column="body"))
+    tweets.assign(prediction="x").to_parquet(tmp_path / "clash.parquet")
+    with pytest.raises(ValueError, match=r"input columns \['prediction'\] clash"):
+        run_batch_inference(config(model_dir, tmp_path / "out", parquet=str(tmp_path / "clash.parquet")))
     tweets.head(0).to_parquet(tmp_path / "empty.parquet")
     with pytest.raises(ValueError, match="input table is empty"):
         run_batch_inference(config(model_dir, tmp_path / "out", parquet=str(tmp_path / "empty.parquet")))
@@ -91,7 +94,7 @@ def test_every_row_is_labelled_once_as_the_evaluation_scores_it_and_a_rerun_resu
     assert first == {**first, "rows_total": len(tweets), "rows_done_before": 0, "rows_written": len(tweets)}
     result = pd.read_parquet(tmp_path / "out").sort_values(ROW_ID).reset_index(drop=True)
     assert result[ROW_ID].tolist() == list(range(len(tweets)))
-    assert set(result.columns) == {"tweet_id", "text", "sentiment", ROW_ID, "prediction", "confidence",
+    assert set(result.columns) == {"tweet_id", "sentiment", "confidence", "text", ROW_ID, "prediction", "prediction_confidence",
                                    *(f"prob_{label}" for label in LABELS)}
     pd.testing.assert_series_equal(result["text"], tweets["text"])  # input columns travel with their row
     probs = result[[f"prob_{label}" for label in LABELS]].to_numpy()

@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lakeforge-installed
 EXTRA  ?= cpu
 
-.PHONY: setup demo test bench down clean
+.PHONY: setup redis demo test bench down clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,11 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(PY) scripts/demo.py
 
-test: setup
+# The queue tests run against a real redis-server (Debian package; CI runs as root).
+redis:
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+
+test: setup redis
 	$(PY) -m pytest
 
 # Speed and memory measurements (minutes, not seconds); results as JSON under bench/results/.

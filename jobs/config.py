@@ -215,3 +215,51 @@ class RunConfig(StrictModel):
     @property
     def run_dir(self) -> Path:
         return Path(self.storage_root).expanduser().resolve() / self.name
+
+
+class BatchInputSection(StrictModel):
+    """The table predictions are made for: a Parquet file/folder, or a SQL query on a database file."""
+
+    parquet: str | None = Field(default=None, description="Parquet file or folder of Parquet files to read (set this or sql).")
+    sql: str | None = Field(
+        default=None,
+        description="SQL query whose result is the input table (set this or parquet); give it an ORDER BY, "
+        "since row ids are positions in the result and a rerun must see the rows in the same order.",
+    )
+    database: str | None = Field(default=None, description="SQLite database file the sql query runs on.")
+    text_column: str = Field(default="text", description="Column holding the text sent to the model, one user message per row.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "BatchInputSection":
+        if (self.parquet is None) == (self.sql is None):
+            raise ValueError("set exactly one of input.parquet and input.sql")
+        if self.sql is not None and self.database is None:
+            raise ValueError("input.sql needs input.database (the SQLite file it runs on)")
+        return self
+
+
+class BatchEngineSection(StrictModel):
+    """vLLM engine replicas that Ray Data runs the rows through."""
+
+    use_gpu: bool = Field(default=False, description="One GPU per engine replica (NVIDIA clusters with the `gpu` extra).")
+    cpus: float = Field(default=1.0, gt=0, description="Logical CPUs reserved per engine replica.")
+    replicas: int = Field(default=1, ge=1, description="Engine replicas working on the table in parallel (each holds a copy of the model).")
+    dtype: str = Field(default="float32", description="Weight dtype in vLLM: float32 on CPU, bfloat16 on GPUs.")
+    max_model_len: int = Field(default=1024, ge=16, description="Longest prompt+answer in tokens.")
+    max_num_seqs: int = Field(default=32, ge=1, description="Sequences vLLM batches together per step.")
+    cpu_kv_cache_gib: int = Field(default=1, ge=1, description="CPU only: RAM reserved for vLLM's KV cache, in GiB.")
+    batch_size: int = Field(default=64, ge=1, description="Rows per Ray Data batch handed to an engine replica.")
+    engine_overrides: dict = Field(default_factory=dict, description="Expert escape hatch: extra vLLM engine kwargs, passed through as given.")
+
+
+class BatchInferConfig(StrictModel):
+    """Batch inference: a table in, the fine-tuned model through vLLM on Ray Data, a table with predictions out."""
+
+    model_dir: str = Field(description="Fine-tuned model folder (Hugging Face weights + lakeforge_model.json).")
+    input: BatchInputSection = Field(description="The input table.")
+    output: str = Field(
+        description="Output folder: Parquet parts of the input columns + row_id + prediction columns. A rerun "
+        "into the same folder skips every row already written (resume after a failure).")
+    part_rows: int = Field(default=256, ge=1, description="Most rows per output part; a crash loses at most the rows not yet in a written part.")
+    max_new_tokens: int = Field(default=128, ge=1, description="Models without labels: longest greedy answer in tokens.")
+    engine: BatchEngineSection = Field(default_factory=BatchEngineSection, description="vLLM engine settings.")

@@ -6,7 +6,8 @@ import pytest
 
 from cluster.config import ConfigError, load_config
 from cluster.contracts import EndpointSettings
-from jobs.config import RunConfig
+from jobs.config import BatchInferConfig, RunConfig
+from serving.queue_consumer import ConsumerSettings
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
@@ -29,6 +30,8 @@ def test_every_config_field_is_described():
                 walk(annotation)
     walk(RunConfig)
     walk(EndpointSettings)
+    walk(BatchInferConfig)
+    walk(ConsumerSettings)
 
 
 def test_overrides_are_parsed_as_yaml_and_nested():
@@ -66,3 +69,11 @@ def test_cli_rejects_a_bad_config_with_one_line_and_exit_2():
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["config error: invalid config: train.zero_stag: unknown key"]
+
+
+@pytest.mark.parametrize("model, path", [
+    (BatchInferConfig, REPO / "configs" / "batch_infer" / "tweets.yaml"),
+    (ConsumerSettings, REPO / "configs" / "queue_consumer" / "consumer.yaml"),
+], ids=["batch_infer", "queue_consumer"])
+def test_shipped_batch_and_queue_configs_validate(model, path):
+    assert load_config(model, path)

@@ -1,0 +1,205 @@
+"""Message-queue integration: requests from a Redis Stream answered by the model, at least once.
+
+    python -m serving.queue_consumer --config consumer.yaml [key=value ...]   # a plain consumer loop
+    import_path: serving.queue_consumer:build_consumer_app                    # the same loop, on Ray Serve
+
+A request is a stream entry with a `body` field (an OpenAI chat-completions request as JSON; `model`
+defaults to the configured one) and optional `request_id` and `correlation_id` fields. The consumer
+reads entries with XREADGROUP in a consumer group, calls the OpenAI-compatible endpoint over HTTP
+with its API key, and writes the result to the output stream; the XADD and the XACK go in one
+MULTI/EXEC transaction, so an entry is acknowledged exactly when its result exists.
+
+At-least-once: an entry read but not acknowledged (the consumer died, the endpoint was down) stays
+pending in the group, and after `claim_idle_ms` any live consumer takes it over with XAUTOCLAIM and
+answers it. A poison entry (malformed, rejected by the endpoint with a 4xx, or delivered more than
+`max_deliveries` times) goes to the dead-letter stream with the reason, is acknowledged, and is
+never retried forever.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+import redis
+import requests
+from pydantic import Field, SecretStr
+from ray import serve
+
+from cluster.config import StrictModel
+
+
+class ConsumerSettings(StrictModel):
+    """A Redis Streams consumer that answers requests through the OpenAI-compatible endpoint."""
+
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis server holding the streams (redis:// or rediss://).")
+    request_stream: str = Field(default="lakeforge:requests", description="Stream the requests are read from.")
+    result_stream: str = Field(default="lakeforge:results", description="Stream each result is written to.")
+    dead_letter_stream: str = Field(default="lakeforge:dead-letter", description="Stream poison requests go to, with the reason.")
+    group: str = Field(default="lakeforge", description="Consumer group; consumers in one group share the requests.")
+    consumer: str | None = Field(
+        default=None, description="This consumer's name in the group (None: host name and process id; Serve replicas use their id).")
+    base_url: str = Field(default="http://127.0.0.1:8000", description="Base URL of the OpenAI-compatible endpoint (without /v1).")
+    api_key: SecretStr | None = Field(default=None, description="API key sent as a Bearer token (None: read from api_key_env).")
+    api_key_env: str = Field(default="LAKEFORGE_API_KEY", description="Environment variable holding the API key when api_key is unset.")
+    model: str = Field(default="lakeforge-model", description="Model id used when a request names none.")
+    read_count: int = Field(default=8, ge=1, description="Entries read per XREADGROUP / XAUTOCLAIM call.")
+    block_ms: int = Field(default=1000, ge=1, description="How long one read waits for new entries, in ms.")
+    claim_idle_ms: int = Field(
+        default=60000, ge=1,
+        description="Entries pending (read, not acknowledged) longer than this are taken over from their consumer, "
+        "presumed dead; keep it above the slowest answer, or a live consumer's entry is answered twice.")
+    max_deliveries: int = Field(default=5, ge=1, description="Deliveries of one entry before it is dead-lettered instead of retried.")
+    request_timeout_s: float = Field(default=120.0, gt=0, description="Timeout of one HTTP call to the endpoint, in seconds.")
+    replicas: int = Field(default=1, ge=1, description="Serve deployment only: consumer replicas.")
+
+    def key(self) -> str:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if os.environ.get(self.api_key_env):
+            return os.environ[self.api_key_env]
+        raise ValueError(f"no API key: set api_key or the environment variable {self.api_key_env}")
+
+
+class PoisonMessage(Exception):
+    """An entry that can never be answered: dead-letter it."""
+
+
+class QueueConsumer:
+    def __init__(self, settings: ConsumerSettings, name: str | None = None):
+        self.settings = settings
+        self.name = name or settings.consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.api_key = settings.key()
+        self.redis = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        self.http = requests.Session()
+        self.last_error: dict[str, str] = {}  # entry id -> why its last delivery failed (for the dead letter)
+        self.counts = {"answered": 0, "dead_lettered": 0, "failed_attempts": 0}
+        try:
+            self.redis.xgroup_create(settings.request_stream, settings.group, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):  # the group exists already: join it
+                raise
+
+    def answer(self, fields: dict) -> dict:
+        try:
+            body = json.loads(fields["body"])
+        except (KeyError, TypeError, json.JSONDecodeError) as error:
+            raise PoisonMessage(f"malformed request: body is not JSON ({error!r})") from None
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise PoisonMessage("malformed request: body must be a JSON object with a 'messages' list")
+        body.setdefault("model", self.settings.model)
+        body["stream"] = False
+        reply = self.http.post(f"{self.settings.base_url}/v1/chat/completions", json=body,
+                               headers={"Authorization": f"Bearer {self.api_key}"}, timeout=self.settings.request_timeout_s)
+        if reply.status_code in (401, 403):  # our credentials, not the message: retry after the key is fixed
+            raise RuntimeError(f"endpoint refused the consumer's credentials: {reply.status_code} {reply.text[:200]}")
+        if 400 <= reply.status_code < 500 and reply.status_code not in (408, 429):
+            raise PoisonMessage(f"endpoint rejected the request: {reply.status_code} {reply.text[:500]}")
+        reply.raise_for_status()  # 5xx, 408, 429: transient, the entry stays pending and is retried
+        return reply.json()
+
+    def handle(self, entry_id: str, fields: dict, deliveries: int) -> None:
+        settings = self.settings
+        request_id = fields.get("request_id", entry_id)
+        envelope = {"request_id": request_id, "entry_id": entry_id, "correlation_id": fields.get("correlation_id", ""),
+                    "consumer": self.name}
+        try:
+            if deliveries > settings.max_deliveries:
+                last = self.last_error.get(entry_id, "unknown (failed in another consumer)")
+                raise PoisonMessage(f"delivered {deliveries} times (max_deliveries={settings.max_deliveries}); last error: {last}")
+            completion = self.answer(fields)
+        except PoisonMessage as poison:
+            self._write_and_ack(settings.dead_letter_stream, entry_id,
+                                {**fields, **envelope, "reason": str(poison), "deliveries": deliveries})
+            self.counts["dead_lettered"] += 1
+            return
+        except (requests.RequestException, RuntimeError, ValueError) as error:
+            # Not acknowledged: the entry stays pending and comes back through XAUTOCLAIM.
+            self.last_error[entry_id] = repr(error)[:500]
+            self.counts["failed_attempts"] += 1
+            return
+        content = completion["choices"][0]["message"]["content"] if completion.get("choices") else ""
+        self._write_and_ack(settings.result_stream, entry_id,
+                            {**envelope, "status": "ok", "content": content or "", "response": json.dumps(completion)})
+        self.counts["answered"] += 1
+
+    def _write_and_ack(self, stream: str, entry_id: str, fields: dict) -> None:
+        # One transaction: the result exists if and only if the request is acknowledged.
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(stream, {key: str(value) for key, value in fields.items()})
+            pipe.xack(self.settings.request_stream, self.settings.group, entry_id)
+            pipe.execute()
+        self.last_error.pop(entry_id, None)
+
+    def step(self) -> int:
+        """Take over stale entries, then read new ones; handle each. Returns the entries handled."""
+        settings = self.settings
+        claimed = self.redis.xautoclaim(settings.request_stream, settings.group, self.name,
+                                        min_idle_time=settings.claim_idle_ms, start_id="0-0", count=settings.read_count)[1]
+        entries = [(entry_id, fields) for entry_id, fields in claimed if fields is not None]
+        deliveries = {}
+        if entries:
+            for pending in self.redis.xpending_range(settings.request_stream, settings.group, min=entries[0][0],
+                                                     max=entries[-1][0], count=len(entries) * 4 + 16, consumername=self.name):
+                deliveries[pending["message_id"]] = pending["times_delivered"]
+        else:
+            read = self.redis.xreadgroup(settings.group, self.name, {settings.request_stream: ">"},
+                                         count=settings.read_count, block=settings.block_ms)
+            entries = [entry for _, stream_entries in read for entry in stream_entries]
+        for entry_id, fields in entries:
+            self.handle(entry_id, fields, deliveries.get(entry_id, 1))
+        return len(entries)
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            try:
+                self.step()
+            except redis.ConnectionError as error:  # Redis restarting: wait, the entries are safe there
+                print(f"[queue_consumer] {self.name}: redis unavailable ({error}); retrying")
+                time.sleep(1)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, health_check_period_s=5)
+class QueueConsumerDeployment:
+    """The consumer loop in a Serve replica (a thread): Serve restarts a replica that dies, and
+    XAUTOCLAIM hands the dead replica's pending entries to the live ones."""
+
+    def __init__(self, args: dict):
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.consumer = QueueConsumer(ConsumerSettings.model_validate(args), name=f"serve-{replica}")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.consumer.run, args=(self.stop,), daemon=True)
+        self.thread.start()
+
+    def check_health(self) -> None:
+        if not self.thread.is_alive():
+            raise RuntimeError("the consumer loop has stopped")
+
+    def stats(self) -> dict:
+        return {"consumer": self.consumer.name, **self.consumer.counts}
+
+    def __del__(self):
+        self.stop.set()
+
+
+def build_consumer_app(args: dict) -> serve.Application:
+    """Serve app builder: `args` are `ConsumerSettings` fields (validated; unknown keys rejected)."""
+    settings = ConsumerSettings.model_validate(args)
+    settings.key()  # no API key is a deploy-time error, not a crash loop in every replica
+    return QueueConsumerDeployment.options(num_replicas=settings.replicas).bind(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from cluster.config import load_config_or_exit
+
+    consumer = QueueConsumer(load_config_or_exit(ConsumerSettings, argv))
+    print(f"[queue_consumer] {consumer.name} reading {consumer.settings.request_stream}", flush=True)
+    consumer.run()
+
+
+if __name__ == "__main__":
+    main()

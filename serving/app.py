@@ -35,7 +35,7 @@ def llm_config(settings: EndpointSettings) -> LLMConfig:
         model_loading_config={"model_id": settings.model_id, "model_source": str(settings.model_dir)},
         engine_kwargs=engine_kwargs,
         placement_group_config={"bundles": bundles},
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **env_vars}},
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **env_vars, **settings.engine_env}},
         deployment_config={"num_replicas": settings.num_replicas},
     )
 

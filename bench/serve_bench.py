@@ -194,7 +194,11 @@ async def one_request(client, url: str, model_id: str, messages: list[dict], max
             if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 arrivals.append(time.perf_counter())
     tokens = usage["completion_tokens"] if usage else len(arrivals)
-    return {"ttft": arrivals[0] - started if arrivals else None, "gaps": list(np.diff(arrivals)),
+    # Inter-token latency: the request's mean gap between tokens after the first. Serve LLM batches
+    # stream chunks (every ~50 ms), so gaps between chunks would mix 0s and batch intervals.
+    itl = (arrivals[-1] - arrivals[0]) / (tokens - 1) if len(arrivals) > 1 and tokens > 1 else None
+    return {"ttft": arrivals[0] - started if arrivals else None, "itl": itl,
+            "chunk_gap_max": float(np.max(np.diff(arrivals))) if len(arrivals) > 1 else None,
             "tokens": tokens, "latency": time.perf_counter() - started}
 
 
@@ -216,11 +220,11 @@ async def closed_loop(base_url: str, model_id: str, conversations, clients: int,
         await asyncio.gather(*(worker(client) for _ in range(clients)))
         seconds = time.perf_counter() - started
     tokens = sum(r["tokens"] for r in records)
-    # Inter-token latency: gaps between streamed content chunks (one token per chunk in vLLM's stream).
     return {"clients": clients, "seconds": seconds, "requests": len(records), "output_tokens": tokens,
             "requests_per_s": len(records) / seconds, "output_tokens_per_s": tokens / seconds,
             "ttft_s": percentiles([r["ttft"] for r in records if r["ttft"] is not None]),
-            "inter_token_latency_s": percentiles([g for r in records for g in r["gaps"]]),
+            "inter_token_latency_s": percentiles([r["itl"] for r in records if r["itl"] is not None]),
+            "stream_chunk_gap_max_s": percentiles([r["chunk_gap_max"] for r in records if r["chunk_gap_max"] is not None]),
             "request_latency_s": percentiles([r["latency"] for r in records])}
 
 
@@ -266,6 +270,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=32, help="vLLM batch limit, offline and endpoint alike")
     parser.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE, offline and endpoint alike")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"offline vLLM CPU settings to try: {list(VARIANTS)}")
+    parser.add_argument("--endpoint-variant", default="", help="CPU settings of the endpoint's engine (default: the fastest offline variant)")
     parser.add_argument("--concurrency", default="1,8,32", help="closed-loop client counts")
     parser.add_argument("--requests-at-1", type=int, default=16, help="requests answered by the single client")
     parser.add_argument("--port", type=int, default=8151, help="Serve HTTP port of the benchmarked endpoint")
@@ -290,7 +295,9 @@ def main() -> None:
     systems["transformers"] = run_transformers(model_dir, prompts, args.max_new_tokens, args.batch_size)
     print(f"[bench] transformers: {systems['transformers']['output_tokens_per_s']:.1f} tokens/s")
 
-    engine_kwargs = {"dtype": "float32", "max_model_len": 1024, "max_num_seqs": args.max_num_seqs}
+    # The endpoint gets the same engine arguments (Serve LLM's default token budget differs from LLM's).
+    engine_kwargs = {"dtype": "float32", "max_model_len": 1024, "max_num_seqs": args.max_num_seqs,
+                     "max_num_batched_tokens": 2048}
     work = REPO / "outputs" / "serve_bench"
     work.mkdir(parents=True, exist_ok=True)
     offline = {}
@@ -301,10 +308,13 @@ def main() -> None:
               f"(start-up {offline[name]['startup_seconds']:.0f}s)")
     best = max(offline, key=lambda name: offline[name]["output_tokens_per_s"])
     systems["vllm_offline"] = offline[best]
+    endpoint_variant = args.endpoint_variant or best
 
     endpoint = run_endpoint(model_dir, conversations, args.max_new_tokens, {
         "model_id": "bench", "port": args.port, "app_name": "serve-bench", "max_num_seqs": args.max_num_seqs,
-        "cpu_kv_cache_gib": args.kv_cache_gib, "engine_env": VARIANTS[best],
+        "cpu_kv_cache_gib": args.kv_cache_gib, "engine_env": VARIANTS[endpoint_variant],
+        "max_model_len": engine_kwargs["max_model_len"],
+        "engine_overrides": {"max_num_batched_tokens": engine_kwargs["max_num_batched_tokens"]},
     }, [int(c) for c in args.concurrency.split(",")], args.requests_at_1)
 
     reference = systems["transformers"]["output_ids"]
@@ -322,7 +332,8 @@ def main() -> None:
               f"endpoint@{top}_over_vllm_offline": at_top / systems["vllm_offline"]["output_tokens_per_s"],
               "goals": {"over_transformers": 2.0, "over_vllm_offline": 0.85}}
 
-    print(f"\n{'system':28} {'req/s':>7} {'tok/s':>8} {'bound':>6} {'TTFT p50/p99 (s)':>18} {'ITL p50/p99 (ms)':>18}")
+    print(f"\nendpoint engine settings: {endpoint_variant}")
+    print(f"{'system':28} {'req/s':>7} {'tok/s':>8} {'bound':>6} {'TTFT p50/p99 (s)':>18} {'ITL p50/p99 (ms)':>18}")
     for name, r in rows:
         ttft = f"{r['ttft_s']['p50']:.2f}/{r['ttft_s']['p99']:.2f}" if "ttft_s" in r else "-"
         itl = (f"{r['inter_token_latency_s']['p50'] * 1e3:.0f}/{r['inter_token_latency_s']['p99'] * 1e3:.0f}"
@@ -337,7 +348,7 @@ def main() -> None:
     result = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model, "prompts": len(prompts),
               "max_new_tokens": args.max_new_tokens, "engine_kwargs": engine_kwargs, "kv_cache_gib": args.kv_cache_gib,
               "peak_fp32_matmul_flops": peak, **flops, "transformers": systems["transformers"],
-              "vllm_offline": offline, "best_vllm_variant": best, "endpoint": endpoint, "ratios": ratios,
+              "vllm_offline": offline, "best_vllm_variant": best, "endpoint_variant": endpoint_variant, "endpoint": endpoint, "ratios": ratios,
               "args": vars(args)}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2, default=float))

@@ -34,6 +34,7 @@ test: setup redis
 bench: setup
 	$(PY) -m bench.train_bench
 	$(PY) -m bench.pii_bench
+	$(PY) -m bench.serve_bench
 
 down:
 	$(PY) -m cluster.ray_cluster down

@@ -102,3 +102,7 @@ class EndpointSettings(StrictModel):
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the Serve HTTP proxy.")
     app_name: str = Field(default="lakeforge", description="Serve application name.")
     engine_overrides: dict = Field(default_factory=dict, description="Expert escape hatch: extra vLLM engine kwargs, passed through as given.")
+    engine_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment of the engine processes, e.g. VLLM_CPU_OMP_THREADS_BIND=0-1 or LD_PRELOAD of "
+                    "tcmalloc and libiomp5 on CPU (bench/serve_bench.py measures which help).")

@@ -43,7 +43,10 @@ def deploy(import_path: str, settings: EndpointSettings, timeout_s: float = 900)
     builder = import_attr(import_path)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(builder(settings.model_dump()), name=settings.app_name, route_prefix="/", blocking=False)
-    base_url = f"http://{'127.0.0.1' if settings.host == '0.0.0.0' else settings.host}:{settings.port}"
+    # A Serve instance already running on this cluster keeps its own proxy address (serve.start
+    # only warns): report where the app is really reachable, not the requested port.
+    http = serve.context._get_global_client().http_config
+    base_url = f"http://{'127.0.0.1' if http.host == '0.0.0.0' else http.host}:{http.port}"
     deadline = time.monotonic() + timeout_s
     while True:
         status = serve.status().applications.get(settings.app_name)

@@ -82,7 +82,7 @@ def llm_config(settings: EndpointSettings) -> LLMConfig:
         engine_kwargs=engine_kwargs,
         lora_config=lora_config,
         placement_group_config={"bundles": bundles},
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **env_vars}},
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **env_vars, **settings.engine_env}},
         deployment_config=replica_options(settings.autoscaling),
     )
 

@@ -1,0 +1,78 @@
+"""Deploy a registered model version as the OpenAI-compatible endpoint.
+
+    python -m jobs.deploy --config configs/deploy.yaml [version=v0003] [force=true] [key=value ...]
+
+Without `version` the registry's current version (the newest one the promotion gate passed) is
+deployed; a named version the gate rejected is refused unless `force=true`. The Serve app is
+deployed by import path (`import_path`), so jobs never import serving.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pydantic import Field
+
+from cluster.config import StrictModel, load_config_or_exit
+from cluster.contracts import EndpointSettings
+from cluster.endpoints import deploy
+from cluster.ray_cluster import connect
+from cluster.registry import ModelRegistry
+
+
+class DeployConfig(StrictModel):
+    """Which registered model version to serve, and how."""
+
+    name: str = Field(description="Registered model name (the run name the pipeline registered versions under).")
+    storage_root: str = Field(default="outputs", description="Storage root holding registry/<name>/.")
+    version: str | None = Field(default=None, description="Version to deploy, e.g. v0003; unset: the registry's current version.")
+    force: bool = Field(default=False, description="Deploy a named version even though the promotion gate rejected it.")
+    import_path: str = Field(default="serving.app:build_app", description="Serve app builder, as a Serve config's import_path.")
+    endpoint: EndpointSettings = Field(default_factory=EndpointSettings, description="Endpoint settings; model_dir is taken from the version.")
+
+
+class DeployError(ValueError):
+    """A version that cannot or may not be deployed; the message says why and what to pass."""
+
+
+def resolve_version(cfg: DeployConfig) -> dict:
+    """The registry entry to deploy, or a DeployError naming the problem."""
+    registry = ModelRegistry(cfg.storage_root, cfg.name)
+    if cfg.version is None:
+        entry = registry.current()
+        if entry is None:
+            known = ", ".join(v["version"] for v in registry.versions()) or "none"
+            raise DeployError(f"model {cfg.name!r} has no deployable version in {registry.root} (versions: {known}); "
+                              "name one with version=vNNNN")
+        return entry
+    try:
+        entry = registry.get(cfg.version)
+    except KeyError as error:
+        raise DeployError(error.args[0]) from None
+    if not entry["deployable"] and not cfg.force:
+        raise DeployError(f"{cfg.name} {cfg.version} is not deployable (promotion gate: "
+                          f"{entry['gate'].get('reason', 'rejected')}); pass force=true to deploy it anyway")
+    return entry
+
+
+def run_deploy(cfg: DeployConfig) -> str:
+    entry = resolve_version(cfg)
+    endpoint = cfg.endpoint.model_copy(update={"model_dir": entry["path"]})
+    base_url = deploy(cfg.import_path, endpoint)
+    print(f"[deploy] {cfg.name} {entry['version']} serving as model {endpoint.model_id!r} at {base_url}/v1")
+    return base_url
+
+
+def main(argv: list[str] | None = None) -> str:
+    cfg = load_config_or_exit(DeployConfig, argv)
+    try:
+        resolve_version(cfg)  # before starting or joining a cluster
+    except DeployError as error:
+        print(f"deploy error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    connect()
+    return run_deploy(cfg)
+
+
+if __name__ == "__main__":
+    main()

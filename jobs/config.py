@@ -88,6 +88,13 @@ class TrainSection(StrictModel):
         description="Examples per optimizer step over all workers. When set, gradient_accumulation_steps is derived "
         "from it (global = micro x accumulation x workers), so changing num_workers keeps the optimization the same.",
     )
+    packing: bool = Field(
+        default=False,
+        description="Sequence packing: lay each micro-batch's examples side by side in rows of up to packed_length "
+        "tokens (positions restart per example, no attention across examples) instead of padding each to the longest. "
+        "Same examples per step and the same loss; less compute spent on padding.")
+    packed_length: int = Field(
+        default=512, ge=16, description="Longest packed row in tokens when packing (an example longer than this gets a row of its own).")
     optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="AdamW, or SGD with momentum.")
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum (ignored by AdamW).")
     learning_rate: float = Field(default=5e-5, gt=0, description="Peak learning rate.")

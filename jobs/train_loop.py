@@ -109,19 +109,49 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a batch of variable-length examples; loss only on the answer tokens (after the prompt)."""
-    sequences = batch["input_ids"]
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
-    for row, (ids, prompt_len) in enumerate(zip(sequences, batch["prompt_len"])):
-        ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-        input_ids[row, : len(ids)] = ids
-        attention_mask[row, : len(ids)] = 1
-        labels[row, prompt_len: len(ids)] = ids[prompt_len:]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+def collate(batch: dict[str, np.ndarray], pad_id: int, packed_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Rows for one micro-batch, with the loss only on the answer tokens (after the prompt).
+
+    Padding (packed_length None): one example per row, padded to the longest. Packing: the examples
+    are laid first-fit into rows of at most packed_length tokens (an example longer than that gets a
+    row of its own), with position ids restarting at 0 for each example. `attention_mask` marks real
+    tokens either way; for packed rows `answer_loss` gives the model the position ids instead, from
+    which transformers builds a block-diagonal causal mask (no attention across examples).
+    """
+    examples = [torch.as_tensor(np.asarray(ids, dtype=np.int64)) for ids in batch["input_ids"]]
+    if packed_length is None:
+        rows = [[index] for index in range(len(examples))]
+    else:
+        rows, room = [], []
+        for index, ids in enumerate(examples):
+            row = next((r for r, free in enumerate(room) if free >= len(ids)), None)
+            if row is None:
+                rows.append([])
+                room.append(packed_length)
+                row = len(rows) - 1
+            rows[row].append(index)
+            room[row] -= len(ids)
+    width = max(sum(len(examples[i]) for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    # Padding after the last example continues as one more "example" (0, 1, ...): it attends only
+    # to itself, carries no loss, and a row holding one example keeps positions 0..width-1.
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for index in row:
+            ids, end = examples[index], start + len(examples[index])
+            prompt_len = int(batch["prompt_len"][index])
+            input_ids[r, start:end] = ids
+            attention_mask[r, start:end] = 1
+            labels[r, start + prompt_len: end] = ids[prompt_len:]
+            position_ids[r, start:end] = torch.arange(len(ids))
+            start = end
+        position_ids[r, start:] = torch.arange(width - start)
+    if packed_length is None:
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids}
 
 
 def answer_loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -132,7 +162,13 @@ def answer_loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    if "position_ids" in batch:
+        # Packed rows: transformers' masking_utils derives one causal block per example from the
+        # position-id resets, but only when no 2D mask and no KV cache are given.
+        inputs = {"position_ids": batch["position_ids"], "use_cache": False}
+    else:
+        inputs = {"attention_mask": batch["attention_mask"]}
+    logits = engine(input_ids=batch["input_ids"], logits_to_keep=keep, **inputs).logits
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=-100)
 
 
@@ -174,12 +210,12 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _validation_loss(engine, shard, micro_batch_size: int, pad_id: int, device) -> float:
+def _validation_loss(engine, shard, micro_batch_size: int, collate_fn, device) -> float:
     """Mean answer-token loss over this worker's validation shard, averaged over all workers."""
     engine.eval()
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=lambda b: collate(b, pad_id)):
+        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=collate_fn):
             batch = {key: value.to(device) for key, value in batch.items()}
             n = int((batch["labels"][:, 1:] != -100).sum())
             loss_sum += float(answer_loss(engine, batch)) * n
@@ -244,8 +280,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     validation_shard = ray.train.get_dataset_shard("validation")
+    packed_length = train["packed_length"] if train["packing"] else None
+    collate_fn = lambda b: collate(b, pad_id, packed_length)  # noqa: E731 - the shards stay one example per row
     batches = lambda: train_shard.iter_torch_batches(  # noqa: E731 - a fresh pass per epoch
-        batch_size=train["micro_batch_size"], collate_fn=lambda b: collate(b, pad_id),
+        batch_size=train["micro_batch_size"], collate_fn=collate_fn,
     )
 
     # Resume: after a worker or job failure Ray Train hands back the latest reported checkpoint;
@@ -310,7 +348,7 @@ def train_loop_per_worker(config: dict) -> None:
                 window_start = time.perf_counter()
 
             if step % train["eval_every"] == 0 or step == train["max_steps"]:
-                val_loss = _validation_loss(engine, validation_shard, train["micro_batch_size"], pad_id, device)
+                val_loss = _validation_loss(engine, validation_shard, train["micro_batch_size"], collate_fn, device)
                 (memory,) = _all_reduce([peak_memory_gib(device)], device, op=torch.distributed.ReduceOp.MAX)
                 if rank == 0:
                     print(f"[train] step {step} validation loss {val_loss:.4f}", flush=True)

@@ -203,3 +203,25 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
     current_before = registry.current()
     assert registry.register(summary["model_dir"], report["gate"], metrics={}, run="again")["version"] == "v0002"
     assert registry.current() == current_before
+
+
+def test_packed_training_matches_padded_training(ray_cluster, tmp_path, tiny_model_dir, small_csv):
+    """Packing changes how the same examples are laid out, not what is learned: on the same data and
+    steps the losses follow the padded run's, over the same real tokens."""
+    from jobs import data
+    from jobs.finetune import run_finetune
+
+    settings = ("train.max_steps=4", "train.eval_every=2", "tracking.enabled=false")
+    padded_cfg = tiny_run_config(tmp_path / "padded", tiny_model_dir, small_csv, *settings)
+    base_dir, data_dir, _ = data.prepare_run_inputs(padded_cfg)
+    padded = run_finetune(padded_cfg, base_dir, data_dir)
+    packed_cfg = tiny_run_config(tmp_path / "packed", tiny_model_dir, small_csv, *settings,
+                                 "train.packing=true", "train.packed_length=256")
+    packed = run_finetune(packed_cfg, *data.prepare_run_inputs(packed_cfg)[:2])
+
+    assert [m["step"] for m in packed["history"]] == [m["step"] for m in padded["history"]] == [2, 4]
+    assert packed["history"][-1]["val_loss"] < packed["history"][0]["val_loss"]
+    for a, b in zip(packed["history"], padded["history"]):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
+    assert packed["final"]["train_loss"] == pytest.approx(padded["final"]["train_loss"], rel=1e-3)
+    assert packed["train_tokens"] == padded["train_tokens"]  # the same real tokens, fewer padding slots

@@ -113,24 +113,29 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, packed_length: int | None
     """Rows for one micro-batch, with the loss only on the answer tokens (after the prompt).
 
     Padding (packed_length None): one example per row, padded to the longest. Packing: the examples
-    are laid first-fit into rows of at most packed_length tokens (an example longer than that gets a
-    row of its own), with position ids restarting at 0 for each example. `attention_mask` marks real
-    tokens either way; for packed rows `answer_loss` gives the model the position ids instead, from
-    which transformers builds a block-diagonal causal mask (no attention across examples).
+    share as few rows of at most packed_length tokens (or the longest example's length, if more) as
+    they fit in, balanced so that little padding is left, with position ids restarting
+    at 0 for each example. `attention_mask` marks real tokens either way; for packed rows
+    `answer_loss` gives the model the position ids instead, from which transformers builds a
+    block-diagonal causal mask (no attention across examples).
     """
     examples = [torch.as_tensor(np.asarray(ids, dtype=np.int64)) for ids in batch["input_ids"]]
-    if packed_length is None:
-        rows = [[index] for index in range(len(examples))]
-    else:
-        rows, room = [], []
-        for index, ids in enumerate(examples):
-            row = next((r for r, free in enumerate(room) if free >= len(ids)), None)
-            if row is None:
-                rows.append([])
-                room.append(packed_length)
-                row = len(rows) - 1
-            rows[row].append(index)
-            room[row] -= len(ids)
+    rows = [[index] for index in range(len(examples))]
+    if packed_length is not None:
+        # Longest first into the emptiest row, with the fewest rows that keep each within the limit:
+        # the rows come out nearly equal, so padding them to the longest wastes little.
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
+        limit = max(packed_length, len(examples[order[0]]))
+        count = -(-sum(len(ids) for ids in examples) // packed_length)
+        while True:
+            rows, loads = [[] for _ in range(count)], [0] * count
+            for index in order:
+                row = loads.index(min(loads))
+                rows[row].append(index)
+                loads[row] += len(examples[index])
+            if max(loads) <= limit:
+                break
+            count += 1
     width = max(sum(len(examples[i]) for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

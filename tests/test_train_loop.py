@@ -106,7 +106,7 @@ def test_packing_lays_every_example_once_into_rows_no_longer_than_the_limit():
     packed = collate(batch, pad_id=2, packed_length=48)
     padded = collate(batch, pad_id=2)
     assert packed["input_ids"].shape[0] < len(batch["input_ids"])  # fewer rows than examples
-    # 50 > 48 gets a row of its own; every other row fits the limit.
+    # 50 > 48 sets the row limit; the others share rows of at most 48.
     row_tokens = packed["attention_mask"].sum(dim=1)
     assert sorted(row_tokens.tolist())[-1] == 50 and sorted(row_tokens.tolist())[-2] <= 48
     # The same real tokens and the same answer tokens, in fewer token slots.
@@ -125,7 +125,7 @@ def test_packed_examples_see_only_themselves(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     batch = _random_examples((12, 30, 21, 7), (9, 26, 15, 3))
     packed = collate(batch, pad_id=2, packed_length=64)
-    assert packed["input_ids"].shape[0] == 2  # 12+30+21 and 7: several examples share a row
+    assert packed["input_ids"].shape[0] == 2  # 70 tokens in two rows of at most 64: examples share rows
     with torch.no_grad():
         logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
         checked = 0

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from cluster.config import StrictModel
 from cluster.contracts import EndpointSettings
+from cluster.storage import is_uri
 
 
 class ModelSection(StrictModel):
@@ -112,6 +113,10 @@ class TrainSection(StrictModel):
         description="Worker-group failures Ray Train recovers from by restarting the workers and resuming from the latest checkpoint.")
     resume_from: str | None = Field(
         default=None, description="Checkpoint folder or URI (s3://...) to resume a run from by hand: same step, optimizer, scheduler and data position.")
+    checkpoint_storage: str | None = Field(
+        default=None,
+        description="Where Ray Train keeps checkpoints: a folder every node sees, or an object-store URI (s3://bucket/prefix). "
+        "None: <storage_root>/<name>/ray_train.")
     fault_at_step: int | None = Field(
         default=None, ge=1,
         description="Fault drill: the last worker raises once at this step, to exercise recovery (tests, game days); leave unset.")
@@ -209,7 +214,10 @@ class RunConfig(StrictModel):
     """A lakeforge fine-tuning run: data -> DeepSpeed training -> evaluation -> serving."""
 
     name: str = Field(default="run", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name; outputs go to <storage_root>/<name>/.")
-    storage_root: str = Field(default="outputs", description="Root folder for shards, checkpoints, models and reports (shared storage on a multi-node cluster).")
+    storage_root: str = Field(
+        default="outputs",
+        description="Root folder for shards, checkpoints, models and reports: a filesystem path every node sees on a multi-node "
+        "cluster (object storage is supported for checkpoints only: train.checkpoint_storage).")
     model_cache: str = Field(default="models", description="Folder where pretrained base models are materialized once and reused.")
     model: ModelSection = Field(default_factory=ModelSection, description="Starting weights.")
     data: DataSection = Field(default_factory=DataSection, description="Source, cleaning, split and template.")
@@ -218,6 +226,15 @@ class RunConfig(StrictModel):
     tracking: TrackingSection = Field(default_factory=TrackingSection, description="Experiment tracking (MLflow).")
     explain: ExplainSection = Field(default_factory=ExplainSection, description="Interpretability settings (jobs.explain).")
     serve: ServeSection = Field(default_factory=ServeSection, description="Serving at the end of the pipeline.")
+
+    @field_validator("storage_root")
+    @classmethod
+    def _filesystem_path(cls, storage_root: str) -> str:
+        if is_uri(storage_root):
+            raise ValueError(f"{storage_root!r} is a URI: storage_root must be a filesystem path every node sees (data shards, "
+                             "exports, the model registry and MLflow are written there as files); put checkpoints on object "
+                             "storage with train.checkpoint_storage=s3://...")
+        return storage_root
 
     @property
     def run_dir(self) -> Path:

@@ -294,7 +294,7 @@ def train_loop_per_worker(config: dict) -> None:
     # Resume: after a worker or job failure Ray Train hands back the latest reported checkpoint;
     # a run restarted by hand names one. Weights, optimizer, scheduler, step, RNG and the data
     # position all come back, so the run continues as if it had never stopped.
-    checkpoint = ray.train.get_checkpoint() or (Checkpoint(train["resume_from"]) if train["resume_from"] else None)
+    checkpoint = ray.train.get_checkpoint() or config["resume_checkpoint"]
     position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "total_tokens": 0.0, "compute_seconds": 0.0}
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:

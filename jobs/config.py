@@ -69,6 +69,12 @@ class TrainSection(StrictModel):
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(default=False, description="One GPU per worker and the nccl backend; gloo on CPU otherwise.")
     cpus_per_worker: float = Field(default=1.0, gt=0, description="Logical CPUs reserved per worker; also its torch thread count.")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Further Ray resources each worker needs besides its CPUs and GPU, e.g. a custom node resource "
+        "{'trainer': 1} that only some node types offer.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK", description="How Ray places the workers: PACK fills few nodes, SPREAD puts them on different nodes when it can; STRICT_* insist.")
     zero_stage: Literal[1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.")
     offload_optimizer: bool = Field(
         default=False, description="ZeRO-Offload: keep optimizer state (and its step) in CPU memory; for GPU workers short of memory.")
@@ -135,6 +141,8 @@ class TrainSection(StrictModel):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than max_steps ({self.max_steps})")
         if self.precision in ("bf16", "fp16") and not self.use_gpu:
             raise ValueError(f"precision {self.precision} needs use_gpu=true; CPU workers train in fp32 (precision auto)")
+        if {"CPU", "GPU"} & set(self.worker_resources):
+            raise ValueError("worker_resources: set CPUs with cpus_per_worker and GPUs with use_gpu")
         if self.offload_parameters and self.zero_stage != 3:
             raise ValueError("offload_parameters needs zero_stage 3 (only stage 3 partitions parameters)")
         if self.method == "lora" and (self.freeze_embeddings or self.freeze_layers):

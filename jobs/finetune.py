@@ -82,7 +82,8 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
                            "tracking_uri": uri, "tracking_run_id": run_id, "storage_dir": str(cfg.run_dir)},
         scaling_config=ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu,
-            resources_per_worker={"CPU": train.cpus_per_worker},
+            resources_per_worker={"CPU": train.cpus_per_worker, **train.worker_resources},
+            placement_strategy=train.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         datasets={
@@ -135,7 +136,8 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
         "export_max_abs_logit_diff": export_diff,
         "checkpoint_path": best_checkpoint.path,
         "checkpoint_uri": uri_of(best_checkpoint.filesystem, best_checkpoint.path),  # for train.resume_from
-        "final": {key: result.metrics[key] for key in ("step", "train_loss", "val_loss", "resumed_from_step")},
+        "final": {key: result.metrics[key] for key in (
+            "step", "train_loss", "val_loss", "resumed_from_step", "non_padding_share", "worker_nodes")},
         "mfu": result.metrics["mfu"],
         "peak_memory_gib_max_worker": result.metrics["peak_memory_gib_max_worker"],
         "tracking": {"uri": uri, "run_id": run_id},

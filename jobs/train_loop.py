@@ -283,6 +283,9 @@ def train_loop_per_worker(config: dict) -> None:
               f"{trainable_count:,} of {total_count:,} parameters trainable; "
               f"{flops_per_token / 1e9:.2f} GFLOP per token, peak {peak_flops / 1e9:.1f} GFLOP/s per worker", flush=True)
 
+    # Where each rank runs (Ray node ids), reported with the metrics: placement is checkable.
+    worker_nodes = [None] * world_size
+    torch.distributed.all_gather_object(worker_nodes, ray.get_runtime_context().get_node_id())
     train_shard = ray.train.get_dataset_shard("train")
     validation_shard = ray.train.get_dataset_shard("validation")
     packed_length = train["packed_length"] if train["packing"] else None
@@ -295,7 +298,7 @@ def train_loop_per_worker(config: dict) -> None:
     # a run restarted by hand names one. Weights, optimizer, scheduler, step, RNG and the data
     # position all come back, so the run continues as if it had never stopped.
     checkpoint = ray.train.get_checkpoint() or config["resume_checkpoint"]
-    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "total_tokens": 0.0, "compute_seconds": 0.0}
+    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "total_tokens": 0.0, "total_slots": 0.0, "compute_seconds": 0.0}
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             _, client_state = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
@@ -311,8 +314,9 @@ def train_loop_per_worker(config: dict) -> None:
     skip_batches = position["batches_in_epoch"]
     last_train_loss = float("nan")
     # All workers' tokens; time spent in training steps only.
-    total_tokens, compute_seconds = position["total_tokens"], position["compute_seconds"]
-    window_loss, window_micro, window_tokens = 0.0, 0, 0
+    # Slots: token positions computed, padding included (packing makes them fewer for the same tokens).
+    total_tokens, total_slots, compute_seconds = position["total_tokens"], position["total_slots"], position["compute_seconds"]
+    window_loss, window_micro, window_tokens, window_slots = 0.0, 0, 0, 0
     window_start = run_start = time.perf_counter()
     while step < train["max_steps"]:
         for batch_index, batch in enumerate(batches()):
@@ -325,6 +329,7 @@ def train_loop_per_worker(config: dict) -> None:
             window_loss += float(loss)
             window_micro += 1
             window_tokens += int(batch["attention_mask"].sum())
+            window_slots += batch["attention_mask"].numel()
             if engine.global_steps == step:
                 continue  # still accumulating gradients
             step = engine.global_steps
@@ -333,7 +338,7 @@ def train_loop_per_worker(config: dict) -> None:
                 raise RuntimeError(f"fault drill: worker {rank} fails at step {step} (train.fault_at_step)")
 
             if step % train["log_every"] == 0 or step == train["max_steps"]:
-                loss_sum, micro, tokens = _all_reduce([window_loss, window_micro, window_tokens], device)
+                loss_sum, micro, tokens, slots = _all_reduce([window_loss, window_micro, window_tokens, window_slots], device)
                 (memory,) = _all_reduce([peak_memory_gib(device)], device, op=torch.distributed.ReduceOp.MAX)
                 elapsed = time.perf_counter() - window_start
                 steps_in_window = step - step_at_window_start
@@ -348,8 +353,9 @@ def train_loop_per_worker(config: dict) -> None:
                 step_at_window_start = step
                 last_train_loss = loss_sum / micro
                 total_tokens += tokens
+                total_slots += slots
                 compute_seconds += elapsed
-                window_loss, window_micro, window_tokens = 0.0, 0, 0
+                window_loss, window_micro, window_tokens, window_slots = 0.0, 0, 0, 0
                 window_start = time.perf_counter()
 
             if step % train["eval_every"] == 0 or step == train["max_steps"]:
@@ -360,13 +366,14 @@ def train_loop_per_worker(config: dict) -> None:
                     tracker.log({"val_loss": val_loss}, step)
                 metrics = {
                     "step": step, "epoch": epoch, "resumed_from_step": resumed_from_step, "precision": precision, "val_loss": val_loss, "train_loss": last_train_loss,
-                    "train_tokens": total_tokens, "tokens_per_s": total_tokens / max(compute_seconds, 1e-9),
+                    "train_tokens": total_tokens, "non_padding_share": total_tokens / max(total_slots, 1), "worker_nodes": worker_nodes,
+                    "tokens_per_s": total_tokens / max(compute_seconds, 1e-9),
                     "train_seconds": time.perf_counter() - run_start, "peak_memory_gib_max_worker": memory,
                     "mfu": total_tokens / max(compute_seconds, 1e-9) * flops_per_token / (peak_flops * world_size),
                 }
                 with tempfile.TemporaryDirectory() as folder:
                     position = {"step": step, "epoch": epoch, "batches_in_epoch": batch_index + 1,
-                                "total_tokens": total_tokens, "compute_seconds": compute_seconds}
+                                "total_tokens": total_tokens, "total_slots": total_slots, "compute_seconds": compute_seconds}
                     _save_checkpoint(engine, train["zero_stage"], tokenizer, Path(folder), rank, device, position)
                     # report() is not a barrier (ray PR #42422): wait until every shard is on disk.
                     torch.distributed.barrier()

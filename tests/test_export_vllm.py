@@ -29,8 +29,11 @@ def test_lora_and_full_zero3_exports_reload_in_vllm(ray_cluster, tmp_path, tiny_
     records = {}
     for name, overrides in {"full": (), "lora": ("train.method=lora", "train.learning_rate=1e-2", "train.lora.rank=8")}.items():
         cfg = tiny_run_config(tmp_path / name, tiny_model_dir, small_csv, *settings, *overrides)
-        records[name] = run_finetune(cfg, *data.prepare_run_inputs(cfg)[:2])
-    base_dir = data.prepare_run_inputs(cfg)[0]
+        base_dir, data_dir, _ = data.prepare_run_inputs(cfg)
+        records[name] = run_finetune(cfg, base_dir, data_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        base_probe = torch.log_softmax(base(input_ids=PROBE_IDS).logits[0, -1], dim=-1)
 
     tokenizer = AutoTokenizer.from_pretrained(records["full"]["model_dir"])
     prompts = [PROBE_IDS[0].tolist(), tokenizer("The flight was delayed again and")["input_ids"]]
@@ -48,6 +51,7 @@ def test_lora_and_full_zero3_exports_reload_in_vllm(ray_cluster, tmp_path, tiny_
         record = records[export]
         # The trained model's own next-token distribution on the probe, saved by the workers.
         trained = torch.log_softmax(torch.load(f"{record['checkpoint_path']}/{PROBE_FILE}").float(), dim=-1)
+        assert not torch.allclose(trained, base_probe, atol=1e-3), name  # training changed the model
         first = served[name][0]
         assert first["tokens"][0] == int(trained.argmax()), name
         assert first["logprobs"][0] == pytest.approx(float(trained[first["tokens"][0]]), abs=2e-3), name
@@ -63,8 +67,3 @@ def test_lora_and_full_zero3_exports_reload_in_vllm(ray_cluster, tmp_path, tiny_
             assert out["logprobs"] == pytest.approx(expected, abs=2e-3), name
     # The adapter served on the base model is the merged model, token for token.
     assert [o["tokens"] for o in served["lora_adapter"]] == [o["tokens"] for o in served["lora_merged"]]
-    # And training changed the model: the base would answer the probe differently.
-    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    with torch.no_grad():
-        base_first = torch.log_softmax(base(input_ids=PROBE_IDS).logits[0, -1], dim=-1)
-    assert any(abs(float(base_first[served[n][0]["tokens"][0]]) - served[n][0]["logprobs"][0]) > 1e-2 for n in served)

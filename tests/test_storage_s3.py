@@ -43,12 +43,3 @@ def test_checkpoint_filesystem_reaches_s3_from_a_process_without_the_settings(s3
     local, local_path = filesystem_for(str(tmp_path / "x"))
     assert local.type_name == "local" and uri_of(local, local_path) == str(tmp_path / "x")
 
-
-def test_storage_root_must_be_a_filesystem_path():
-    import pytest
-
-    from jobs.config import RunConfig
-
-    with pytest.raises(ValueError, match="train.checkpoint_storage=s3://"):
-        RunConfig(storage_root="s3://bucket/lakeforge")
-    assert RunConfig(storage_root="/mnt/lakeforge", train={"checkpoint_storage": "s3://bucket/ckpt"}).train.checkpoint_storage

@@ -96,6 +96,7 @@ def packing_bench(steps: int, base_dir: Path, data_dir: Path) -> dict:
     for name, overrides in {"padding": [], "packing": ["train.packing=true"]}.items():
         record = run_finetune(bench_config(steps, *overrides), base_dir, data_dir)
         runs[name] = {"tokens_per_s": record["tokens_per_s"], "tokens": record["train_tokens"],
+                      "non_padding_share_trained": record["final"]["non_padding_share"],
                       "final_train_loss": record["final"]["train_loss"], "final_val_loss": record["final"]["val_loss"]}
     ratio = runs["packing"]["tokens_per_s"] / runs["padding"]["tokens_per_s"]
     print(f"[bench] useful tokens/s (micro-batch {cfg.train.micro_batch_size}, packed_length {cfg.train.packed_length}): "

@@ -154,9 +154,8 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, packed_length: int | None
             position_ids[r, start:end] = torch.arange(len(ids))
             start = end
         position_ids[r, start:] = torch.arange(width - start)
-    if packed_length is None:
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids}
+    rows_out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return rows_out if packed_length is None else {**rows_out, "position_ids": position_ids}
 
 
 def answer_loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:

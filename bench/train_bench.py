@@ -4,8 +4,12 @@
    DeepSpeed job vs a plain single-process PyTorch loop with the same model, data order, batch
    sizes, optimizer, steps and total threads (2 workers x 1 thread vs 1 process x 2 threads).
 2. Peak memory per worker (peak RSS on CPU) for ZeRO-1/2/3 full fine-tuning and for LoRA.
+3. Sequence packing vs padding on the tweets: the share of computed token slots that are real
+   (non-padding) tokens over the whole train split, and useful tokens/s of the same 2-worker job
+   with each (same examples per step).
 
-    python -m bench.train_bench [--steps 6]      # SmolLM2-135M-Instruct, the tweets; ~15 min on 2 cores
+    python -m bench.train_bench [--steps 6] [--parts throughput memory packing]
+    # SmolLM2-135M-Instruct, the tweets; ~20 min on 2 cores for all parts
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from jobs.finetune import run_finetune
 from jobs.train_loop import answer_loss, collate
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+RESULTS_FILE = REPO / "bench" / "results" / "training.json"
 
 
 def bench_config(steps: int, *overrides: str) -> RunConfig:
@@ -66,14 +70,73 @@ def plain_pytorch_tokens_per_s(cfg: RunConfig, base_dir: Path, data_dir: Path) -
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def packing_share(data_dir: Path, micro_batch_size: int, packed_length: int | None) -> float:
+    """Real tokens / computed token slots over the train split, in the job's micro-batches."""
+    frame = pd.read_parquet(data_dir / "train", columns=["input_ids", "prompt_len"])
+    real = slots = 0
+    for start in range(0, len(frame), micro_batch_size):
+        rows = frame.iloc[start: start + micro_batch_size]
+        batch = collate({"input_ids": rows["input_ids"].to_numpy(), "prompt_len": rows["prompt_len"].to_numpy()},
+                        pad_id=0, packed_length=packed_length)
+        real += int(batch["attention_mask"].sum())
+        slots += batch["attention_mask"].numel()
+    return real / slots
+
+
+def packing_bench(steps: int, base_dir: Path, data_dir: Path) -> dict:
+    cfg = bench_config(steps)
+    shares = {}
+    for micro in sorted({cfg.train.micro_batch_size, 32}):
+        shares[f"micro_batch_{micro}"] = {
+            "padding": packing_share(data_dir, micro, None),
+            "packing": packing_share(data_dir, micro, cfg.train.packed_length)}
+        print(f"[bench] non-padding share of token slots, micro-batch {micro}: padding "
+              f"{shares[f'micro_batch_{micro}']['padding']:.1%}, packing {shares[f'micro_batch_{micro}']['packing']:.1%}")
+    runs = {}
+    for name, overrides in {"padding": [], "packing": ["train.packing=true"]}.items():
+        record = run_finetune(bench_config(steps, *overrides), base_dir, data_dir)
+        runs[name] = {"tokens_per_s": record["tokens_per_s"], "tokens": record["train_tokens"],
+                      "non_padding_share_trained": record["final"]["non_padding_share"],
+                      "final_train_loss": record["final"]["train_loss"], "final_val_loss": record["final"]["val_loss"]}
+    ratio = runs["packing"]["tokens_per_s"] / runs["padding"]["tokens_per_s"]
+    print(f"[bench] useful tokens/s (micro-batch {cfg.train.micro_batch_size}, packed_length {cfg.train.packed_length}): "
+          f"padding {runs['padding']['tokens_per_s']:.1f}, packing {runs['packing']['tokens_per_s']:.1f}: ratio {ratio:.2f}")
+    return {"non_padding_share": shares, "runs": runs, "ratio_packing_over_padding": ratio,
+            "packed_length": cfg.train.packed_length}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per measured run")
+    parser.add_argument("--parts", nargs="+", choices=["throughput", "memory", "packing"],
+                        default=["throughput", "memory", "packing"], help="which measurements to run")
     args = parser.parse_args()
     connect()
     cfg = bench_config(args.steps)
     base_dir, data_dir, _ = data.prepare_run_inputs(cfg)
+    # A run of some parts keeps the other parts' last results.
+    result = json.loads(RESULTS_FILE.read_text()) if RESULTS_FILE.is_file() else {}
+    result.update({"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": args.steps, "model": cfg.model.base,
+                   "machine": {"cpus": torch.get_num_threads(), "note": "CPU only; peak memory is the worker process's peak RSS"}})
+    if "packing" in args.parts:
+        result["packing"] = packing_bench(args.steps, base_dir, data_dir)
+        write_results(result)
+    if "throughput" in args.parts:
+        result["throughput"] = throughput_bench(cfg, base_dir, data_dir)
+        write_results(result)
+    if "memory" in args.parts:
+        result["peak_memory"] = memory_bench(base_dir, data_dir)
+        write_results(result)
 
+
+def write_results(result: dict) -> None:
+    """Written after each part, so a long run that is stopped keeps what it measured."""
+    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_FILE.write_text(json.dumps(result, indent=2))
+    print(f"[bench] results: {RESULTS_FILE}")
+
+
+def throughput_bench(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
     ray_run = run_finetune(cfg, base_dir, data_dir)
     plain = plain_pytorch_tokens_per_s(cfg, base_dir, data_dir)
     throughput = {
@@ -84,7 +147,10 @@ def main() -> None:
     }
     print(f"[bench] useful tokens/s: Ray Train + DeepSpeed (2 workers x 1 thread) {ray_run['tokens_per_s']:.1f}, "
           f"plain PyTorch (1 process x 2 threads) {plain['tokens_per_s']:.1f}: ratio {throughput['ratio_ray_over_plain']:.2f}")
+    return throughput
 
+
+def memory_bench(base_dir: Path, data_dir: Path) -> dict:
     memory = {}
     for name, overrides in {
         "zero1_full": ["train.zero_stage=1"], "zero2_full": ["train.zero_stage=2"],
@@ -97,15 +163,8 @@ def main() -> None:
     reference = memory["zero1_full"]["peak_rss_gib_max_worker"]
     for name, row in memory.items():
         row["ratio_to_zero1_full"] = row["peak_rss_gib_max_worker"] / reference
-    result = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": args.steps,
-              "model": cfg.model.base, "throughput": throughput, "peak_memory": memory,
-              "machine": {"cpus": torch.get_num_threads(), "note": "CPU only; peak memory is the worker process's peak RSS"}}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "training.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(json.dumps({"throughput_ratio": throughput["ratio_ray_over_plain"],
-                      "memory_ratio_to_zero1": {k: round(v["ratio_to_zero1_full"], 3) for k, v in memory.items()}}, indent=2))
-    print(f"[bench] results: {path}")
+    print(json.dumps({"memory_ratio_to_zero1": {k: round(v["ratio_to_zero1_full"], 3) for k, v in memory.items()}}))
+    return memory
 
 
 if __name__ == "__main__":

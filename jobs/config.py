@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from cluster.config import StrictModel
 from cluster.contracts import EndpointSettings
+from cluster.storage import is_uri
 
 
 class ModelSection(StrictModel):
@@ -68,6 +69,12 @@ class TrainSection(StrictModel):
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(default=False, description="One GPU per worker and the nccl backend; gloo on CPU otherwise.")
     cpus_per_worker: float = Field(default=1.0, gt=0, description="Logical CPUs reserved per worker; also its torch thread count.")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Further Ray resources each worker needs besides its CPUs and GPU, e.g. a custom node resource "
+        "{'trainer': 1} that only some node types offer.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK", description="How Ray places the workers: PACK fills few nodes, SPREAD puts them on different nodes when it can; STRICT_* insist.")
     zero_stage: Literal[1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.")
     offload_optimizer: bool = Field(
         default=False, description="ZeRO-Offload: keep optimizer state (and its step) in CPU memory; for GPU workers short of memory.")
@@ -88,6 +95,13 @@ class TrainSection(StrictModel):
         description="Examples per optimizer step over all workers. When set, gradient_accumulation_steps is derived "
         "from it (global = micro x accumulation x workers), so changing num_workers keeps the optimization the same.",
     )
+    packing: bool = Field(
+        default=False,
+        description="Sequence packing: lay each micro-batch's examples side by side in rows of up to packed_length "
+        "tokens (positions restart per example, no attention across examples) instead of padding each to the longest. "
+        "Same examples per step and the same loss; less compute spent on padding.")
+    packed_length: int = Field(
+        default=512, ge=16, description="Longest packed row in tokens when packing (an example longer than this gets a row of its own).")
     optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="AdamW, or SGD with momentum.")
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum (ignored by AdamW).")
     learning_rate: float = Field(default=5e-5, gt=0, description="Peak learning rate.")
@@ -105,6 +119,10 @@ class TrainSection(StrictModel):
         description="Worker-group failures Ray Train recovers from by restarting the workers and resuming from the latest checkpoint.")
     resume_from: str | None = Field(
         default=None, description="Checkpoint folder or URI (s3://...) to resume a run from by hand: same step, optimizer, scheduler and data position.")
+    checkpoint_storage: str | None = Field(
+        default=None,
+        description="Where Ray Train keeps checkpoints: a folder every node sees, or an object-store URI (s3://bucket/prefix). "
+        "None: <storage_root>/<name>/ray_train.")
     fault_at_step: int | None = Field(
         default=None, ge=1,
         description="Fault drill: the last worker raises once at this step, to exercise recovery (tests, game days); leave unset.")
@@ -123,6 +141,8 @@ class TrainSection(StrictModel):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than max_steps ({self.max_steps})")
         if self.precision in ("bf16", "fp16") and not self.use_gpu:
             raise ValueError(f"precision {self.precision} needs use_gpu=true; CPU workers train in fp32 (precision auto)")
+        if {"CPU", "GPU"} & set(self.worker_resources):
+            raise ValueError("worker_resources: set CPUs with cpus_per_worker and GPUs with use_gpu")
         if self.offload_parameters and self.zero_stage != 3:
             raise ValueError("offload_parameters needs zero_stage 3 (only stage 3 partitions parameters)")
         if self.method == "lora" and (self.freeze_embeddings or self.freeze_layers):
@@ -202,7 +222,10 @@ class RunConfig(StrictModel):
     """A lakeforge fine-tuning run: data -> DeepSpeed training -> evaluation -> serving."""
 
     name: str = Field(default="run", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name; outputs go to <storage_root>/<name>/.")
-    storage_root: str = Field(default="outputs", description="Root folder for shards, checkpoints, models and reports (shared storage on a multi-node cluster).")
+    storage_root: str = Field(
+        default="outputs",
+        description="Root folder for shards, checkpoints, models and reports: a filesystem path every node sees on a multi-node "
+        "cluster (object storage is supported for checkpoints only: train.checkpoint_storage).")
     model_cache: str = Field(default="models", description="Folder where pretrained base models are materialized once and reused.")
     model: ModelSection = Field(default_factory=ModelSection, description="Starting weights.")
     data: DataSection = Field(default_factory=DataSection, description="Source, cleaning, split and template.")
@@ -211,6 +234,15 @@ class RunConfig(StrictModel):
     tracking: TrackingSection = Field(default_factory=TrackingSection, description="Experiment tracking (MLflow).")
     explain: ExplainSection = Field(default_factory=ExplainSection, description="Interpretability settings (jobs.explain).")
     serve: ServeSection = Field(default_factory=ServeSection, description="Serving at the end of the pipeline.")
+
+    @field_validator("storage_root")
+    @classmethod
+    def _filesystem_path(cls, storage_root: str) -> str:
+        if is_uri(storage_root):
+            raise ValueError(f"{storage_root!r} is a URI: storage_root must be a filesystem path every node sees (data shards, "
+                             "exports, the model registry and MLflow are written there as files); put checkpoints on object "
+                             "storage with train.checkpoint_storage=s3://...")
+        return storage_root
 
     @property
     def run_dir(self) -> Path:

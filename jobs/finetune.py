@@ -15,6 +15,7 @@ import torch
 
 from cluster.contracts import ModelArtifact
 from cluster.ray_cluster import connect
+from cluster.storage import filesystem_for, uri_of
 from jobs import data
 from jobs.config import RunConfig
 from jobs.tracking import MetricLogger, start_run
@@ -60,7 +61,7 @@ def verify_export(export_dir: Path, probe_logits: torch.Tensor, tolerance: float
 def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
     """Train on the prepared shards; returns the training record (best step, losses, wall time)."""
     import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+    from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     train = cfg.train
@@ -68,13 +69,21 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
     if cfg.tracking.enabled:
         uri, run_id = start_run(cfg, json.loads((data_dir / data.MANIFEST).read_text()))
         print(f"[finetune] tracking: MLflow run {run_id} at {uri}")
+    # Resolved on the driver, which has the S3 settings: the filesystem objects travel to the Train
+    # controller and workers (other processes, other nodes).
+    storage_fs, storage_path = filesystem_for(train.checkpoint_storage or str(cfg.run_dir / "ray_train"))
+    resume = None
+    if train.resume_from:
+        resume_fs, resume_path = filesystem_for(train.resume_from)
+        resume = Checkpoint(resume_path, filesystem=resume_fs)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": train.model_dump(), "base_model_dir": str(base_dir),
+        train_loop_config={"train": train.model_dump(), "base_model_dir": str(base_dir), "resume_checkpoint": resume,
                            "tracking_uri": uri, "tracking_run_id": run_id, "storage_dir": str(cfg.run_dir)},
         scaling_config=ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu,
-            resources_per_worker={"CPU": train.cpus_per_worker},
+            resources_per_worker={"CPU": train.cpus_per_worker, **train.worker_resources},
+            placement_strategy=train.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         datasets={
@@ -84,7 +93,7 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
         dataset_config=DataConfig(datasets_to_split=["train", "validation"]),
         run_config=ray.train.RunConfig(
             name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(cfg.run_dir / "ray_train"),
+            storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=train.keep_checkpoints, checkpoint_score_attribute="val_loss", checkpoint_score_order="min",
@@ -126,7 +135,9 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
         "wall_seconds": wall_seconds,
         "export_max_abs_logit_diff": export_diff,
         "checkpoint_path": best_checkpoint.path,
-        "final": {key: result.metrics[key] for key in ("step", "train_loss", "val_loss", "resumed_from_step")},
+        "checkpoint_uri": uri_of(best_checkpoint.filesystem, best_checkpoint.path),  # for train.resume_from
+        "final": {key: result.metrics[key] for key in (
+            "step", "train_loss", "val_loss", "resumed_from_step", "non_padding_share", "worker_nodes")},
         "mfu": result.metrics["mfu"],
         "peak_memory_gib_max_worker": result.metrics["peak_memory_gib_max_worker"],
         "tracking": {"uri": uri, "run_id": run_id},

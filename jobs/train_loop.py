@@ -109,19 +109,53 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a batch of variable-length examples; loss only on the answer tokens (after the prompt)."""
-    sequences = batch["input_ids"]
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
-    for row, (ids, prompt_len) in enumerate(zip(sequences, batch["prompt_len"])):
-        ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-        input_ids[row, : len(ids)] = ids
-        attention_mask[row, : len(ids)] = 1
-        labels[row, prompt_len: len(ids)] = ids[prompt_len:]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+def collate(batch: dict[str, np.ndarray], pad_id: int, packed_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Rows for one micro-batch, with the loss only on the answer tokens (after the prompt).
+
+    Padding (packed_length None): one example per row, padded to the longest. Packing: the examples
+    share as few rows of at most packed_length tokens (or the longest example's length, if more) as
+    they fit in, balanced so that little padding is left, with position ids restarting
+    at 0 for each example. `attention_mask` marks real tokens either way; for packed rows
+    `answer_loss` gives the model the position ids instead, from which transformers builds a
+    block-diagonal causal mask (no attention across examples).
+    """
+    examples = [torch.as_tensor(np.asarray(ids, dtype=np.int64)) for ids in batch["input_ids"]]
+    rows = [[index] for index in range(len(examples))]
+    if packed_length is not None:
+        # Longest first into the emptiest row, with the fewest rows that keep each within the limit:
+        # the rows come out nearly equal, so padding them to the longest wastes little.
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
+        limit = max(packed_length, len(examples[order[0]]))
+        count = -(-sum(len(ids) for ids in examples) // packed_length)
+        while True:
+            rows, loads = [[] for _ in range(count)], [0] * count
+            for index in order:
+                row = loads.index(min(loads))
+                rows[row].append(index)
+                loads[row] += len(examples[index])
+            if max(loads) <= limit:
+                break
+            count += 1
+    width = max(sum(len(examples[i]) for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    # Padding after the last example continues as one more "example" (0, 1, ...): it attends only
+    # to itself, carries no loss, and a row holding one example keeps positions 0..width-1.
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for index in row:
+            ids, end = examples[index], start + len(examples[index])
+            prompt_len = int(batch["prompt_len"][index])
+            input_ids[r, start:end] = ids
+            attention_mask[r, start:end] = 1
+            labels[r, start + prompt_len: end] = ids[prompt_len:]
+            position_ids[r, start:end] = torch.arange(len(ids))
+            start = end
+        position_ids[r, start:] = torch.arange(width - start)
+    rows_out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return rows_out if packed_length is None else {**rows_out, "position_ids": position_ids}
 
 
 def answer_loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -132,7 +166,13 @@ def answer_loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    if "position_ids" in batch:
+        # Packed rows: transformers' masking_utils derives one causal block per example from the
+        # position-id resets, but only when no 2D mask and no KV cache are given.
+        inputs = {"position_ids": batch["position_ids"], "use_cache": False}
+    else:
+        inputs = {"attention_mask": batch["attention_mask"]}
+    logits = engine(input_ids=batch["input_ids"], logits_to_keep=keep, **inputs).logits
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=-100)
 
 
@@ -174,12 +214,12 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _validation_loss(engine, shard, micro_batch_size: int, pad_id: int, device) -> float:
+def _validation_loss(engine, shard, micro_batch_size: int, collate_fn, device) -> float:
     """Mean answer-token loss over this worker's validation shard, averaged over all workers."""
     engine.eval()
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=lambda b: collate(b, pad_id)):
+        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=collate_fn):
             batch = {key: value.to(device) for key, value in batch.items()}
             n = int((batch["labels"][:, 1:] != -100).sum())
             loss_sum += float(answer_loss(engine, batch)) * n
@@ -242,17 +282,22 @@ def train_loop_per_worker(config: dict) -> None:
               f"{trainable_count:,} of {total_count:,} parameters trainable; "
               f"{flops_per_token / 1e9:.2f} GFLOP per token, peak {peak_flops / 1e9:.1f} GFLOP/s per worker", flush=True)
 
+    # Where each rank runs (Ray node ids), reported with the metrics: placement is checkable.
+    worker_nodes = [None] * world_size
+    torch.distributed.all_gather_object(worker_nodes, ray.get_runtime_context().get_node_id())
     train_shard = ray.train.get_dataset_shard("train")
     validation_shard = ray.train.get_dataset_shard("validation")
+    packed_length = train["packed_length"] if train["packing"] else None
+    collate_fn = lambda b: collate(b, pad_id, packed_length)  # noqa: E731 - the shards stay one example per row
     batches = lambda: train_shard.iter_torch_batches(  # noqa: E731 - a fresh pass per epoch
-        batch_size=train["micro_batch_size"], collate_fn=lambda b: collate(b, pad_id),
+        batch_size=train["micro_batch_size"], collate_fn=collate_fn,
     )
 
     # Resume: after a worker or job failure Ray Train hands back the latest reported checkpoint;
     # a run restarted by hand names one. Weights, optimizer, scheduler, step, RNG and the data
     # position all come back, so the run continues as if it had never stopped.
-    checkpoint = ray.train.get_checkpoint() or (Checkpoint(train["resume_from"]) if train["resume_from"] else None)
-    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "total_tokens": 0.0, "compute_seconds": 0.0}
+    checkpoint = ray.train.get_checkpoint() or config["resume_checkpoint"]
+    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "total_tokens": 0.0, "total_slots": 0.0, "compute_seconds": 0.0}
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             _, client_state = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
@@ -268,8 +313,9 @@ def train_loop_per_worker(config: dict) -> None:
     skip_batches = position["batches_in_epoch"]
     last_train_loss = float("nan")
     # All workers' tokens; time spent in training steps only.
-    total_tokens, compute_seconds = position["total_tokens"], position["compute_seconds"]
-    window_loss, window_micro, window_tokens = 0.0, 0, 0
+    # Slots: token positions computed, padding included (packing makes them fewer for the same tokens).
+    total_tokens, total_slots, compute_seconds = position["total_tokens"], position["total_slots"], position["compute_seconds"]
+    window_loss, window_micro, window_tokens, window_slots = 0.0, 0, 0, 0
     window_start = run_start = time.perf_counter()
     while step < train["max_steps"]:
         for batch_index, batch in enumerate(batches()):
@@ -282,6 +328,7 @@ def train_loop_per_worker(config: dict) -> None:
             window_loss += float(loss)
             window_micro += 1
             window_tokens += int(batch["attention_mask"].sum())
+            window_slots += batch["attention_mask"].numel()
             if engine.global_steps == step:
                 continue  # still accumulating gradients
             step = engine.global_steps
@@ -290,7 +337,7 @@ def train_loop_per_worker(config: dict) -> None:
                 raise RuntimeError(f"fault drill: worker {rank} fails at step {step} (train.fault_at_step)")
 
             if step % train["log_every"] == 0 or step == train["max_steps"]:
-                loss_sum, micro, tokens = _all_reduce([window_loss, window_micro, window_tokens], device)
+                loss_sum, micro, tokens, slots = _all_reduce([window_loss, window_micro, window_tokens, window_slots], device)
                 (memory,) = _all_reduce([peak_memory_gib(device)], device, op=torch.distributed.ReduceOp.MAX)
                 elapsed = time.perf_counter() - window_start
                 steps_in_window = step - step_at_window_start
@@ -305,25 +352,27 @@ def train_loop_per_worker(config: dict) -> None:
                 step_at_window_start = step
                 last_train_loss = loss_sum / micro
                 total_tokens += tokens
+                total_slots += slots
                 compute_seconds += elapsed
-                window_loss, window_micro, window_tokens = 0.0, 0, 0
+                window_loss, window_micro, window_tokens, window_slots = 0.0, 0, 0, 0
                 window_start = time.perf_counter()
 
             if step % train["eval_every"] == 0 or step == train["max_steps"]:
-                val_loss = _validation_loss(engine, validation_shard, train["micro_batch_size"], pad_id, device)
+                val_loss = _validation_loss(engine, validation_shard, train["micro_batch_size"], collate_fn, device)
                 (memory,) = _all_reduce([peak_memory_gib(device)], device, op=torch.distributed.ReduceOp.MAX)
                 if rank == 0:
                     print(f"[train] step {step} validation loss {val_loss:.4f}", flush=True)
                     tracker.log({"val_loss": val_loss}, step)
                 metrics = {
                     "step": step, "epoch": epoch, "resumed_from_step": resumed_from_step, "precision": precision, "val_loss": val_loss, "train_loss": last_train_loss,
-                    "train_tokens": total_tokens, "tokens_per_s": total_tokens / max(compute_seconds, 1e-9),
+                    "train_tokens": total_tokens, "non_padding_share": total_tokens / max(total_slots, 1), "worker_nodes": worker_nodes,
+                    "tokens_per_s": total_tokens / max(compute_seconds, 1e-9),
                     "train_seconds": time.perf_counter() - run_start, "peak_memory_gib_max_worker": memory,
                     "mfu": total_tokens / max(compute_seconds, 1e-9) * flops_per_token / (peak_flops * world_size),
                 }
                 with tempfile.TemporaryDirectory() as folder:
                     position = {"step": step, "epoch": epoch, "batches_in_epoch": batch_index + 1,
-                                "total_tokens": total_tokens, "compute_seconds": compute_seconds}
+                                "total_tokens": total_tokens, "total_slots": total_slots, "compute_seconds": compute_seconds}
                     _save_checkpoint(engine, train["zero_stage"], tokenizer, Path(folder), rank, device, position)
                     # report() is not a barrier (ray PR #42422): wait until every shard is on disk.
                     torch.distributed.barrier()

@@ -58,6 +58,9 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     ("data.labels=[a, a]", "data.labels"),
     ("train.warmup_steps=500", "warmup_steps (500) must be smaller than max_steps"),
     ("nam=x", "nam: unknown key"),
+    ("storage_root=s3://bucket/runs", "storage_root must be a filesystem path"),
+    ("train.worker_resources={CPU: 2}", "set CPUs with cpus_per_worker"),
+    ("train.placement_strategy=RANDOM", "train.placement_strategy"),
 ])
 def test_bad_keys_and_values_are_named(override, named):
     with pytest.raises(ConfigError) as error:

@@ -208,3 +208,58 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
     current_before = registry.current()
     assert registry.register(summary["model_dir"], report["gate"], metrics={}, run="again")["version"] == "v0002"
     assert registry.current() == current_before
+
+
+def test_packed_training_matches_padded_training(ray_cluster, tmp_path, tiny_model_dir, small_csv):
+    """Packing changes how the same examples are laid out, not what is learned: on the same data and
+    steps the losses follow the padded run's, over the same real tokens."""
+    from jobs import data
+    from jobs.finetune import run_finetune
+
+    settings = ("train.max_steps=4", "train.eval_every=2", "tracking.enabled=false")
+    padded_cfg = tiny_run_config(tmp_path / "padded", tiny_model_dir, small_csv, *settings)
+    base_dir, data_dir, _ = data.prepare_run_inputs(padded_cfg)
+    padded = run_finetune(padded_cfg, base_dir, data_dir)
+    packed_cfg = tiny_run_config(tmp_path / "packed", tiny_model_dir, small_csv, *settings,
+                                 "train.packing=true", "train.packed_length=256")
+    packed = run_finetune(packed_cfg, *data.prepare_run_inputs(packed_cfg)[:2])
+
+    assert [m["step"] for m in packed["history"]] == [m["step"] for m in padded["history"]] == [2, 4]
+    assert packed["history"][-1]["val_loss"] < packed["history"][0]["val_loss"]
+    for a, b in zip(packed["history"], padded["history"]):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
+    assert packed["final"]["train_loss"] == pytest.approx(padded["final"]["train_loss"], rel=1e-3)
+    assert packed["train_tokens"] == padded["train_tokens"]  # the same real tokens...
+    assert packed["final"]["non_padding_share"] > padded["final"]["non_padding_share"]  # ...in fewer computed slots
+
+
+def test_checkpoints_go_to_s3_and_a_run_restarts_by_hand_from_one(ray_cluster, s3_server, tmp_path, tiny_model_dir, small_csv):
+    """Every rank's checkpoint shards land on the loopback S3 server; a second run named with
+    train.resume_from=s3://... continues from that step, not from 0."""
+    import boto3
+
+    from jobs import data
+    from jobs.finetune import run_finetune
+
+    boto3.client("s3").create_bucket(Bucket="lakeforge-ckpt")
+    settings = ("train.eval_every=2", "tracking.enabled=false", "train.checkpoint_storage=s3://lakeforge-ckpt/runs")
+    first_cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv, *settings, "train.max_steps=4")
+    base_dir, data_dir, _ = data.prepare_run_inputs(first_cfg)
+    first = run_finetune(first_cfg, base_dir, data_dir)
+
+    keys = [item["Key"] for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket="lakeforge-ckpt")
+            for item in page.get("Contents", [])]
+    assert first["checkpoint_uri"].startswith("s3://lakeforge-ckpt/runs/")
+    best = first["checkpoint_uri"].removeprefix("s3://lakeforge-ckpt/")
+    in_best = {key.removeprefix(best + "/") for key in keys if key.startswith(best + "/")}
+    assert {"rng_rank0.pt", "rng_rank1.pt", "hf_model/model.safetensors"} <= in_best
+    assert sum("zero_pp_rank_" in key for key in in_best) == 2  # each rank's optimizer shard
+    assert not (tmp_path / first_cfg.name / "ray_train").exists()  # nothing went to local storage
+    assert Path(first["model_dir"]).is_dir()  # the export is local (storage_root), reloaded and checked
+
+    resumed_cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv, *settings, "train.max_steps=6",
+                                  f"train.resume_from={first['checkpoint_uri']}")
+    resumed = run_finetune(resumed_cfg, base_dir, data_dir)
+    assert resumed["final"]["resumed_from_step"] == first["best_step"]
+    assert resumed["final"]["step"] == 6
+    assert [m["step"] for m in resumed["history"]] == [step for step in (2, 4, 6) if step > first["best_step"]]

@@ -93,3 +93,49 @@ def test_export_check_rejects_weights_that_do_not_reproduce_the_trained_logits(t
     assert verify_export(tiny_model_dir, logits, tolerance=1e-4) <= 1e-4
     with pytest.raises(RuntimeError, match="does not reproduce the trained model"):
         verify_export(tiny_model_dir, logits + 0.5, tolerance=1e-4)
+
+
+def _random_examples(lengths, prompt_lens):
+    rng = np.random.default_rng(0)
+    examples = [rng.integers(3, 40000, size=n) for n in lengths]
+    return {"input_ids": np.array(examples, dtype=object), "prompt_len": np.array(prompt_lens)}
+
+
+def test_packing_lays_every_example_once_into_rows_no_longer_than_the_limit():
+    batch = _random_examples((12, 30, 21, 7, 50, 3), (9, 26, 15, 3, 40, 1))
+    packed = collate(batch, pad_id=2, packed_length=48)
+    padded = collate(batch, pad_id=2)
+    assert packed["input_ids"].shape[0] < len(batch["input_ids"])  # fewer rows than examples
+    # 50 > 48 sets the row limit; the others share rows of at most 48.
+    row_tokens = packed["attention_mask"].sum(dim=1)
+    assert sorted(row_tokens.tolist())[-1] == 50 and sorted(row_tokens.tolist())[-2] <= 48
+    # The same real tokens and the same answer tokens, in fewer token slots.
+    assert packed["attention_mask"].sum() == padded["attention_mask"].sum() == sum(len(ids) for ids in batch["input_ids"])
+    assert sorted(packed["labels"][packed["labels"] != -100].tolist()) == sorted(padded["labels"][padded["labels"] != -100].tolist())
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    # Positions restart at 0 at the start of every example.
+    assert int((packed["position_ids"] == 0).logical_and(packed["attention_mask"] == 1).sum()) == len(batch["input_ids"])
+
+
+def test_packed_examples_see_only_themselves(tiny_model_dir):
+    """Each example's logits inside a packed row equal its logits when run alone, and the packed
+    batch's answer loss equals the padded batch's."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    batch = _random_examples((12, 30, 21, 7), (9, 26, 15, 3))
+    packed = collate(batch, pad_id=2, packed_length=64)
+    assert packed["input_ids"].shape[0] == 2  # 70 tokens in two rows of at most 64: examples share rows
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        checked = 0
+        for row in range(packed["input_ids"].shape[0]):
+            starts = ((packed["position_ids"][row] == 0) & (packed["attention_mask"][row] == 1)).nonzero().flatten().tolist()
+            for start in starts:
+                ids = next(torch.as_tensor(np.asarray(e, dtype=np.int64)) for e in batch["input_ids"]
+                           if torch.equal(packed["input_ids"][row, start: start + len(e)], torch.as_tensor(np.asarray(e, dtype=np.int64))))
+                alone = model(input_ids=ids.unsqueeze(0)).logits[0]
+                torch.testing.assert_close(logits[row, start: start + len(ids)], alone, rtol=0, atol=1e-5)
+                checked += 1
+        assert checked == len(batch["input_ids"])
+        torch.testing.assert_close(answer_loss(model, packed), answer_loss(model, collate(batch, pad_id=2)), rtol=1e-5, atol=1e-6)

@@ -110,8 +110,10 @@ def _deep_merge(base: dict, override: dict) -> dict:
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a batch of variable-length examples; loss only on the answer tokens (after the prompt)."""
+    """Pad a batch of variable-length examples; loss only on the answer tokens: where `loss_mask`
+    is 1 when the shards have one (every assistant turn of a chat), else after `prompt_len`."""
     sequences = batch["input_ids"]
+    masks = batch.get("loss_mask")
     width = max(len(ids) for ids in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -120,7 +122,11 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor
         ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
         input_ids[row, : len(ids)] = ids
         attention_mask[row, : len(ids)] = 1
-        labels[row, prompt_len: len(ids)] = ids[prompt_len:]
+        if masks is not None:
+            answer = torch.as_tensor(np.asarray(masks[row], dtype=bool))
+            labels[row, : len(ids)] = torch.where(answer, ids, -100)
+        else:
+            labels[row, prompt_len: len(ids)] = ids[prompt_len:]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

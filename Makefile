@@ -29,6 +29,7 @@ test: setup
 # Speed and memory measurements (minutes, not seconds); results as JSON under bench/results/.
 bench: setup
 	$(PY) -m bench.train_bench
+	$(PY) -m bench.pii_bench
 
 down:
 	$(PY) -m cluster.ray_cluster down

@@ -14,6 +14,8 @@ from pydantic import Field, field_validator, model_validator
 
 from cluster.config import StrictModel
 from cluster.contracts import EndpointSettings
+from jobs.balance import BalanceSettings
+from jobs.pii import PiiSettings
 
 
 class ModelSection(StrictModel):
@@ -111,7 +113,12 @@ class DataSection(StrictModel):
     max_text_tokens: int | None = Field(default=None, ge=1, description="Rows whose input text has more tokens are filtered (too_long); None: off.")
     languages: list[str] | None = Field(
         default=None, description="Keep only texts detected (offline, langdetect) as one of these ISO 639-1 codes, e.g. [en]; None: off.")
+    pii: PiiSettings = Field(
+        default_factory=PiiSettings,
+        description="PII redaction, applied right after cleaning: before anything is deduplicated or written (quarantine included).")
     near_dedup: NearDedupSection = Field(default_factory=NearDedupSection, description="Near-duplicate removal settings.")
+    balance: BalanceSettings = Field(
+        default_factory=BalanceSettings, description="Class rebalancing of the train split only (classification; off by default).")
     validation_fraction: float = Field(default=0.05, gt=0, lt=0.5, description="Share of each class held out for validation/model selection.")
     test_fraction: float = Field(default=0.10, gt=0, lt=0.5, description="Share of each class held out for the final test; never trained on or used to pick checkpoints.")
     split_seed: int = Field(default=0, description="Seed of the hash that assigns rows to splits (same seed, same split).")
@@ -131,6 +138,8 @@ class DataSection(StrictModel):
         names = [source.name for source in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be distinct, got {names}")
+        if self.balance.strategy != "none" and self.task != "classification":
+            raise ValueError("balance applies to the classification task only")
         if self.min_text_tokens and self.max_text_tokens and self.min_text_tokens > self.max_text_tokens:
             raise ValueError("min_text_tokens must not exceed max_text_tokens")
         return self

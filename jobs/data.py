@@ -33,6 +33,7 @@ import ray
 
 from jobs import model
 from jobs.config import DataSection, RunConfig, SourceSection
+from jobs.pii import PII_TYPES
 
 SPLITS = ("train", "validation", "test")
 MANIFEST = "manifest.json"
@@ -45,7 +46,7 @@ FILTER_REASONS = ("too_short", "too_long", "language")
 DUPLICATE_STATUSES = ("exact_duplicate", "near_duplicate")
 # Kept shards: what training and evaluation read.
 SHARD_COLUMNS = ["text", "label", "label_id", "input_ids", "loss_mask", "prompt_len", "num_tokens", "position",
-                 "source", "source_row"]
+                 "source", "source_row", "augmented"]
 
 # Runs of non-ASCII characters and underscores: what double-encoded smart quotes and dashes
 # became in the tweet corpus ("don’¢_äŒ_Ü¢t", "cars_—_.no"). Valid UTF-8 text is only scrubbed of
@@ -478,11 +479,23 @@ def _detect_language(text: str) -> str:
 
 
 def _clean_batch(batch: pd.DataFrame, cfg: DataSection) -> pd.DataFrame:
-    """Ray Data UDF: staged rows -> validated, cleaned examples (bad rows keep their reason)."""
+    """Ray Data UDF: staged rows -> validated, cleaned, PII-redacted examples (bad rows keep their
+    reason, and their raw value is redacted too: it is written to the quarantine)."""
+    from jobs.pii import Redactor
+
+    redactor = Redactor(cfg.pii)
     status, messages, texts, labels, keys = [], [], [], [], []
+    found = {kind: [] for kind in PII_TYPES}
     for record_json, read_status in zip(batch["record"], batch["status"]):
         row_status, conversation = (read_status, None) if read_status != "ok" else validate_record(json.loads(record_json), cfg)
         text = label = key = ""
+        counts = Counter()
+        for turn in conversation or []:
+            if turn["role"] != "system":  # the system prompt is the config's, not data
+                turn["content"], turn_counts = redactor.redact(turn["content"])
+                counts.update(turn_counts)
+        for kind in PII_TYPES:
+            found[kind].append(counts[kind])
         if conversation is not None:
             text, label, key_text = example_fields(conversation, cfg.task)
             key = dedup_key(key_text)
@@ -494,7 +507,10 @@ def _clean_batch(batch: pd.DataFrame, cfg: DataSection) -> pd.DataFrame:
         labels.append(label)
         keys.append(key)
     out = batch.drop(columns=["record"])
+    out["raw"] = [redactor.redact(raw)[0] for raw in out["raw"]]
     out["status"], out["messages"], out["text"], out["label"], out["key"] = status, messages, texts, labels, keys
+    for kind, values in found.items():
+        out[f"pii_{kind}"] = np.asarray(values, dtype=np.int32)
     out["stratum"] = out["label"] if cfg.task == "classification" else "all"
     return out
 
@@ -652,6 +668,21 @@ def _split_group(group: pd.DataFrame, seed: int, validation_fraction: float, tes
     return group
 
 
+def _rebalance_class(group: pd.DataFrame, settings, target: int) -> pd.DataFrame:
+    """One train class sampled to the run-wide target (jobs.balance); augmented copies get their
+    conversation rewritten, so the Templater re-encodes what they now say."""
+    from jobs.balance import rebalance
+
+    exact = settings.model_copy(update={"ratio": target / len(group)})  # one class: its size is the reference
+    out = rebalance(group.rename(columns={"source_row": "origin_row"}), exact)
+    out = out.drop(columns=["source_row"]).rename(columns={"origin_row": "source_row"})
+    copies = out["augmented"].to_numpy()
+    out.loc[copies, "messages"] = [
+        json.dumps([turn | {"content": text} if turn["role"] == "user" else turn for turn in json.loads(messages)], ensure_ascii=False)
+        for messages, text in zip(out.loc[copies, "messages"], out.loc[copies, "text"])]
+    return out
+
+
 def _length_bins(batch: pd.DataFrame, width: int) -> pd.DataFrame:
     return pd.DataFrame({"bin": (batch["num_tokens"].to_numpy() // width) * width})
 
@@ -678,7 +709,7 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
     tokenizer_file = Path(model_dir) / "tokenizer.json"
     identity = {
         "sources": {source.name: fingerprint_source(source) for source in sources},
-        "data_config": cfg.model_dump(),
+        "data_config": cfg.model_dump(mode="json"),  # secrets (PII hash salt) as fingerprints
         "tokenizer_sha256": _fingerprint(tokenizer_file) if tokenizer_file.exists() else str(model_dir),
         "code_sha256": _fingerprint(Path(__file__)),  # changed cleaning or templating rebuilds the shards
     }
@@ -696,11 +727,11 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
     # 1. Read every source, validate and clean, template and filter by length: one streaming pass.
     datasets = [read_source(source, cfg) for source in sources]
     read = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    templater_args = {"model_dir": str(model_dir), "system_prompt": cfg.system_prompt, "labels": cfg.labels,
+                      "min_text_tokens": cfg.min_text_tokens, "max_text_tokens": cfg.max_text_tokens,
+                      "max_seq_len": cfg.max_seq_len}
     staged = read.map_batches(_clean_batch, batch_format="pandas", fn_kwargs={"cfg": cfg}).map_batches(
-        Templater, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1),
-        fn_constructor_kwargs={"model_dir": str(model_dir), "system_prompt": cfg.system_prompt, "labels": cfg.labels,
-                               "min_text_tokens": cfg.min_text_tokens, "max_text_tokens": cfg.max_text_tokens,
-                               "max_seq_len": cfg.max_seq_len},
+        Templater, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), fn_constructor_kwargs=templater_args,
     ).materialize()
     staged_counts = _counts(staged, "source", "status")
     rows_read = Counter()
@@ -725,8 +756,9 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
             fn_kwargs={"threshold": near.threshold, "num_perm": near.num_perm, "width": near.shingle_chars, "seed": near.seed},
         ).materialize()
         shared = {row["band"] for row in bands.groupby("band").count().filter(lambda row: row["count()"] > 1).take_all()}
-        edges = bands.filter(lambda row: row["band"] in shared).groupby("band").map_groups(_band_edges, batch_format="pandas")
-        clusters = near_duplicate_clusters(sorted({(row["a"], row["b"]) for row in edges.take_all()}))
+        if shared:
+            edges = bands.filter(lambda row: row["band"] in shared).groupby("band").map_groups(_band_edges, batch_format="pandas")
+            clusters = near_duplicate_clusters(sorted({(row["a"], row["b"]) for row in edges.take_all()}))
     removed = {key: keys[0] for keys in clusters for key in keys[1:]}
     final = marked.map_batches(_mark_near, batch_format="pandas", fn_kwargs={"removed": removed}).materialize()
     final_counts = _counts(final, "source", "status")
@@ -736,6 +768,23 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
         _split_group, batch_format="pandas",
         fn_kwargs={"seed": cfg.split_seed, "validation_fraction": cfg.validation_fraction, "test_fraction": cfg.test_fraction},
     ).materialize()
+    undersampled = Counter()
+    if cfg.balance.strategy != "none":  # the train split only: validation and test keep measuring the real mix
+        from jobs.balance import target_size
+
+        is_train = lambda row: row["split"] == "train"  # noqa: E731
+        train_sizes = pd.Series(_counts(split.filter(is_train), "label"))
+        before = Counter(_counts(split.filter(is_train), "source"))
+        train = split.filter(is_train).groupby("label").map_groups(
+            _rebalance_class, batch_format="pandas",
+            fn_kwargs={"settings": cfg.balance, "target": target_size(train_sizes, cfg.balance)},
+        ).map_batches(Templater, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), fn_constructor_kwargs=templater_args)
+        split = train.union(split.filter(lambda row: row["split"] != "train").map_batches(
+            lambda batch: batch.assign(augmented=False), batch_format="pandas")).materialize()
+        after = Counter(_counts(split.filter(lambda row: row["split"] == "train" and not row["augmented"]), "source"))
+        undersampled = before - after
+    else:
+        split = split.map_batches(lambda batch: batch.assign(augmented=False), batch_format="pandas")
     shutil.rmtree(out_dir, ignore_errors=True)
     per_split: dict[str, dict] = {}
     kept_by_source = Counter()
@@ -744,9 +793,11 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
         part.write_parquet(str(out_dir / name))
         written = ray.data.read_parquet(str(out_dir / name))  # count what is on disk, not what was meant
         labels = _counts(written, "label") if cfg.task == "classification" else {}
-        for source, n in _counts(written, "source").items():
+        originals = written.filter(lambda row: not row["augmented"])
+        for source, n in _counts(originals, "source").items():
             kept_by_source[source] += n
-        per_split[name] = {"rows": written.count(), "labels": labels, "tokens": int(written.sum("num_tokens") or 0)}
+        per_split[name] = {"rows": written.count(), "labels": labels, "tokens": int(written.sum("num_tokens") or 0),
+                           "augmented_copies": written.count() - originals.count()}
     set_aside = staged.filter(lambda row: row["status"] != "ok")
     if sum(n for (_, status), n in staged_counts.items() if status != "ok"):
         set_aside.select_columns(["source", "source_file", "source_row", "status", "raw"]).write_parquet(str(out_dir / QUARANTINE))
@@ -763,7 +814,8 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
         entry = {
             "rows_read": rows_read[name],
             "quarantined": {r: n for r, n in reasons.items() if r not in FILTER_REASONS},
-            "filtered": {r: n for r, n in reasons.items() if r in FILTER_REASONS},
+            "filtered": {r: n for r, n in reasons.items() if r in FILTER_REASONS}
+            | ({"undersampled": undersampled[name]} if undersampled[name] else {}),
             "exact_duplicates": final_counts.get((name, "exact_duplicate"), 0),
             "near_duplicates": final_counts.get((name, "near_duplicate"), 0),
             "kept": kept_by_source[name],
@@ -791,7 +843,11 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
         "encoding_repaired": int(staged.sum("repaired") or 0),
         "kept": total("kept"),
     }
-    if counts["kept"] != sum(part["rows"] for part in per_split.values()) or valid_rows != counts["kept"] + counts["duplicates_removed"]:
+    pii_columns = [f"pii_{kind}" for kind in PII_TYPES]
+    pii_totals = valid.sum(pii_columns) if valid_rows else {}
+    counts["pii"] = {kind: int(pii_totals.get(f"sum(pii_{kind})", 0) or 0) for kind in PII_TYPES}
+    written_originals = sum(part["rows"] - part["augmented_copies"] for part in per_split.values())
+    if counts["kept"] != written_originals or valid_rows != counts["kept"] + counts["duplicates_removed"] + sum(undersampled.values()):
         raise RuntimeError(f"row accounting does not add up: {counts}, splits {per_split}")
 
     # 6. The quality report: figures above plus distributions and examples (a few rows each).
@@ -818,6 +874,8 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
                                                   ["source", "source_file", "source_row", "raw"])
                                 for reason in sorted({*counts["quarantined"], *counts["filtered"]})},
         "duplicate_rate": counts["duplicates_removed"] / max(counts["rows_read"], 1),
+        "pii_rate": (valid.filter(lambda row: sum(row[c] for c in pii_columns) > 0).count() / valid_rows) if valid_rows else 0.0,
+        "pii_examples": _examples(valid.filter(lambda row: sum(row[c] for c in pii_columns) > 0), ["source", "source_row", "text"], n=5),
         "exact_duplicate_examples": exact_examples,
         "near_duplicate_clusters": {"clusters": len(clusters), "rows_removed": len(removed), "examples": cluster_examples},
         "token_length_histogram": {"bin_width": histogram_width, "bins": {int(k): v for k, v in sorted(histogram.items())}},

@@ -89,7 +89,9 @@ def write_quality_report(report: dict, path: Path) -> Path:
 
     sections.append("<h2>Cleaning</h2>" + _table(["measure", "rows"], [["encoding repaired (mojibake)", counts["encoding_repaired"]],
                                                                      *[[f"PII redacted: {k}", v] for k, v in counts.get("pii", {}).items()]])
-                    + (f"<p>PII rate: {report['pii_rate']:.2%} of rows had at least one redaction.</p>" if "pii_rate" in report else ""))
+                    + (f"<p>PII rate: {report['pii_rate']:.2%} of valid rows had at least one redaction.</p>" if "pii_rate" in report else "")
+                    + (_table(["source:row", "redacted text"], [[f"{e['source']}:{e['source_row']}", e["text"]] for e in report["pii_examples"]])
+                       if report.get("pii_examples") else ""))
 
     histogram = report["token_length_histogram"]
     sections.append("<h2>Token lengths of kept examples</h2>"

@@ -333,7 +333,7 @@ def _read_files(batch: pd.DataFrame, filesystem, kind: str, source: str, columns
                     chunk = []
             if chunk:
                 yield _staged_frame(source, path, chunk)
-        except (pa.ArrowInvalid, ValueError, OSError) as error:  # the file as a whole is unreadable: a config/data error
+        except (pa.ArrowException, ValueError, OSError) as error:  # the file as a whole is unreadable: a config/data error
             raise ValueError(f"data source {source!r}, file {path}: {error}") from error
 
 
@@ -784,7 +784,7 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
         after = Counter(_counts(split.filter(lambda row: row["split"] == "train" and not row["augmented"]), "source"))
         undersampled = before - after
     else:
-        split = split.map_batches(lambda batch: batch.assign(augmented=False), batch_format="pandas")
+        split = split.map_batches(lambda batch: batch.assign(augmented=False), batch_format="pandas").materialize()
     shutil.rmtree(out_dir, ignore_errors=True)
     per_split: dict[str, dict] = {}
     kept_by_source = Counter()

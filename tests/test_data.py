@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
+from jobs.balance import BalanceSettings
 from jobs.config import DataSection, SourceSection
 from jobs.data import (
-    Templater, _band_keys, _csv_rows, _jsonl_rows, _parquet_rows, assign_splits, chat_messages, clean_text, decode_text,
+    Templater, _band_keys, _csv_rows, _rebalance_class, _jsonl_rows, _parquet_rows, assign_splits, chat_messages, clean_text, decode_text,
     dedup_key, fingerprint_source, near_duplicate_clusters, source_files, split_position, validate_record,
 )
 from jobs.train_loop import collate
@@ -234,3 +235,16 @@ def test_missing_or_empty_sources_are_clear_errors(tmp_path):
     (tmp_path / "folder" / "_SUCCESS").write_bytes(b"")
     _, files = source_files(SourceSection(name="f", path=str(tmp_path / "folder"), kind="csv"))
     assert [Path(f).name for f in files] == ["b.csv"]
+
+
+def test_rebalance_class_reaches_the_run_wide_target_and_rewrites_copies():
+    messages = lambda text: json.dumps([{"role": "user", "content": text}, {"role": "assistant", "content": "positive"}])  # noqa: E731
+    texts = [f"great flight number {i} thanks to the crew" for i in range(4)]
+    group = pd.DataFrame({"text": texts, "label": "positive", "source": "s", "source_row": [7, 8, 9, 10],
+                          "messages": [messages(t) for t in texts]})
+    out = _rebalance_class(group, BalanceSettings(strategy="oversample"), target=10)
+    assert len(out) == 10 and out["augmented"].sum() == 6
+    assert set(out["source_row"]) == {7, 8, 9, 10}  # copies point back at their original's source row
+    for text, conversation in zip(out["text"], out["messages"]):
+        assert json.loads(conversation)[0]["content"] == text
+    assert len(_rebalance_class(group, BalanceSettings(strategy="undersample"), target=3)) == 3

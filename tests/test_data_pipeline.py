@@ -35,7 +35,7 @@ def _shards(out: Path) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(out / name) for name in data.SPLITS], ignore_index=True)
 
 
-def test_every_source_kind_is_read_tagged_and_accounted(ray_cluster, s3_server, tmp_path, tiny_model_dir, tweets):
+def test_every_source_kind_is_read_tagged_and_accounted(s3_server, ray_cluster, tmp_path, tiny_model_dir, tweets):
     import boto3
     import duckdb
     import pyarrow.fs as pafs

@@ -690,12 +690,14 @@ def _length_bins(batch: pd.DataFrame, width: int) -> pd.DataFrame:
 def _counts(ds: ray.data.Dataset, *columns: str) -> dict:
     """{value: rows} (one column) or {(value, value): rows} of a small group-by count."""
     rows = ds.groupby(list(columns) if len(columns) > 1 else columns[0]).count().take_all()
-    return {tuple(row[c] for c in columns) if len(columns) > 1 else row[columns[0]]: row["count()"] for row in rows}
+    return {tuple(row[c] for c in columns) if len(columns) > 1 else row[columns[0]]: int(row["count()"]) for row in rows}
 
 
 def _examples(ds: ray.data.Dataset, columns: list[str], n: int = 3) -> list[dict]:
-    return [{key: (value if isinstance(value, (str, int, float, bool)) else str(value)) for key, value in row.items()}
-            for row in ds.select_columns(columns).take(n)]
+    def plain(value):  # numpy scalars -> Python, for JSON
+        return value.item() if isinstance(value, np.generic) else value if isinstance(value, (str, int, float, bool)) else str(value)
+
+    return [{key: plain(value) for key, value in row.items()} for row in ds.select_columns(columns).take(n)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -240,7 +240,7 @@ def _csv_rows(stream, columns: dict[str, str], delimiter: str, invalid_utf8: str
     wanted = sorted(set(columns.values()))
     reader = pacsv.open_csv(
         stream, read_options=pacsv.ReadOptions(use_threads=False),  # single-threaded: row numbers are known
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True, invalid_row_handler=on_invalid),
         convert_options=pacsv.ConvertOptions(column_types={name: pa.binary() for name in wanted}, include_columns=wanted),
     )
     number = 2  # pyarrow numbers records from 1, the header being record 1
@@ -561,7 +561,6 @@ class Templater:
         return ids, prompt_len
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        empty = np.zeros(0, dtype=np.int32)
         ids_column, mask_column, prompt_lens, num_tokens, status = [], [], [], [], []
         for row_status, messages, text in zip(batch["status"], batch["messages"], batch["text"]):
             ids, mask, prompt_len = [], [], 0
@@ -577,8 +576,9 @@ class Templater:
                                              or (self.max_seq_len and len(ids) > self.max_seq_len)):
                     row_status = "too_long"
             status.append(row_status)
-            ids_column.append(np.asarray(ids, dtype=np.int32) if ids else empty)
-            mask_column.append(np.asarray(mask, dtype=np.int8) if mask else empty.astype(np.int8))
+            # Lists, not arrays: Ray stores equal-length arrays as a fixed-shape tensor column.
+            ids_column.append(ids)
+            mask_column.append(mask)
             prompt_lens.append(prompt_len)
             num_tokens.append(len(ids))
         batch["status"] = status
@@ -759,7 +759,10 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
         ).materialize()
         shared = {row["band"] for row in bands.groupby("band").count().filter(lambda row: row["count()"] > 1).take_all()}
         if shared:
-            edges = bands.filter(lambda row: row["band"] in shared).groupby("band").map_groups(_band_edges, batch_format="pandas")
+            # map_batches, not filter: a row filter can leave blocks without columns, which the
+            # hash shuffle of groupby then rejects ("No match for FieldRef.Name(band)").
+            candidates = bands.map_batches(lambda batch: batch[batch["band"].isin(shared)], batch_format="pandas")
+            edges = candidates.groupby("band").map_groups(_band_edges, batch_format="pandas")
             clusters = near_duplicate_clusters(sorted({(row["a"], row["b"]) for row in edges.take_all()}))
     removed = {key: keys[0] for keys in clusters for key in keys[1:]}
     final = marked.map_batches(_mark_near, batch_format="pandas", fn_kwargs={"removed": removed}).materialize()

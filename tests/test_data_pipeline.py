@@ -24,6 +24,7 @@ _ORIGINAL = "@united my flight to Denver was delayed three hours and nobody at t
 def tweets(small_csv) -> pd.DataFrame:
     """The small tweet sample as clean text (what the other formats are written from)."""
     frame = pd.read_csv(small_csv, encoding="utf-8", encoding_errors="replace", dtype=str, keep_default_na=False)
+    frame["text"] = frame["text"].str.replace("\r", " ")  # a bare CR would end a record in the CSV/TSV copies
     return frame[frame["text"] != ""].reset_index(drop=True)
 
 

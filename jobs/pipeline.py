@@ -73,6 +73,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
     mark = time.perf_counter()
     base_dir, data_dir, manifest = data.prepare_run_inputs(cfg)
+    print(f"[pipeline] data quality report: {manifest['quality_report']['html']}")
     mark = stage_done("model_and_data", mark)
     training = finetune.run_finetune(cfg, base_dir, data_dir)
     mark = stage_done("training", mark)
@@ -101,7 +102,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
         "model_dir": training["model_dir"],
         "version": {key: version[key] for key in ("version", "path", "deployable", "gate")},
         "report": str(report_path),
-        "data": {"counts": manifest["counts"], "splits": manifest["splits"]},
+        "data": {"counts": manifest["counts"], "splits": manifest["splits"], "quality_report": manifest["quality_report"]["html"]},
         "training": {key: training[key] for key in (
             "best_step", "best_val_loss", "wall_seconds", "tokens_per_s", "train_tokens",
             "export_max_abs_logit_diff", "mfu", "peak_memory_gib_max_worker", "tracking", "settings")},

@@ -110,7 +110,8 @@ def _deep_merge(base: dict, override: dict) -> dict:
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int, packed_length: int | None = None) -> dict[str, torch.Tensor]:
-    """Rows for one micro-batch, with the loss only on the answer tokens (after the prompt).
+    """Rows for one micro-batch, with the loss only on the answer tokens: where `loss_mask` is 1 when
+    the shards have one (every assistant turn of a chat), else after `prompt_len`.
 
     Padding (packed_length None): one example per row, padded to the longest. Packing: the examples
     share as few rows of at most packed_length tokens (or the longest example's length, if more) as
@@ -120,6 +121,7 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, packed_length: int | None
     block-diagonal causal mask (no attention across examples).
     """
     examples = [torch.as_tensor(np.asarray(ids, dtype=np.int64)) for ids in batch["input_ids"]]
+    masks = batch.get("loss_mask")
     rows = [[index] for index in range(len(examples))]
     if packed_length is not None:
         # Longest first into the emptiest row, with the fewest rows that keep each within the limit:
@@ -147,10 +149,14 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, packed_length: int | None
         start = 0
         for index in row:
             ids, end = examples[index], start + len(examples[index])
-            prompt_len = int(batch["prompt_len"][index])
             input_ids[r, start:end] = ids
             attention_mask[r, start:end] = 1
-            labels[r, start + prompt_len: end] = ids[prompt_len:]
+            if masks is not None:
+                answer = torch.as_tensor(np.asarray(masks[index], dtype=bool))
+                labels[r, start:end] = torch.where(answer, ids, -100)
+            else:
+                prompt_len = int(batch["prompt_len"][index])
+                labels[r, start + prompt_len: end] = ids[prompt_len:]
             position_ids[r, start:end] = torch.arange(len(ids))
             start = end
         position_ids[r, start:] = torch.arange(width - start)

@@ -48,6 +48,7 @@ def main(overrides: list[str]) -> None:
     summary_path = outputs / "airline_sentiment" / "summary.json"
     summary = json.loads(summary_path.read_text())
     version = summary["version"]
+    print(f"\nData quality report: {summary['data']['quality_report']}")
     print(f"\nModel version {version['version']}: {'deployable' if version['deployable'] else 'NOT deployable'} "
           f"({version['gate']['reason']})")
     if "url" not in summary["serving"]:

@@ -1,7 +1,20 @@
-import numpy as np
-import pytest
+import io
+import json
+from pathlib import Path
 
-from jobs.data import Templater, assign_splits, chat_messages, clean_text, dedup_key, split_position
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pydantic import ValidationError
+
+from jobs.balance import BalanceSettings
+from jobs.config import DataSection, SourceSection
+from jobs.data import (
+    Templater, _band_keys, _csv_rows, _rebalance_class, _jsonl_rows, _parquet_rows, assign_splits, chat_messages, clean_text, decode_text,
+    dedup_key, fingerprint_source, near_duplicate_clusters, source_files, split_position, validate_record,
+)
 from jobs.train_loop import collate
 
 
@@ -70,3 +83,168 @@ def test_template_masks_everything_but_the_answer(tiny_model_dir):
     assert (labels[0, :prompt_len] == -100).all()
     assert labels[0, prompt_len:].tolist() == ids[prompt_len:]
     assert mask[1].sum() == len(ids) - 2 and (labels[1, len(ids) - 2:] == -100).all()
+
+
+# --- sources, validation, templating and near-duplicates: pure functions, no Ray -------------------
+
+COLUMNS = {"text": "text", "label": "sentiment"}
+
+
+def test_decode_text_repairs_or_refuses_invalid_utf8():
+    assert decode_text(b"caf\xc3\xa9") == ("caf\u00e9", False)
+    assert decode_text(b"don\xd5t", "repair") == ("don't", True)
+    assert decode_text(b"don\xd5t", "quarantine") == (None, False)
+
+
+def test_csv_rows_number_every_record_and_keep_malformed_ones():
+    data = b"sentiment,text\npositive,fine\nnegative\nneutral,\"a,b\",extra\nnegative,bad \xd5 byte\npositive,last\n"
+    rows = list(_csv_rows(io.BytesIO(data), COLUMNS, ",", "quarantine"))
+    assert [(number, status) for number, _, status, _, _ in rows] == [
+        (1, "ok"), (2, "malformed_row"), (3, "malformed_row"), (4, "undecodable"), (5, "ok")]
+    assert rows[0][1] == {"text": "fine", "label": "positive"} and rows[1][3] == "negative"
+    repaired = list(_csv_rows(io.BytesIO(data), COLUMNS, ",", "repair"))[3]
+    assert repaired[2] == "ok" and repaired[4] is True and repaired[1]["text"] == "bad ' byte"
+
+
+def test_jsonl_rows_number_lines_and_never_stop_on_a_bad_one():
+    lines = [b'{"text": "ok one", "sentiment": "positive"}', b"", b'{"text": "cut', b"[1, 2]",
+             b'{"text": "bad \xff", "sentiment": "neutral"}', b'{"text": 5}', b'{"sentiment": "neutral", "text": null}']
+    rows = list(_jsonl_rows(io.BytesIO(b"\n".join(lines) + b"\n"), COLUMNS, "quarantine"))
+    assert [(number, status) for number, _, status, _, _ in rows] == [
+        (1, "ok"), (3, "bad_json"), (4, "bad_json"), (5, "undecodable"), (6, "ok"), (7, "ok")]
+    assert rows[1][3] == '{"text": "cut' and rows[3][3] == '{"text": "bad \\xff", "sentiment": "neutral"}'
+    assert rows[4][1] == {"text": 5} and rows[5][1] == {"label": "neutral"}  # null: a missing field
+
+
+def test_parquet_rows_turn_nulls_into_missing_fields(tmp_path):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": ["a", None], "sentiment": ["positive", "neutral"]}), path)
+    rows = list(_parquet_rows(pa.OSFile(str(path)), COLUMNS, "repair"))
+    assert [(number, fields) for number, fields, _, _, _ in rows] == [(1, {"text": "a", "label": "positive"}), (2, {"label": "neutral"})]
+    with pytest.raises(ValueError, match="lacks column"):
+        list(_parquet_rows(pa.OSFile(str(path)), {"text": "body"}, "repair"))
+
+
+@pytest.mark.parametrize("task, record, reason", [
+    ("classification", {"label": "positive"}, "missing_field"),
+    ("classification", {"text": 12, "label": "positive"}, "wrong_type"),
+    ("classification", {"text": "  &nbsp; \x07 ", "label": "positive"}, "empty_text"),
+    ("classification", {"text": "hi", "label": "angry"}, "unknown_label"),
+    ("classification", {"text": "hi", "label": 1}, "wrong_type"),
+    ("instruction", {"prompt": "q"}, "missing_field"),
+    ("instruction", {"prompt": "q", "response": ["a"]}, "wrong_type"),
+    ("chat", {"messages": "not json"}, "bad_json"),
+    ("chat", {"messages": {"role": "user"}}, "wrong_type"),
+    ("chat", {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "bad_messages"),
+    ("chat", {"messages": [{"role": "user", "content": "x"}]}, "bad_messages"),  # no answer to train on
+    ("chat", {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}]}, "wrong_type"),
+])
+def test_validate_record_names_the_reason(task, record, reason):
+    assert validate_record(record, DataSection(task=task)) == (reason, None)
+
+
+def test_validate_record_builds_the_conversation_of_each_task():
+    cfg = DataSection(system_prompt="Be brief.")
+    assert validate_record({"text": "I &amp; my bag ", "label": " Negative"}, cfg)[1] == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "I & my bag"},
+        {"role": "assistant", "content": "negative"}]
+    assert validate_record({"prompt": "2+2?", "response": "4"}, DataSection(task="instruction", system_prompt=""))[1] == [
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    own_system = [{"role": "system", "content": "Mine."}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert validate_record({"messages": json.dumps(own_system)}, DataSection(task="chat"))[1] == own_system
+
+
+def test_chat_template_masks_every_assistant_turn(tiny_model_dir):
+    templater = Templater(str(tiny_model_dir), "Classify.", ["negative", "neutral", "positive"])
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "hi there"}, {"role": "user", "content": "bye"},
+                {"role": "assistant", "content": "goodbye"}]
+    ids, mask, prompt_len = templater.encode_messages(messages)
+    decode = templater.tokenizer.decode
+    assert decode(ids) == templater.tokenizer.apply_chat_template(messages, tokenize=False)
+    runs, current = [], []
+    for token, masked in zip(ids + [None], mask + [0]):
+        if masked:
+            current.append(token)
+        elif current:
+            runs, current = runs + [decode(current)], []
+    assert runs == ["hi there<|im_end|>\n", "goodbye<|im_end|>\n"]
+    assert decode(ids[prompt_len:]).startswith("goodbye") and sum(mask[:prompt_len]) > 0
+
+    batch = collate({"input_ids": np.array([np.array(ids)], dtype=object), "prompt_len": np.array([prompt_len]),
+                     "loss_mask": np.array([np.array(mask)], dtype=object)}, pad_id=2)
+    assert (batch["labels"][0] != -100).tolist() == [bool(m) for m in mask]
+
+
+def _bands(texts: list[str], strata: list[str] | None = None) -> pd.DataFrame:
+    batch = pd.DataFrame({"text": texts, "key": [dedup_key(t) for t in texts], "stratum": strata or ["negative"] * len(texts)})
+    return _band_keys(batch, threshold=0.7, num_perm=128, width=5, seed=1)
+
+
+def _candidate_groups(bands: pd.DataFrame) -> set[frozenset]:
+    return {frozenset(group["key"]) for _, group in bands.groupby("band") if group["key"].nunique() > 1}
+
+
+def test_minhash_bands_pair_near_duplicates_only():
+    original = "@united my flight to Denver was delayed three hours and nobody told us anything"
+    planted = [original, "@united my flight to Denver was delayed three hours and nobody told us anything!!",
+               "@united my flight to Denver was delayed four hours and nobody told us anything"]
+    distinct = ["@SouthwestAir thanks for the great service on my flight to Austin today",
+                "@JetBlue lost my bag again, third time this year, unbelievable"]
+    pairs = _candidate_groups(_bands(planted + distinct))
+    keys = [dedup_key(t) for t in planted + distinct]
+    assert any({keys[0], keys[1]} <= group for group in pairs) and any({keys[0], keys[2]} <= group for group in pairs)
+    assert not any(group & set(keys[3:]) for group in pairs)
+    # The same text in two classes is not a near-duplicate pair: bands are per class.
+    assert not _candidate_groups(_bands(planted[:2], ["negative", "positive"]))
+
+
+def test_near_duplicate_clusters_are_connected_components_with_a_fixed_representative():
+    clusters = near_duplicate_clusters([("c", "d"), ("a", "b"), ("b", "c"), ("x", "y")])
+    assert clusters == [["a", "b", "c", "d"], ["x", "y"]]
+    assert near_duplicate_clusters([("b", "a"), ("c", "b")]) == [["a", "b", "c"]]
+
+
+def test_sources_config_infers_kinds_and_names_bad_settings(tmp_path):
+    assert SourceSection(name="a", path="s3://bucket/x.jsonl").kind == "jsonl"
+    assert SourceSection(name="a", path="/data/t.duckdb", table="tweets").kind == "duckdb"
+    for bad, message in [({"name": "a", "path": "/data/folder"}, "cannot infer the kind"),
+                         ({"name": "a", "path": "/d/t.sqlite"}, "exactly one of table or query"),
+                         ({"name": "a", "path": "/d/t.csv", "table": "x"}, "sqlite and duckdb sources only"),
+                         ({"name": "a", "path": "/d/t.csv", "columns": {"body": "x"}}, "unknown task field")]:
+        with pytest.raises(ValidationError, match=message):
+            SourceSection(**bad)
+    with pytest.raises(ValidationError, match="not both"):
+        DataSection(source="a.csv", sources=[{"name": "a", "path": "a.csv"}])
+    with pytest.raises(ValidationError, match="distinct"):
+        DataSection(sources=[{"name": "a", "path": "a.csv"}, {"name": "a", "path": "b.csv"}])
+    with pytest.raises(ValidationError, match="sources.0.pth"):
+        DataSection(sources=[{"name": "a", "pth": "a.csv"}])
+    cfg = DataSection(task="instruction", sources=[{"name": "a", "path": "a.jsonl", "columns": {"prompt": "question"}}])
+    assert cfg.column_map(cfg.sources[0]) == {"prompt": "question", "response": "response"}
+
+
+def test_missing_or_empty_sources_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="'gone'.*does not exist"):
+        source_files(SourceSection(name="gone", path=str(tmp_path / "gone.csv")))
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(ValueError, match="'empty'.*is empty"):
+        fingerprint_source(SourceSection(name="empty", path=str(tmp_path / "empty.jsonl")))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "b.csv").write_bytes(b"text,sentiment\nx,positive\n")
+    (tmp_path / "folder" / "_SUCCESS").write_bytes(b"")
+    _, files = source_files(SourceSection(name="f", path=str(tmp_path / "folder"), kind="csv"))
+    assert [Path(f).name for f in files] == ["b.csv"]
+
+
+def test_rebalance_class_reaches_the_run_wide_target_and_rewrites_copies():
+    messages = lambda text: json.dumps([{"role": "user", "content": text}, {"role": "assistant", "content": "positive"}])  # noqa: E731
+    texts = [f"great flight number {i} thanks to the crew" for i in range(4)]
+    group = pd.DataFrame({"text": texts, "label": "positive", "source": "s", "source_row": [7, 8, 9, 10],
+                          "messages": [messages(t) for t in texts]})
+    out = _rebalance_class(group, BalanceSettings(strategy="oversample"), target=10)
+    assert len(out) == 10 and out["augmented"].sum() == 6
+    assert set(out["source_row"]) == {7, 8, 9, 10}  # copies point back at their original's source row
+    for text, conversation in zip(out["text"], out["messages"]):
+        assert json.loads(conversation)[0]["content"] == text
+    assert len(_rebalance_class(group, BalanceSettings(strategy="undersample"), target=3)) == 3

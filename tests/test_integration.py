@@ -21,9 +21,11 @@ def test_data_preparation_accounts_for_every_row_and_is_cached(ray_cluster, tmp_
     base_dir, data_dir, manifest = data.prepare_run_inputs(cfg)
     counts = manifest["counts"]
     assert counts["rows_read"] == len(small_csv.read_bytes().strip().split(b"\n")) - 1
-    assert counts["filtered"]["empty_text"] == 1 and counts["filtered"]["unknown_label"] == 1
-    assert counts["duplicates_removed"] >= 1  # the case-variant "THANK YOU @united" row
-    assert counts["rows_read"] == counts["kept"] + sum(counts["filtered"].values()) + counts["duplicates_removed"]
+    assert counts["quarantined"] == {"empty_text": 1, "unknown_label": 1}
+    assert counts["exact_duplicates"] >= 1  # the case-variant "THANK YOU @united" row
+    assert counts["rows_read"] == (counts["kept"] + sum(counts["quarantined"].values()) + sum(counts["filtered"].values())
+                                   + counts["duplicates_removed"])
+    assert manifest["per_source"]["tweets_small"]["rows_read"] == counts["rows_read"]
 
     splits = {name: pd.read_parquet(data_dir / name) for name in data.SPLITS}
     assert sum(len(frame) for frame in splits.values()) == counts["kept"]

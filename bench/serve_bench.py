@@ -338,12 +338,12 @@ def main() -> None:
             "over_transformers": at_top / systems["transformers"]["output_tokens_per_s"],
             "over_vllm_offline": at_top / systems["vllm_offline"]["output_tokens_per_s"]}
 
-    print(f"\n{'system':36} {'req/s':>7} {'tok/s':>8} {'bound':>6} {'TTFT p50/p99 (s)':>18} {'ITL p50/p99 (ms)':>18}")
+    print(f"\n{'system':46} {'req/s':>7} {'tok/s':>8} {'bound':>6} {'TTFT p50/p99 (s)':>18} {'ITL p50/p99 (ms)':>18}")
     for name, r in rows:
         ttft = f"{r['ttft_s']['p50']:.2f}/{r['ttft_s']['p99']:.2f}" if "ttft_s" in r else "-"
         itl = (f"{r['inter_token_latency_s']['p50'] * 1e3:.0f}/{r['inter_token_latency_s']['p99'] * 1e3:.0f}"
                if "inter_token_latency_s" in r else "-")
-        print(f"{name:36} {r['requests_per_s']:7.2f} {r['output_tokens_per_s']:8.1f} "
+        print(f"{name:46} {r['requests_per_s']:7.2f} {r['output_tokens_per_s']:8.1f} "
               f"{r['compute_bound_share']:6.1%} {ttft:>18} {itl:>18}")
     for name, ratio in ratios.items():
         if name.startswith("endpoint"):

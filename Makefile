@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lakeforge-installed
 EXTRA  ?= cpu
 
-.PHONY: setup redis demo test bench down clean
+.PHONY: setup redis tcmalloc demo test bench down clean
 
 setup: $(STAMP)
 
@@ -30,8 +30,12 @@ redis:
 test: setup redis
 	$(PY) -m pytest
 
+# The serving bench preloads tcmalloc into vLLM's CPU engine (Debian package).
+tcmalloc:
+	test -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 || (apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4)
+
 # Speed and memory measurements (minutes, not seconds); results as JSON under bench/results/.
-bench: setup
+bench: setup tcmalloc
 	$(PY) -m bench.train_bench
 	$(PY) -m bench.pii_bench
 	$(PY) -m bench.serve_bench

@@ -213,9 +213,9 @@ def run_batch_inference(cfg: BatchInferConfig) -> dict:
     written = 0
     if rows_done_before < rows_total:
         label_ids = _label_token_ids(model_dir, artifact.labels)
-        done_ref = ray.put(done)  # one bitmap in the object store, read by every filter task
+        # The done-rows bitmap (one bit a row, as bytes) travels with the filter tasks.
         pending = table.map_batches(lambda batch, done: batch[~done[batch[ROW_ID].to_numpy()]],
-                                    batch_format="pandas", fn_args=(done_ref,))
+                                    batch_format="pandas", fn_args=(done,))
         prompted = pending.map_batches(
             Prompter, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1),
             fn_constructor_kwargs={"model_dir": str(model_dir), "system_prompt": artifact.system_prompt,

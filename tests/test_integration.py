@@ -141,12 +141,17 @@ def test_a_worker_failure_resumes_from_the_last_checkpoint_exactly(ray_cluster, 
     assert resumed["train_tokens"] == uninterrupted["train_tokens"]  # no batch skipped or seen twice
 
 
-def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_cluster, tmp_path, tiny_model_dir, small_csv, monkeypatch):
+def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_cluster, tmp_path, tiny_model_dir, small_csv, monkeypatch,
+                                                                       request):
     import openai
+    from ray import serve
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cluster.security import new_api_key
     from jobs.pipeline import run_pipeline
+
+    # One Serve proxy per test session and every app on route "/": later modules deploy their own.
+    request.addfinalizer(lambda: serve.delete(tiny_run_config(tmp_path, tiny_model_dir, small_csv).serve.endpoint.app_name))
 
     api_key, _ = new_api_key("test", ["admin"], "lakeforge", key_id="test")
     monkeypatch.setenv("LAKEFORGE_API_KEY", api_key)  # the pipeline's endpoint accepts this key

@@ -16,7 +16,9 @@ TEST_SERVE_PORT = 8123  # not 8000: a demo endpoint may be running on this machi
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3_server):
+    # The S3 server's AWS_* settings must be in the environment before Ray starts: its workers
+    # take their environment from the cluster, and s3:// readers in them need the credentials.
     import ray
 
     from cluster.ray_cluster import connect

@@ -800,6 +800,8 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
     for name in SPLITS:
         part = split.filter(lambda row, name=name: row["split"] == name).select_columns(SHARD_COLUMNS).sort("position")
         part.write_parquet(str(out_dir / name))
+        if not (out_dir / name).exists():  # an empty split writes no file
+            raise ValueError(f"the {name} split is empty: {sum(kept_by_source.values())} rows kept so far; more data or other fractions needed")
         written = ray.data.read_parquet(str(out_dir / name))  # count what is on disk, not what was meant
         labels = _counts(written, "label") if cfg.task == "classification" else {}
         originals = written.filter(lambda row: not row["augmented"])

@@ -20,6 +20,7 @@ import ray
 
 LOCAL_LOGICAL_CPUS = int(os.environ.get("LAKEFORGE_LOCAL_CPUS", "8"))
 DASHBOARD_PORT = 8265
+HEAD_PORT = 6379  # the local head's GCS; named, so other Ray instances on this machine never confuse `ray status`
 AUTH_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
 
 # Never upload these with `ray job submit --working-dir .` (ray #45602): the venv, model weights,
@@ -53,7 +54,8 @@ def ray_cli() -> str:
 
 
 def local_head_running() -> bool:
-    result = subprocess.run([ray_cli(), "status"], capture_output=True, text=True, env=job_client_env())
+    result = subprocess.run([ray_cli(), "status", f"--address=127.0.0.1:{HEAD_PORT}"], capture_output=True, text=True,
+                            env=job_client_env())
     return result.returncode == 0
 
 
@@ -69,7 +71,7 @@ def start_local_head(num_cpus: int = LOCAL_LOGICAL_CPUS) -> str:
         env = job_client_env()
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         subprocess.run(
-            [ray_cli(), "start", "--head", f"--num-cpus={num_cpus}", "--num-gpus=0",
+            [ray_cli(), "start", "--head", f"--port={HEAD_PORT}", f"--num-cpus={num_cpus}", "--num-gpus=0",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"],
             check=True, env=env,
         )

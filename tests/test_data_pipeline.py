@@ -137,7 +137,8 @@ def test_a_corrupted_tweet_file_loses_no_row_and_reports_it(ray_cluster, tmp_pat
     duplicates = pd.read_parquet(out / data.DUPLICATES)
     near = duplicates[duplicates["status"] == "near_duplicate"]
     texts = set(near["text"])
-    assert (_ORIGINAL in texts) != (_ORIGINAL.replace("three", "four") + "!" in texts)
+    original = _ORIGINAL.replace("@united", "<HANDLE>")  # rows are written redacted, duplicates too
+    assert (original in texts) != (original.replace("three", "four") + "!" in texts)
     assert len(near) == counts["near_duplicates"] and counts["near_duplicates"] <= 0.03 * records
     assert set(duplicates["status"]) <= set(data.DUPLICATE_STATUSES)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import requests
 
@@ -68,15 +70,21 @@ def test_deploy_job_serves_the_current_version(ray_cluster, tiny_model_dir, tmp_
 
     from jobs.deploy import main
 
+    from cluster.security import new_api_key
+
     registry = ModelRegistry(tmp_path, "tiny")
     version = _register(registry, tiny_model_dir, True)
     app_name = "deploy-test"
+    # The endpoint accepts only the keys its settings list (by digest): give it one admin key.
+    key, record = new_api_key("deploy-test", ["admin"], "lakeforge")
     try:
         base_url = main(["--config", str(REPO / "configs" / "deploy.yaml"), "name=tiny", f"storage_root={tmp_path}",
                          f"endpoint.port={DEPLOY_PORT}", f"endpoint.app_name={app_name}", "endpoint.model_id=tiny-v1",
-                         "endpoint.max_model_len=256"])
+                         "endpoint.max_model_len=256", f"endpoint.security.api_keys={json.dumps([record.model_dump()])}",
+                         f"endpoint.security.audit.path={tmp_path / 'audit.jsonl'}"])
         assert f"tiny {version['version']} serving as model 'tiny-v1' at {base_url}/v1" in capsys.readouterr().out
-        listed = requests.get(f"{base_url}/v1/models", timeout=60).json()
+        assert requests.get(f"{base_url}/v1/models", timeout=60).status_code == 401  # no key, no answer
+        listed = requests.get(f"{base_url}/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=60).json()
         assert [model["id"] for model in listed["data"]] == ["tiny-v1"]
         assert serve.status().applications[app_name].status == "RUNNING"
     finally:

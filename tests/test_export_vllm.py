@@ -18,8 +18,8 @@ pytestmark = pytest.mark.integration
 MAX_TOKENS = 6
 
 
-@pytest.mark.skip(reason="not yet passing: failed in the one full-suite run of 2026-11-26 (cause not read before "
-                  "the session ended); issue 4 stays open on it. Remove this mark to run it.")
+@pytest.mark.skip(reason="passed when run alone on 2026-11-26 but failed inside the full suite (cause not read "
+                  "before the session ended); issue 4 stays open on it. Remove this mark to run it.")
 def test_lora_and_full_zero3_exports_reload_in_vllm(ray_cluster, tmp_path, tiny_model_dir, small_csv):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -28,9 +28,9 @@ import pyarrow.parquet as pq
 import ray
 
 from cluster.contracts import ModelArtifact
+from cluster.label_scoring import chat_prompt_ids, label_token_ids
 from cluster.ray_cluster import connect
 from jobs.config import BatchInferConfig, BatchInputSection
-from jobs.data import chat_messages
 
 ROW_ID = "row_id"
 MANIFEST = "_batch_infer.json"  # a leading underscore: Parquet readers skip it
@@ -71,14 +71,9 @@ class Prompter:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.system_prompt, self.text_column, self.label_ids = system_prompt, text_column, label_ids
 
-    def prompt_ids(self, text: str) -> list[int]:
-        # As jobs.data.Templater renders training prompts: template to text, then tokenize.
-        prompt = self.tokenizer.apply_chat_template(
-            chat_messages(self.system_prompt, str(text)), add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(prompt, add_special_tokens=False).input_ids
-
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        prompts = [self.prompt_ids(text) for text in batch[self.text_column]]
+        # As training and evaluation render prompts (shared with serving's /v1/classify).
+        prompts = [chat_prompt_ids(self.tokenizer, self.system_prompt, str(text)) for text in batch[self.text_column]]
         if not self.label_ids:
             return batch.assign(tokenized_prompt=prompts, prompt_len=[len(ids) for ids in prompts], label_index=-1)
         # A row's label requests side by side, so the writer gets each row's scores together.
@@ -212,7 +207,9 @@ def run_batch_inference(cfg: BatchInferConfig) -> dict:
     rows_done_before = int(done.sum())
     written = 0
     if rows_done_before < rows_total:
-        label_ids = _label_token_ids(model_dir, artifact.labels)
+        from transformers import AutoTokenizer
+
+        label_ids = label_token_ids(AutoTokenizer.from_pretrained(model_dir), artifact.labels)
         # The done-rows bitmap (one bit a row, as bytes) travels with the filter tasks.
         pending = table.map_batches(lambda batch, done: batch[~done[batch[ROW_ID].to_numpy()]],
                                     batch_format="pandas", fn_args=(done,))
@@ -246,13 +243,6 @@ def run_batch_inference(cfg: BatchInferConfig) -> dict:
     manifest = json.loads((out_dir / MANIFEST).read_text())
     (out_dir / MANIFEST).write_text(json.dumps({**manifest, "complete": True, "last_run": summary}, indent=2))
     return summary
-
-
-def _label_token_ids(model_dir: Path, labels: list[str]) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return [tokenizer(label, add_special_tokens=False).input_ids for label in labels]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,7 @@ import pandas as pd
 import ray
 import torch
 
+from cluster.label_scoring import label_token_ids
 from cluster.ray_cluster import connect
 from cluster.registry import ModelRegistry
 from jobs import data
@@ -76,7 +77,7 @@ class LabelScorer:
         torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self.label_token_ids = [self.tokenizer(label, add_special_tokens=False).input_ids for label in labels]
+        self.label_token_ids = label_token_ids(self.tokenizer, labels)
         self.generation_fraction = generation_fraction
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 

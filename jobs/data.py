@@ -804,11 +804,12 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
             raise ValueError(f"the {name} split is empty: {sum(kept_by_source.values())} rows kept so far; more data or other fractions needed")
         written = ray.data.read_parquet(str(out_dir / name))  # count what is on disk, not what was meant
         labels = _counts(written, "label") if cfg.task == "classification" else {}
-        originals = written.filter(lambda row: not row["augmented"])
-        for source, n in _counts(originals, "source").items():
+        originals = _counts(written.filter(lambda row: not row["augmented"]), "source")
+        for source, n in originals.items():
             kept_by_source[source] += n
-        per_split[name] = {"rows": written.count(), "labels": labels, "tokens": int(written.sum("num_tokens") or 0),
-                           "augmented_copies": written.count() - originals.count()}
+        rows = written.count()
+        per_split[name] = {"rows": rows, "labels": labels, "tokens": int(written.sum("num_tokens") or 0),
+                           "augmented_copies": rows - sum(originals.values())}
     set_aside = staged.filter(lambda row: row["status"] != "ok")
     if sum(n for (_, status), n in staged_counts.items() if status != "ok"):
         set_aside.select_columns(["source", "source_file", "source_row", "status", "raw"]).write_parquet(str(out_dir / QUARANTINE))

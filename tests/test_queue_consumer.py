@@ -97,27 +97,34 @@ def test_a_request_failing_every_delivery_is_dead_lettered_after_max_deliveries(
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_cluster, tiny_model_dir):
-    """The tiny model behind the real OpenAI-compatible Serve app, once for this module."""
+def endpoint(ray_cluster, tiny_model_dir, tmp_path_factory):
+    """The tiny model behind the real OpenAI-compatible Serve app, once for this module: its base URL
+    and the one API key it accepts (the gateway authenticates every model route)."""
     from ray import serve
 
     from cluster.contracts import EndpointSettings
     from cluster.endpoints import deploy
+    from cluster.security import new_api_key
 
-    settings = EndpointSettings(model_id="tiny", model_dir=str(tiny_model_dir), port=SERVE_PORT, max_model_len=256,
-                                app_name="queue-model")
-    yield deploy("serving.app:build_app", settings)
+    key, record = new_api_key("queue-consumer-test", ["admin"], "lakeforge")
+    audit_path = tmp_path_factory.mktemp("queue-audit") / "audit.jsonl"
+    settings = EndpointSettings.model_validate({
+        "model_id": "tiny", "model_dir": str(tiny_model_dir), "port": SERVE_PORT, "max_model_len": 256,
+        "app_name": "queue-model",
+        "security": {"api_keys": [record.model_dump()], "audit": {"path": str(audit_path)}}})
+    yield deploy("serving.app:build_app", settings), key
     serve.delete(settings.app_name)
 
 
 @pytest.mark.integration
 def test_a_consumer_killed_mid_stream_loses_no_message(redis_server, endpoint):
-    settings = settings_for(redis_server, base_url=endpoint, read_count=10, claim_idle_ms=1000)
+    base_url, key = endpoint
+    settings = settings_for(redis_server, base_url=base_url, read_count=10, claim_idle_ms=1000)
     settings.pop("api_key")  # the key from the environment, as a deployment would pass it
     client = redis.Redis.from_url(redis_server, decode_responses=True)
     request_ids = send(client, settings, 30)
     command = [sys.executable, "-m", "serving.queue_consumer", *(f"{key}={value}" for key, value in settings.items())]
-    env = {**os.environ, "LAKEFORGE_API_KEY": "test-key"}
+    env = {**os.environ, "LAKEFORGE_API_KEY": key}
 
     first = subprocess.Popen(command, cwd=REPO_ROOT, env=env)
     wait_for(lambda: client.xlen(settings["result_stream"]) >= 3, 300, "the first results")
@@ -155,7 +162,8 @@ def test_the_serve_deployment_answers_and_dead_letters(redis_server, endpoint):
 
     from serving.queue_consumer import build_consumer_app
 
-    settings = settings_for(redis_server, base_url=endpoint, replicas=2)
+    base_url, key = endpoint
+    settings = settings_for(redis_server, base_url=base_url, api_key=key, replicas=2)
     client = redis.Redis.from_url(redis_server, decode_responses=True)
     request_ids = send(client, settings, 6)
     unknown_model = {"messages": [{"role": "user", "content": "hi"}], "model": "no-such-model"}

@@ -86,6 +86,7 @@ def main() -> None:
         started = time.perf_counter()
         plain = pandas_prepare(cfg.data, model_dir, Path(tmp) / "pandas")
         pandas_s = time.perf_counter() - started
+        print(f"[bench] pandas: {plain} in {pandas_s:.1f} s")
 
         from cluster.ray_cluster import connect
 

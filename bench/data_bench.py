@@ -29,6 +29,8 @@ RESULTS_FILE = REPO / "bench" / "results" / "data.json"
 
 def pandas_prepare(cfg: DataSection, model_dir: Path, out_dir: Path) -> dict:
     """`jobs.data.prepare`'s steps for file sources in one process; returns the row counts."""
+    if cfg.balance.strategy != "none":
+        raise ValueError("the pandas side does not rebalance: run the bench with data.balance.strategy=none")
     frames = []
     for source in cfg.resolved_sources():
         filesystem, files = data.source_files(source)

@@ -323,6 +323,21 @@ class ServeSection(StrictModel):
     )
 
 
+class TaskWeight(StrictModel):
+    """A task's name and share in a multi-task mixture."""
+
+    name: str = Field(default="primary", pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="Task name: its shard folder, its row tag and its val_loss/<name> metric.")
+    weight: float = Field(default=1.0, gt=0, description="Sampling weight: the task's share of the training examples is weight / sum of weights.")
+
+
+class TaskSection(TaskWeight):
+    """A further task trained alongside the primary one (the run's `data`), with its own dataset and template."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Task name: its shard folder, its row tag and its val_loss/<name> metric.")
+    data: DataSection = Field(description="The task's source(s), task kind, template and cleaning, prepared into shards of its own.")
+
+
 class RunConfig(StrictModel):
     """A lakeforge fine-tuning run: data -> DeepSpeed training -> evaluation -> serving."""
 
@@ -333,7 +348,15 @@ class RunConfig(StrictModel):
         "cluster (object storage is supported for checkpoints only: train.checkpoint_storage).")
     model_cache: str = Field(default="models", description="Folder where pretrained base models are materialized once and reused.")
     model: ModelSection = Field(default_factory=ModelSection, description="Starting weights.")
-    data: DataSection = Field(default_factory=DataSection, description="Source, cleaning, split and template.")
+    data: DataSection = Field(
+        default_factory=DataSection,
+        description="Source, cleaning, split and template of the primary task: the one evaluated (when classification) and served.")
+    primary_task: TaskWeight = Field(
+        default_factory=TaskWeight, description="Name and sampling weight of the primary task (`data`) when tasks are mixed in.")
+    tasks: list[TaskSection] = Field(
+        default_factory=list,
+        description="Further tasks mixed into training by sampling weight, each validated separately (val_loss/<name>); "
+        "empty: a single-task run on `data`.")
     train: TrainSection = Field(default_factory=TrainSection, description="Ray Train + DeepSpeed settings.")
     eval: EvalSection = Field(default_factory=EvalSection, description="Held-out evaluation settings.")
     tracking: TrackingSection = Field(default_factory=TrackingSection, description="Experiment tracking (MLflow).")
@@ -348,6 +371,17 @@ class RunConfig(StrictModel):
                              "exports, the model registry and MLflow are written there as files); put checkpoints on object "
                              "storage with train.checkpoint_storage=s3://...")
         return storage_root
+
+    @model_validator(mode="after")
+    def _distinct_task_names(self) -> "RunConfig":
+        names = [self.primary_task.name, *(task.name for task in self.tasks)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names (primary_task.name and tasks[].name) must be distinct, got {names}")
+        return self
+
+    def mixture(self) -> list[tuple[str, float]]:
+        """(name, weight) of every task trained on, the primary first."""
+        return [(self.primary_task.name, self.primary_task.weight), *((task.name, task.weight) for task in self.tasks)]
 
     @property
     def run_dir(self) -> Path:

@@ -65,9 +65,12 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     train = cfg.train
+    task_dirs = {**data.task_data_dirs(cfg), cfg.primary_task.name: data_dir}
+    task_names = list(task_dirs)
     uri, run_id = (None, None)
     if cfg.tracking.enabled:
-        uri, run_id = start_run(cfg, json.loads((data_dir / data.MANIFEST).read_text()))
+        manifests = {name: json.loads((folder / data.MANIFEST).read_text()) for name, folder in task_dirs.items()}
+        uri, run_id = start_run(cfg, manifests.pop(cfg.primary_task.name), task_manifests=manifests)
         print(f"[finetune] tracking: MLflow run {run_id} at {uri}")
     # Resolved on the driver, which has the S3 settings: the filesystem objects travel to the Train
     # controller and workers (other processes, other nodes).
@@ -76,20 +79,37 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
     if train.resume_from:
         resume_fs, resume_path = filesystem_for(train.resume_from)
         resume = Checkpoint(resume_path, filesystem=resume_fs)
+    train_split = data.split_dataset(data_dir, "train")
+    validation_split = data.split_dataset(data_dir, "validation").limit(train.max_validation_examples)
+    mixture = None
+    if cfg.tasks:
+        # Exactly the examples max_steps optimizer steps consume, each task its weighted share;
+        # validation: up to max_validation_examples of every task, tagged with its task id.
+        rows = [json.loads((folder / data.MANIFEST).read_text())["splits"]["train"]["rows"] for folder in task_dirs.values()]
+        examples = train.max_steps * train.micro_batch_size * train.gradient_accumulation_steps * train.num_workers
+        train_split, counts = data.mixture_dataset(
+            [data.split_dataset(folder, "train") for folder in task_dirs.values()], rows,
+            [weight for _, weight in cfg.mixture()], examples, train.seed)
+        validation_split = data.split_dataset(data_dir, "validation").limit(train.max_validation_examples).map_batches(
+            lambda batch: batch.assign(task_id=0), batch_format="pandas").union(*(
+                data.split_dataset(folder, "validation").limit(train.max_validation_examples).map_batches(
+                    lambda batch, task_id=task_id: batch.assign(task_id=task_id), batch_format="pandas")
+                for task_id, folder in enumerate(list(task_dirs.values())[1:], start=1)))
+        mixture = {"weights": dict(cfg.mixture()), "train_rows": dict(zip(task_names, rows)),
+                   "planned_examples": dict(zip(task_names, counts))}
+        print(f"[finetune] task mixture: {mixture['planned_examples']} examples of {examples}")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": train.model_dump(), "base_model_dir": str(base_dir), "resume_checkpoint": resume,
-                           "tracking_uri": uri, "tracking_run_id": run_id, "storage_dir": str(cfg.run_dir)},
+                           "tracking_uri": uri, "tracking_run_id": run_id, "storage_dir": str(cfg.run_dir),
+                           "task_names": task_names},
         scaling_config=ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu,
             resources_per_worker={"CPU": train.cpus_per_worker, **train.worker_resources},
             placement_strategy=train.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        datasets={
-            "train": data.split_dataset(data_dir, "train"),
-            "validation": data.split_dataset(data_dir, "validation").limit(train.max_validation_examples),
-        },
+        datasets={"train": train_split, "validation": validation_split},
         dataset_config=DataConfig(datasets_to_split=["train", "validation"]),
         run_config=ray.train.RunConfig(
             name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -141,6 +161,10 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
         "mfu": result.metrics["mfu"],
         "peak_memory_gib_max_worker": result.metrics["peak_memory_gib_max_worker"],
         "tracking": {"uri": uri, "run_id": run_id},
+        # Multi-task runs: the planned mix, and what the workers really trained on per task up to the
+        # last report; each history entry holds val_loss/<task>.
+        "tasks": None if mixture is None else {
+            **mixture, "train_examples_seen": {name: result.metrics[f"train_examples/{name}"] for name in task_names}},
         "settings": train.model_dump(),
     }
 

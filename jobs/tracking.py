@@ -57,8 +57,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def start_run(cfg: RunConfig, manifest: dict) -> tuple[str, str]:
-    """Create the MLflow run for a training run; returns (tracking URI, run id)."""
+def start_run(cfg: RunConfig, manifest: dict, task_manifests: dict[str, dict] | None = None) -> tuple[str, str]:
+    """Create the MLflow run for a training run; returns (tracking URI, run id). `task_manifests`:
+    the data manifests of a multi-task run's further tasks, by task name."""
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(cfg)
@@ -79,6 +80,8 @@ def start_run(cfg: RunConfig, manifest: dict) -> tuple[str, str]:
         client.log_param(run_id, key, str(value)[:500])
     client.log_dict(run_id, cfg.model_dump(mode="json"), "config.json")
     client.log_dict(run_id, manifest, "data_manifest.json")
+    for name, task_manifest in (task_manifests or {}).items():
+        client.log_dict(run_id, task_manifest, f"data_manifest_{name}.json")
     client.log_dict(run_id, code_version(), "code_version.json")
     return uri, run_id
 

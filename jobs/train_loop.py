@@ -119,6 +119,9 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, packed_length: int | None
     at 0 for each example. `attention_mask` marks real tokens either way; for packed rows
     `answer_loss` gives the model the position ids instead, from which transformers builds a
     block-diagonal causal mask (no attention across examples).
+
+    Multi-task batches (a `task_id` column) also get `task_ids`, each token's task (-1 on
+    padding), for per-task validation loss, and `example_tasks`, each example's task.
     """
     examples = [torch.as_tensor(np.asarray(ids, dtype=np.int64)) for ids in batch["input_ids"]]
     masks = batch.get("loss_mask")
@@ -145,6 +148,8 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, packed_length: int | None
     # Padding after the last example continues as one more "example" (0, 1, ...): it attends only
     # to itself, carries no loss, and a row holding one example keeps positions 0..width-1.
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    task_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    tasks = batch.get("task_id")
     for r, row in enumerate(rows):
         start = 0
         for index in row:
@@ -158,14 +163,24 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, packed_length: int | None
                 prompt_len = int(batch["prompt_len"][index])
                 labels[r, start + prompt_len: end] = ids[prompt_len:]
             position_ids[r, start:end] = torch.arange(len(ids))
+            if tasks is not None:
+                task_ids[r, start:end] = int(tasks[index])
             start = end
         position_ids[r, start:] = torch.arange(width - start)
     rows_out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if tasks is not None:
+        rows_out |= {"task_ids": task_ids, "example_tasks": torch.as_tensor(np.asarray(tasks, dtype=np.int64))}
     return rows_out if packed_length is None else {**rows_out, "position_ids": position_ids}
 
 
 def answer_loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens, computing vocabulary logits only where needed.
+    """Mean cross-entropy over the answer tokens."""
+    logits, targets, _ = _answer_logits(engine, batch)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def _answer_logits(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict an answer token, their targets, and those positions.
 
     The LM head over a 49k vocabulary is about a fifth of a small model's compute; the answer is a
     few tokens of each example, so only the positions that predict one get logits.
@@ -179,7 +194,7 @@ def answer_loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     else:
         inputs = {"attention_mask": batch["attention_mask"]}
     logits = engine(input_ids=batch["input_ids"], logits_to_keep=keep, **inputs).logits
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=-100)
+    return logits, targets[:, keep], keep
 
 
 def _all_reduce(values: list[float], device, op=torch.distributed.ReduceOp.SUM) -> list[float]:
@@ -220,19 +235,25 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _validation_loss(engine, shard, micro_batch_size: int, collate_fn, device) -> float:
-    """Mean answer-token loss over this worker's validation shard, averaged over all workers."""
+def _validation_loss(engine, shard, micro_batch_size: int, collate_fn, device, num_tasks: int = 1) -> tuple[float, list[float]]:
+    """Mean answer-token loss over all workers' validation shards: overall, and per task (the task
+    of each answer token, from `task_ids`; all task 0 in a single-task run)."""
     engine.eval()
-    loss_sum, tokens = 0.0, 0
+    loss_sums, tokens = torch.zeros(num_tasks, dtype=torch.float64), torch.zeros(num_tasks, dtype=torch.float64)
     with torch.no_grad():
         for batch in shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=collate_fn):
             batch = {key: value.to(device) for key, value in batch.items()}
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            loss_sum += float(answer_loss(engine, batch)) * n
-            tokens += n
+            logits, targets, keep = _answer_logits(engine, batch)
+            losses = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none").cpu().double()
+            answer = targets.flatten().cpu() != -100
+            task_ids = batch["task_ids"][:, 1:][:, keep].flatten().cpu() if "task_ids" in batch else torch.zeros_like(answer, dtype=torch.long)
+            loss_sums.index_add_(0, task_ids[answer], losses[answer])
+            tokens.index_add_(0, task_ids[answer], torch.ones(int(answer.sum()), dtype=torch.float64))
     engine.train()
-    loss_sum, tokens = _all_reduce([loss_sum, tokens], device)
-    return loss_sum / max(tokens, 1)
+    totals = _all_reduce([*loss_sums.tolist(), *tokens.tolist()], device)
+    loss_sums, tokens = totals[:num_tasks], totals[num_tasks:]
+    return sum(loss_sums) / max(sum(tokens), 1), [loss / max(n, 1) for loss, n in zip(loss_sums, tokens)]
 
 
 def _save_checkpoint(engine, zero_stage: int, tokenizer, folder: Path, rank: int, device, position: dict) -> None:
@@ -262,6 +283,8 @@ def train_loop_per_worker(config: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     train = config["train"]
+    task_names = config.get("task_names") or ["primary"]
+    multi_task = len(task_names) > 1
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -303,7 +326,8 @@ def train_loop_per_worker(config: dict) -> None:
     # a run restarted by hand names one. Weights, optimizer, scheduler, step, RNG and the data
     # position all come back, so the run continues as if it had never stopped.
     checkpoint = ray.train.get_checkpoint() or config["resume_checkpoint"]
-    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "total_tokens": 0.0, "total_slots": 0.0, "compute_seconds": 0.0}
+    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "total_tokens": 0.0, "total_slots": 0.0, "compute_seconds": 0.0,
+                "task_examples": [0.0] * len(task_names)}
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             _, client_state = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
@@ -322,11 +346,16 @@ def train_loop_per_worker(config: dict) -> None:
     # Slots: token positions computed, padding included (packing makes them fewer for the same tokens).
     total_tokens, total_slots, compute_seconds = position["total_tokens"], position["total_slots"], position["compute_seconds"]
     window_loss, window_micro, window_tokens, window_slots = 0.0, 0, 0, 0
+    # Training examples per task: all workers' count at the checkpoint resumed from, plus this worker's since.
+    task_examples_before = position.get("task_examples", [0.0] * len(task_names))
+    task_examples = torch.zeros(len(task_names), dtype=torch.float64)
     window_start = run_start = time.perf_counter()
     while step < train["max_steps"]:
         for batch_index, batch in enumerate(batches()):
             if batch_index < skip_batches:
                 continue  # consumed before the checkpoint this run resumed from (same order: no shuffle)
+            if multi_task:
+                task_examples += torch.bincount(batch["example_tasks"], minlength=len(task_names)).double()
             batch = {key: value.to(device) for key, value in batch.items()}
             loss = answer_loss(engine, batch)
             engine.backward(loss)
@@ -364,21 +393,30 @@ def train_loop_per_worker(config: dict) -> None:
                 window_start = time.perf_counter()
 
             if step % train["eval_every"] == 0 or step == train["max_steps"]:
-                val_loss = _validation_loss(engine, validation_shard, train["micro_batch_size"], collate_fn, device)
+                val_loss, task_losses = _validation_loss(
+                    engine, validation_shard, train["micro_batch_size"], collate_fn, device, len(task_names))
                 (memory,) = _all_reduce([peak_memory_gib(device)], device, op=torch.distributed.ReduceOp.MAX)
+                seen = [before + now for before, now in zip(task_examples_before, _all_reduce(task_examples.tolist(), device))]
+                per_task = {}
+                if multi_task:
+                    per_task = {**{f"val_loss/{name}": loss for name, loss in zip(task_names, task_losses)},
+                                **{f"train_examples/{name}": n for name, n in zip(task_names, seen)}}
                 if rank == 0:
-                    print(f"[train] step {step} validation loss {val_loss:.4f}", flush=True)
-                    tracker.log({"val_loss": val_loss}, step)
+                    by_task = "".join(f" {name} {loss:.4f}" for name, loss in zip(task_names, task_losses)) if multi_task else ""
+                    print(f"[train] step {step} validation loss {val_loss:.4f}{by_task}", flush=True)
+                    tracker.log({"val_loss": val_loss, **per_task}, step)
                 metrics = {
                     "step": step, "epoch": epoch, "resumed_from_step": resumed_from_step, "precision": precision, "val_loss": val_loss, "train_loss": last_train_loss,
                     "train_tokens": total_tokens, "non_padding_share": total_tokens / max(total_slots, 1), "worker_nodes": worker_nodes,
                     "tokens_per_s": total_tokens / max(compute_seconds, 1e-9),
                     "train_seconds": time.perf_counter() - run_start, "peak_memory_gib_max_worker": memory,
                     "mfu": total_tokens / max(compute_seconds, 1e-9) * flops_per_token / (peak_flops * world_size),
+                    **per_task,
                 }
                 with tempfile.TemporaryDirectory() as folder:
                     position = {"step": step, "epoch": epoch, "batches_in_epoch": batch_index + 1,
-                                "total_tokens": total_tokens, "total_slots": total_slots, "compute_seconds": compute_seconds}
+                                "total_tokens": total_tokens, "total_slots": total_slots, "compute_seconds": compute_seconds,
+                                "task_examples": seen}
                     _save_checkpoint(engine, train["zero_stage"], tokenizer, Path(folder), rank, device, position)
                     # report() is not a barrier (ray PR #42422): wait until every shard is on disk.
                     torch.distributed.barrier()

@@ -6,7 +6,7 @@ import pytest
 
 from cluster.config import ConfigError, load_config
 from cluster.contracts import EndpointSettings
-from jobs.config import BatchInferConfig, RunConfig
+from jobs.config import BatchInferConfig, RunConfig, TaskSection
 from jobs.deploy import DeployConfig
 from serving.queue_consumer import ConsumerSettings
 
@@ -38,6 +38,7 @@ def test_every_config_field_is_described():
             if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
                 walk(annotation)
     walk(RunConfig)
+    walk(TaskSection)  # inside a list: the walk does not reach it
     walk(EndpointSettings)
     walk(BatchInferConfig)
     walk(ConsumerSettings)

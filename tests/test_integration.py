@@ -12,6 +12,38 @@ import torch
 from tests.conftest import tiny_run_config
 
 pytestmark = pytest.mark.integration
+VLLM_MAX_TOKENS = 6
+
+
+def _train(tmp_path: Path, tiny_model_dir: Path, small_csv: Path, *overrides: str) -> tuple:
+    """(config, base model folder, training record) of one tiny run with the given overrides."""
+    from jobs import data
+    from jobs.finetune import run_finetune
+
+    cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv, *overrides)
+    base_dir, data_dir, _ = data.prepare_run_inputs(cfg)
+    return cfg, base_dir, run_finetune(cfg, base_dir, data_dir)
+
+
+# Each training run costs minutes on two CPU cores: runs that several tests read are made once per module.
+@pytest.fixture(scope="module")
+def zero3_run(ray_cluster, tmp_path_factory, tiny_model_dir, small_csv):
+    return _train(tmp_path_factory.mktemp("zero3"), tiny_model_dir, small_csv, "train.zero_stage=3", "train.keep_checkpoints=3")
+
+
+@pytest.fixture(scope="module")
+def lora_zero3_run(ray_cluster, tmp_path_factory, tiny_model_dir, small_csv):
+    # LoRA under ZeRO-3: the adapter and the merged export come out of partitioned parameters
+    # (the shipped config covers full fine-tuning on ZeRO-2 in the pipeline test).
+    return _train(tmp_path_factory.mktemp("lora"), tiny_model_dir, small_csv, "train.zero_stage=3", "train.method=lora",
+                  "train.learning_rate=1e-2", "train.lora.rank=8")
+
+
+@pytest.fixture(scope="module")
+def reference_run(ray_cluster, tmp_path_factory, tiny_model_dir, small_csv):
+    """An uninterrupted, padded run with a checkpoint every 2 steps: what resumed and packed runs must match."""
+    return _train(tmp_path_factory.mktemp("reference"), tiny_model_dir, small_csv,
+                  "train.eval_every=2", "train.keep_checkpoints=1", "tracking.enabled=false")
 
 
 def test_data_preparation_accounts_for_every_row_and_is_cached(ray_cluster, tmp_path, tiny_model_dir, small_csv):
@@ -43,16 +75,12 @@ def test_data_preparation_accounts_for_every_row_and_is_cached(ray_cluster, tmp_
     assert (data_dir / data.MANIFEST).stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
-def test_zero3_training_lowers_loss_and_exports_weights_that_reload(ray_cluster, tmp_path, tiny_model_dir, small_csv):
+def test_zero3_training_lowers_loss_and_exports_weights_that_reload(zero3_run):
     from transformers import AutoModelForCausalLM
 
-    from jobs import data
-    from jobs.finetune import run_finetune
     from jobs.train_loop import PROBE_FILE, PROBE_IDS
 
-    cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv, "train.zero_stage=3", "train.keep_checkpoints=3")
-    base_dir, data_dir, _ = data.prepare_run_inputs(cfg)
-    record = run_finetune(cfg, base_dir, data_dir)
+    cfg, base_dir, record = zero3_run
 
     history = record["history"]
     assert [m["step"] for m in history] == [4, 8]
@@ -80,22 +108,13 @@ def test_zero3_training_lowers_loss_and_exports_weights_that_reload(ray_cluster,
         assert not torch.allclose(base(input_ids=PROBE_IDS).logits[0, -1], logits, atol=1e-3)
 
 
-@pytest.mark.parametrize("overrides", [
-    ("train.zero_stage=1", "train.optimizer=sgd", "train.learning_rate=0.1", "train.lr_schedule=cosine",
-     "train.offload_optimizer=true", "train.freeze_embeddings=true"),
-    ("train.method=lora", "train.learning_rate=1e-2", "train.lora.rank=8"),
-], ids=["zero1-sgd-cosine-offload-frozen-embeddings", "lora-zero2"])
-def test_training_variants_lower_loss_and_export(ray_cluster, tmp_path, tiny_model_dir, small_csv, overrides):
+def _assert_trained_and_exported(cfg, base_dir: Path, record: dict) -> None:
+    """Validation loss fell, and the export reloads in transformers as a model that differs from the base."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from jobs import data
-    from jobs.finetune import ADAPTER_DIR, run_finetune
+    from jobs.finetune import ADAPTER_DIR
     from jobs.train_loop import PROBE_IDS
-
-    cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv, *overrides)
-    base_dir, data_dir, _ = data.prepare_run_inputs(cfg)
-    record = run_finetune(cfg, base_dir, data_dir)  # raises if the export does not reproduce the trained logits
 
     history = record["history"]
     assert history[-1]["val_loss"] < history[0]["val_loss"]
@@ -115,22 +134,80 @@ def test_training_variants_lower_loss_and_export(ray_cluster, tmp_path, tiny_mod
     assert not (export / ADAPTER_DIR).exists() or cfg.train.method == "lora"
 
 
-def test_a_worker_failure_resumes_from_the_last_checkpoint_exactly(ray_cluster, tmp_path, tiny_model_dir, small_csv):
+def test_zero1_sgd_cosine_offload_with_frozen_embeddings_lowers_loss_and_exports(ray_cluster, tmp_path, tiny_model_dir, small_csv):
+    _assert_trained_and_exported(*_train(
+        tmp_path, tiny_model_dir, small_csv, "train.zero_stage=1", "train.optimizer=sgd", "train.learning_rate=0.1",
+        "train.lr_schedule=cosine", "train.offload_optimizer=true", "train.freeze_embeddings=true"))
+
+
+def test_lora_on_zero3_lowers_loss_and_exports_adapter_and_merged_model(lora_zero3_run):
+    _assert_trained_and_exported(*lora_zero3_run)
+
+
+def test_full_and_lora_exports_reload_in_vllm_as_the_trained_model(zero3_run, lora_zero3_run, tmp_path):
+    """The ZeRO-3 full export, the merged LoRA export and the adapter served on the base model, each
+    loaded by vLLM's offline engine, give the trained model's greedy tokens and log-probabilities."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jobs.finetune import ADAPTER_DIR
+    from jobs.train_loop import PROBE_FILE, PROBE_IDS
+    from tests.conftest import REPO
+
+    records = {"full": zero3_run[2], "lora": lora_zero3_run[2]}
+    base_dir = zero3_run[1]
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        base_probe = torch.log_softmax(base(input_ids=PROBE_IDS).logits[0, -1], dim=-1)
+
+    tokenizer = AutoTokenizer.from_pretrained(records["full"]["model_dir"])
+    prompts = [PROBE_IDS[0].tolist(), tokenizer("The flight was delayed again and")["input_ids"]]
+    spec = {"prompts": prompts, "max_tokens": VLLM_MAX_TOKENS, "models": [
+        {"name": "full", "path": records["full"]["model_dir"]},
+        {"name": "lora_merged", "path": records["lora"]["model_dir"]},
+        {"name": "lora_adapter", "path": str(base_dir), "lora": str(Path(records["lora"]["model_dir"]) / ADAPTER_DIR)}]}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    # vLLM's offline engine in its own process, off the test cluster: it must not join Ray.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")} | {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    finished = subprocess.run([sys.executable, "-m", "tests.vllm_outputs", str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
+                              cwd=REPO, env=env, timeout=900, capture_output=True, text=True)
+    assert finished.returncode == 0, f"vLLM run failed ({finished.returncode}):\n{finished.stderr[-4000:]}"
+    served = json.loads((tmp_path / "out.json").read_text())
+
+    for name, export in (("full", "full"), ("lora_merged", "lora"), ("lora_adapter", "lora")):
+        record = records[export]
+        # The trained model's own next-token distribution on the probe, saved by the workers.
+        trained = torch.log_softmax(torch.load(f"{record['checkpoint_path']}/{PROBE_FILE}").float(), dim=-1)
+        assert not torch.allclose(trained, base_probe, atol=1e-3), name  # training changed the model
+        first = served[name][0]
+        assert first["tokens"][0] == int(trained.argmax()), name
+        assert first["logprobs"][0] == pytest.approx(float(trained[first["tokens"][0]]), abs=2e-3), name
+        # Every greedy step, teacher-forced through the export in transformers.
+        model = AutoModelForCausalLM.from_pretrained(record["model_dir"], dtype=torch.float32).eval()
+        for prompt, out in zip(prompts, served[name]):
+            assert len(out["tokens"]) == VLLM_MAX_TOKENS
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + out["tokens"]])).logits[0]
+            logprobs = torch.log_softmax(logits[len(prompt) - 1: -1].float(), dim=-1)
+            assert logprobs.argmax(dim=-1).tolist() == out["tokens"], name
+            expected = logprobs[torch.arange(VLLM_MAX_TOKENS), torch.tensor(out["tokens"])].tolist()
+            assert out["logprobs"] == pytest.approx(expected, abs=2e-3), name
+    # The adapter served on the base model is the merged model, token for token.
+    assert [o["tokens"] for o in served["lora_adapter"]] == [o["tokens"] for o in served["lora_merged"]]
+
+
+def test_a_worker_failure_resumes_from_the_last_checkpoint_exactly(reference_run, tmp_path, tiny_model_dir, small_csv):
     """A worker raises at step 5; Ray Train restarts the group, which resumes from the step-4
     checkpoint (weights, optimizer, scheduler, RNG, data position) and ends where an
     uninterrupted run with the same seed ends."""
-    from jobs import data
-    from jobs.finetune import run_finetune
     from jobs.train_loop import FAULT_MARKER
 
-    settings = ("train.eval_every=2", "train.keep_checkpoints=1", "tracking.enabled=false")
-    uninterrupted_cfg = tiny_run_config(tmp_path / "a", tiny_model_dir, small_csv, *settings)
-    base_dir, data_dir, _ = data.prepare_run_inputs(uninterrupted_cfg)
-    uninterrupted = run_finetune(uninterrupted_cfg, base_dir, data_dir)
-
-    failing_cfg = tiny_run_config(tmp_path / "b", tiny_model_dir, small_csv, *settings, "train.fault_at_step=5")
-    base_dir, data_dir, _ = data.prepare_run_inputs(failing_cfg)
-    resumed = run_finetune(failing_cfg, base_dir, data_dir)
+    uninterrupted = reference_run[2]
+    failing_cfg, _, resumed = _train(tmp_path, tiny_model_dir, small_csv, "train.eval_every=2", "train.keep_checkpoints=1",
+                                     "tracking.enabled=false", "train.fault_at_step=5")
 
     assert (failing_cfg.run_dir / FAULT_MARKER).exists()  # the fault did fire
     assert uninterrupted["final"]["resumed_from_step"] == 0
@@ -217,21 +294,14 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
     assert registry.current() == current_before
 
 
-def test_packed_training_matches_padded_training(ray_cluster, tmp_path, tiny_model_dir, small_csv):
+def test_packed_training_matches_padded_training(reference_run, tmp_path, tiny_model_dir, small_csv):
     """Packing changes how the same examples are laid out, not what is learned: on the same data and
     steps the losses follow the padded run's, over the same real tokens."""
-    from jobs import data
-    from jobs.finetune import run_finetune
+    padded = reference_run[2]
+    _, _, packed = _train(tmp_path, tiny_model_dir, small_csv, "train.eval_every=2", "train.keep_checkpoints=1",
+                          "tracking.enabled=false", "train.packing=true", "train.packed_length=256")
 
-    settings = ("train.max_steps=4", "train.eval_every=2", "tracking.enabled=false")
-    padded_cfg = tiny_run_config(tmp_path / "padded", tiny_model_dir, small_csv, *settings)
-    base_dir, data_dir, _ = data.prepare_run_inputs(padded_cfg)
-    padded = run_finetune(padded_cfg, base_dir, data_dir)
-    packed_cfg = tiny_run_config(tmp_path / "packed", tiny_model_dir, small_csv, *settings,
-                                 "train.packing=true", "train.packed_length=256")
-    packed = run_finetune(packed_cfg, *data.prepare_run_inputs(packed_cfg)[:2])
-
-    assert [m["step"] for m in packed["history"]] == [m["step"] for m in padded["history"]] == [2, 4]
+    assert [m["step"] for m in packed["history"]] == [m["step"] for m in padded["history"]] == [2, 4, 6, 8]
     assert packed["history"][-1]["val_loss"] < packed["history"][0]["val_loss"]
     for a, b in zip(packed["history"], padded["history"]):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)

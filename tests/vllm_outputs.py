@@ -1,6 +1,6 @@
 """Greedy continuations from vLLM's offline engine, for comparing exports with the trained model.
 
-Run by tests/test_export_vllm.py in a subprocess (vLLM spawns its engine process: the
+Run by tests/test_integration.py (the exports test) in a subprocess (vLLM spawns its engine process: the
 `__main__` guard below is required, and its CPU settings are process-wide):
 
     python -m tests.vllm_outputs SPEC.json OUT.json

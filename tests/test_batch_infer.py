@@ -13,6 +13,7 @@ import torch
 from cluster.config import ConfigError, load_config
 from cluster.contracts import ModelArtifact
 from jobs.config import BatchInferConfig
+from tests.conftest import EAGER
 
 pytestmark = pytest.mark.integration
 LABELS = ["negative", "neutral", "positive"]
@@ -36,7 +37,7 @@ def model_dir(tiny_model_dir, tmp_path_factory):
 def config(model_dir, output, **input_section) -> BatchInferConfig:
     return BatchInferConfig.model_validate({
         "model_dir": str(model_dir), "output": str(output), "input": input_section, "part_rows": 4,
-        "engine": {"max_model_len": 256, "batch_size": 8}})
+        "engine": {"max_model_len": 256, "batch_size": 8, "engine_overrides": EAGER}})
 
 
 def test_config_rejects_ambiguous_or_missing_sources(tmp_path):

@@ -80,7 +80,7 @@ def test_deploy_job_serves_the_current_version(ray_cluster, tiny_model_dir, tmp_
     try:
         base_url = main(["--config", str(REPO / "configs" / "deploy.yaml"), "name=tiny", f"storage_root={tmp_path}",
                          f"endpoint.port={DEPLOY_PORT}", f"endpoint.app_name={app_name}", "endpoint.model_id=tiny-v1",
-                         "endpoint.max_model_len=256", f"endpoint.security.api_keys={json.dumps([record.model_dump()])}",
+                         "endpoint.max_model_len=256", "endpoint.engine_overrides={enforce_eager: true}", f"endpoint.security.api_keys={json.dumps([record.model_dump()])}",
                          f"endpoint.security.audit.path={tmp_path / 'audit.jsonl'}"])
         assert f"tiny {version['version']} serving as model 'tiny-v1' at {base_url}/v1" in capsys.readouterr().out
         assert requests.get(f"{base_url}/v1/models", timeout=60).status_code == 401  # no key, no answer

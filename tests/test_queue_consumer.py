@@ -16,7 +16,7 @@ import redis
 
 from cluster.config import ConfigError, load_config
 from serving.queue_consumer import ConsumerSettings, QueueConsumer
-from tests.conftest import free_port
+from tests.conftest import EAGER, free_port
 
 SERVE_PORT = 8141
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +109,7 @@ def endpoint(ray_cluster, tiny_model_dir, tmp_path_factory):
     key, record = new_api_key("queue-consumer-test", ["admin"], "lakeforge")
     audit_path = tmp_path_factory.mktemp("queue-audit") / "audit.jsonl"
     settings = EndpointSettings.model_validate({
-        "model_id": "tiny", "model_dir": str(tiny_model_dir), "port": SERVE_PORT, "max_model_len": 256,
+        "model_id": "tiny", "model_dir": str(tiny_model_dir), "port": SERVE_PORT, "max_model_len": 256, "engine_overrides": EAGER,
         "app_name": "queue-model",
         "security": {"api_keys": [record.model_dump()], "audit": {"path": str(audit_path)}}})
     yield deploy("serving.app:build_app", settings), key

@@ -22,7 +22,7 @@ import torch
 
 from cluster.contracts import EndpointSettings, ModelArtifact
 from cluster.security import new_api_key
-from tests.conftest import TEST_SERVE_PORT
+from tests.conftest import EAGER, TEST_SERVE_PORT
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +65,7 @@ def served(ray_cluster, tiny_model_dir, tmp_path_factory):
         records.append(record)
     audit_path = root / "audit.jsonl"
     settings = EndpointSettings.model_validate({
-        "model_id": "tiny", "model_dir": str(base_dir), "max_model_len": 256, "port": TEST_SERVE_PORT,
+        "model_id": "tiny", "model_dir": str(base_dir), "max_model_len": 256, "port": TEST_SERVE_PORT, "engine_overrides": EAGER,
         "app_name": "serving-test",
         "lora": {"adapters_dir": str(adapters_dir), "max_lora_rank": 8},
         # Small enough that a burst of concurrent requests overflows the gateway's queue.

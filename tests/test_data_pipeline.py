@@ -195,3 +195,24 @@ def test_an_empty_sql_source_is_a_clear_error(ray_cluster, tmp_path, tiny_model_
     with pytest.raises(ValueError, match="'warehouse'.*no such table"):
         data.prepare(DataSection(sources=[{"name": "warehouse", "path": str(database), "table": "missing"}]),
                      tiny_model_dir, tmp_path / "out")
+
+
+def test_rebalancing_oversamples_the_train_split_only_with_augmented_copies(ray_cluster, tmp_path, tiny_model_dir, small_csv):
+    cfg = DataSection(source=str(small_csv), balance={"strategy": "oversample", "seed": 5})
+    manifest = data.prepare(cfg, tiny_model_dir, tmp_path / "balanced")  # raises if the accounting does not add up
+    splits = manifest["splits"]
+    train_labels = splits["train"]["labels"]
+    assert set(train_labels) == set(cfg.labels) and len(set(train_labels.values())) == 1  # every class at the majority's size
+    assert splits["validation"]["augmented_copies"] == splits["test"]["augmented_copies"] == 0  # they measure the real mix
+    originals = sum(part["rows"] - part["augmented_copies"] for part in splits.values())
+    assert originals == manifest["counts"]["kept"]  # oversampling drops no real row
+
+    train = pd.read_parquet(tmp_path / "balanced" / "train")
+    copies = train[train["augmented"]]
+    assert len(copies) == splits["train"]["augmented_copies"] > 0
+    assert (copies["num_tokens"] > 0).all() and (copies["prompt_len"] < copies["num_tokens"]).all()  # templated like the rest
+    real = set(train.loc[~train["augmented"], "text"])
+    assert copies["text"].map(lambda text: text not in real).mean() > 0.5  # perturbed, mostly not verbatim repeats
+    real_counts = train.loc[~train["augmented"], "label"].value_counts()
+    majority = real_counts.idxmax()
+    assert train_labels[majority] == real_counts[majority] and majority not in set(copies["label"])  # copies of minorities only

@@ -43,7 +43,7 @@ def lora_zero3_run(ray_cluster, tmp_path_factory, tiny_model_dir, small_csv):
 def reference_run(ray_cluster, tmp_path_factory, tiny_model_dir, small_csv):
     """An uninterrupted, padded run with a checkpoint every 2 steps: what resumed and packed runs must match."""
     return _train(tmp_path_factory.mktemp("reference"), tiny_model_dir, small_csv,
-                  "train.eval_every=2", "train.keep_checkpoints=1", "tracking.enabled=false")
+                  "train.eval_every=2", "train.keep_checkpoints=4", "tracking.enabled=false")
 
 
 def test_data_preparation_accounts_for_every_row_and_is_cached(ray_cluster, tmp_path, tiny_model_dir, small_csv):
@@ -298,7 +298,7 @@ def test_packed_training_matches_padded_training(reference_run, tmp_path, tiny_m
     """Packing changes how the same examples are laid out, not what is learned: on the same data and
     steps the losses follow the padded run's, over the same real tokens."""
     padded = reference_run[2]
-    _, _, packed = _train(tmp_path, tiny_model_dir, small_csv, "train.eval_every=2", "train.keep_checkpoints=1",
+    _, _, packed = _train(tmp_path, tiny_model_dir, small_csv, "train.eval_every=2", "train.keep_checkpoints=4",
                           "tracking.enabled=false", "train.packing=true", "train.packed_length=256")
 
     assert [m["step"] for m in packed["history"]] == [m["step"] for m in padded["history"]] == [2, 4, 6, 8]

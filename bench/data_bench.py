@@ -46,7 +46,7 @@ def pandas_prepare(cfg: DataSection, model_dir: Path, out_dir: Path) -> dict:
     staged = templater(data._clean_batch(pd.concat(frames, ignore_index=True), cfg))
 
     valid = staged[staged["status"] == "ok"]
-    marked = pd.concat([data._mark_exact(group, cfg.labels) for _, group in valid.groupby("key", sort=False)], ignore_index=True)
+    marked = data._mark_exact_partition(valid, cfg.labels)
     clusters = []
     if cfg.near_dedup.enabled:
         near = cfg.near_dedup

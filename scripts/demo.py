@@ -41,7 +41,7 @@ def main(overrides: list[str]) -> None:
         "--", "python", "-m", "jobs.pipeline", "--config", CONFIG,
         f"storage_root={outputs}", f"model_cache={models}", *overrides,
     ]
-    print("$", " ".join(command), flush=True)
+    print("$", " ".join(command).replace(api_key, "<api key>"), flush=True)  # printed once, at the end, where it is needed
     if subprocess.run(command, env=job_client_env(), cwd=REPO).returncode != 0:
         sys.exit("the pipeline job failed: its log is above (also: ray job logs <id>)")
 

@@ -67,10 +67,11 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
     train = cfg.train
     task_dirs = {**data.task_data_dirs(cfg), cfg.primary_task.name: data_dir}
     task_names = list(task_dirs)
+    manifests = {name: json.loads((folder / data.MANIFEST).read_text()) for name, folder in task_dirs.items()}
     uri, run_id = (None, None)
     if cfg.tracking.enabled:
-        manifests = {name: json.loads((folder / data.MANIFEST).read_text()) for name, folder in task_dirs.items()}
-        uri, run_id = start_run(cfg, manifests.pop(cfg.primary_task.name), task_manifests=manifests)
+        further = {name: manifest for name, manifest in manifests.items() if name != cfg.primary_task.name}
+        uri, run_id = start_run(cfg, manifests[cfg.primary_task.name], task_manifests=further)
         print(f"[finetune] tracking: MLflow run {run_id} at {uri}")
     # Resolved on the driver, which has the S3 settings: the filesystem objects travel to the Train
     # controller and workers (other processes, other nodes).
@@ -85,16 +86,16 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
     if cfg.tasks:
         # Exactly the examples max_steps optimizer steps consume, each task its weighted share;
         # validation: up to max_validation_examples of every task, tagged with its task id.
-        rows = [json.loads((folder / data.MANIFEST).read_text())["splits"]["train"]["rows"] for folder in task_dirs.values()]
+        rows = [manifests[name]["splits"]["train"]["rows"] for name in task_names]
         examples = train.max_steps * train.micro_batch_size * train.gradient_accumulation_steps * train.num_workers
         train_split, counts = data.mixture_dataset(
             [data.split_dataset(folder, "train") for folder in task_dirs.values()], rows,
             [weight for _, weight in cfg.mixture()], examples, train.seed)
-        validation_split = data.split_dataset(data_dir, "validation").limit(train.max_validation_examples).map_batches(
-            lambda batch: batch.assign(task_id=0), batch_format="pandas").union(*(
-                data.split_dataset(folder, "validation").limit(train.max_validation_examples).map_batches(
-                    lambda batch, task_id=task_id: batch.assign(task_id=task_id), batch_format="pandas")
-                for task_id, folder in enumerate(list(task_dirs.values())[1:], start=1)))
+        primary, *further = [
+            data.split_dataset(folder, "validation").limit(train.max_validation_examples).map_batches(
+                lambda batch, task_id=task_id: batch.assign(task_id=task_id), batch_format="pandas")
+            for task_id, folder in enumerate(task_dirs.values())]
+        validation_split = primary.union(*further)
         mixture = {"weights": dict(cfg.mixture()), "train_rows": dict(zip(task_names, rows)),
                    "planned_examples": dict(zip(task_names, counts))}
         print(f"[finetune] task mixture: {mixture['planned_examples']} examples of {examples}")

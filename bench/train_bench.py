@@ -2,7 +2,11 @@
 
 1. Useful tokens/s (non-padding tokens through forward+backward+step) of the 2-worker Ray Train +
    DeepSpeed job vs a plain single-process PyTorch loop with the same model, data order, batch
-   sizes, optimizer, steps and total threads (2 workers x 1 thread vs 1 process x 2 threads).
+   sizes, optimizer, steps and total threads (2 workers x 1 thread vs 1 process x 2 threads):
+   at the demo's global batch (32 examples) with ZeRO-2 (as the demo runs) and ZeRO-1, and at a
+   global batch of 128 with ZeRO-1. Both over all steps and "steady" (without the first step,
+   which on the Ray side waits for the data pipeline's first batch; both sides allocate the
+   optimizer state in it).
 2. Peak memory per worker (peak RSS on CPU) for ZeRO-1/2/3 full fine-tuning and for LoRA.
 3. Sequence packing vs padding on the tweets: the share of computed token slots that are real
    (non-padding) tokens over the whole train split, and useful tokens/s of the same 2-worker job
@@ -56,6 +60,7 @@ def plain_pytorch_tokens_per_s(cfg: RunConfig, base_dir: Path, data_dir: Path) -
     micro_batches = [rows.iloc[i: i + train.micro_batch_size] for i in range(0, len(rows), train.micro_batch_size)]
     accumulation = global_batch // train.micro_batch_size
     tokens, started = 0, time.perf_counter()
+    first_step = None  # (tokens, seconds) when the first optimizer step is done
     for index, frame in enumerate(micro_batches):
         batch = collate({"input_ids": frame["input_ids"].to_numpy(), "prompt_len": frame["prompt_len"].to_numpy()},
                         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
@@ -65,8 +70,10 @@ def plain_pytorch_tokens_per_s(cfg: RunConfig, base_dir: Path, data_dir: Path) -
             torch.nn.utils.clip_grad_norm_(model.parameters(), train.gradient_clipping)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            first_step = first_step or (tokens, time.perf_counter() - started)
     seconds = time.perf_counter() - started
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "steady_tokens_per_s": (tokens - first_step[0]) / (seconds - first_step[1]) if train.max_steps > 1 else None,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -122,7 +129,7 @@ def main() -> None:
         result["packing"] = packing_bench(args.steps, base_dir, data_dir)
         write_results(result)
     if "throughput" in args.parts:
-        result["throughput"] = throughput_bench(cfg, base_dir, data_dir)
+        result["throughput"] = throughput_bench(args.steps, base_dir, data_dir)
         write_results(result)
     if "memory" in args.parts:
         result["peak_memory"] = memory_bench(base_dir, data_dir)
@@ -136,17 +143,27 @@ def write_results(result: dict) -> None:
     print(f"[bench] results: {RESULTS_FILE}")
 
 
-def throughput_bench(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
-    ray_run = run_finetune(cfg, base_dir, data_dir)
-    plain = plain_pytorch_tokens_per_s(cfg, base_dir, data_dir)
-    throughput = {
-        "ray_train_deepspeed_2_workers": {"tokens_per_s": ray_run["tokens_per_s"], "tokens": ray_run["train_tokens"]},
-        "plain_pytorch_1_process": plain,
-        "ratio_ray_over_plain": ray_run["tokens_per_s"] / plain["tokens_per_s"],
-        "overhead": 1 - ray_run["tokens_per_s"] / plain["tokens_per_s"],
-    }
-    print(f"[bench] useful tokens/s: Ray Train + DeepSpeed (2 workers x 1 thread) {ray_run['tokens_per_s']:.1f}, "
-          f"plain PyTorch (1 process x 2 threads) {plain['tokens_per_s']:.1f}: ratio {throughput['ratio_ray_over_plain']:.2f}")
+def throughput_bench(steps: int, base_dir: Path, data_dir: Path) -> dict:
+    """Plain PyTorch and the Ray Train + DeepSpeed job at each global batch, in one run."""
+    throughput = {}
+    for accumulation, stages in ((2, (2, 1)), (8, (1,))):
+        batch_overrides = [f"train.gradient_accumulation_steps={accumulation}"]
+        cfg = bench_config(steps, *batch_overrides)
+        global_batch = cfg.train.micro_batch_size * accumulation * cfg.train.num_workers
+        plain = plain_pytorch_tokens_per_s(cfg, base_dir, data_dir)
+        runs = {"plain_pytorch_1_process": plain}
+        for stage in stages:
+            record = run_finetune(bench_config(steps, *batch_overrides, f"train.zero_stage={stage}"), base_dir, data_dir)
+            runs[f"ray_train_deepspeed_zero{stage}_2_workers"] = {
+                key: record[key] for key in ("tokens_per_s", "steady_tokens_per_s", "first_batch_seconds", "train_tokens")}
+            for measure in ("tokens_per_s", "steady_tokens_per_s"):
+                runs[f"zero{stage}_ratio_{measure}"] = record[measure] / plain[measure]
+            print(f"[bench] global batch {global_batch}, useful tokens/s, all {steps} steps / steady (without step 1): "
+                  f"Ray Train + DeepSpeed ZeRO-{stage} (2 workers x 1 thread) {record['tokens_per_s']:.1f} / "
+                  f"{record['steady_tokens_per_s']:.1f}, plain PyTorch (1 process x 2 threads) {plain['tokens_per_s']:.1f} / "
+                  f"{plain['steady_tokens_per_s']:.1f}: ratios {runs[f'zero{stage}_ratio_tokens_per_s']:.2f} / "
+                  f"{runs[f'zero{stage}_ratio_steady_tokens_per_s']:.2f}; first batch after {record['first_batch_seconds']:.1f} s")
+        throughput[f"global_batch_{global_batch}"] = runs
     return throughput
 
 

@@ -151,6 +151,9 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
         "best_step": best_metrics["step"],
         "best_val_loss": best_metrics["val_loss"],
         "tokens_per_s": result.metrics["tokens_per_s"],
+        # Without each attempt's first step (data pipeline start-up, optimizer state allocation).
+        "steady_tokens_per_s": result.metrics["steady_tokens_per_s"],
+        "first_batch_seconds": result.metrics["first_batch_seconds"],
         "train_tokens": result.metrics["train_tokens"],
         "history": [metrics for _, metrics in sorted(result.best_checkpoints, key=lambda pair: pair[1]["step"])],
         "wall_seconds": wall_seconds,

@@ -327,7 +327,7 @@ def train_loop_per_worker(config: dict) -> None:
     # position all come back, so the run continues as if it had never stopped.
     checkpoint = ray.train.get_checkpoint() or config["resume_checkpoint"]
     position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "total_tokens": 0.0, "total_slots": 0.0, "compute_seconds": 0.0,
-                "task_examples": [0.0] * len(task_names)}
+                "warmup_tokens": 0.0, "warmup_seconds": 0.0, "task_examples": [0.0] * len(task_names)}
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             _, client_state = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
@@ -345,6 +345,10 @@ def train_loop_per_worker(config: dict) -> None:
     # All workers' tokens; time spent in training steps only.
     # Slots: token positions computed, padding included (packing makes them fewer for the same tokens).
     total_tokens, total_slots, compute_seconds = position["total_tokens"], position["total_slots"], position["compute_seconds"]
+    # Each attempt's first logged window also waits for the data pipeline's first batch and
+    # allocates the optimizer state: steady_tokens_per_s leaves those windows out.
+    warmup_tokens, warmup_seconds = position.get("warmup_tokens", 0.0), position.get("warmup_seconds", 0.0)
+    first_window, first_batch_seconds = True, None
     window_loss, window_micro, window_tokens, window_slots = 0.0, 0, 0, 0
     # Training examples per task: all workers' count at the checkpoint resumed from, plus this worker's since.
     task_examples_before = position.get("task_examples", [0.0] * len(task_names))
@@ -352,6 +356,8 @@ def train_loop_per_worker(config: dict) -> None:
     window_start = run_start = time.perf_counter()
     while step < train["max_steps"]:
         for batch_index, batch in enumerate(batches()):
+            if first_batch_seconds is None:
+                first_batch_seconds = time.perf_counter() - run_start
             if batch_index < skip_batches:
                 continue  # consumed before the checkpoint this run resumed from (same order: no shuffle)
             if multi_task:
@@ -389,6 +395,8 @@ def train_loop_per_worker(config: dict) -> None:
                 total_tokens += tokens
                 total_slots += slots
                 compute_seconds += elapsed
+                if first_window:
+                    warmup_tokens, warmup_seconds, first_window = warmup_tokens + tokens, warmup_seconds + elapsed, False
                 window_loss, window_micro, window_tokens, window_slots = 0.0, 0, 0, 0
                 window_start = time.perf_counter()
 
@@ -409,6 +417,9 @@ def train_loop_per_worker(config: dict) -> None:
                     "step": step, "epoch": epoch, "resumed_from_step": resumed_from_step, "precision": precision, "val_loss": val_loss, "train_loss": last_train_loss,
                     "train_tokens": total_tokens, "non_padding_share": total_tokens / max(total_slots, 1), "worker_nodes": worker_nodes,
                     "tokens_per_s": total_tokens / max(compute_seconds, 1e-9),
+                    "steady_tokens_per_s": (total_tokens - warmup_tokens) / (compute_seconds - warmup_seconds)
+                    if compute_seconds > warmup_seconds else None,
+                    "first_batch_seconds": first_batch_seconds,
                     "train_seconds": time.perf_counter() - run_start, "peak_memory_gib_max_worker": memory,
                     "mfu": total_tokens / max(compute_seconds, 1e-9) * flops_per_token / (peak_flops * world_size),
                     **per_task,
@@ -416,7 +427,7 @@ def train_loop_per_worker(config: dict) -> None:
                 with tempfile.TemporaryDirectory() as folder:
                     position = {"step": step, "epoch": epoch, "batches_in_epoch": batch_index + 1,
                                 "total_tokens": total_tokens, "total_slots": total_slots, "compute_seconds": compute_seconds,
-                                "task_examples": seen}
+                                "warmup_tokens": warmup_tokens, "warmup_seconds": warmup_seconds, "task_examples": seen}
                     _save_checkpoint(engine, train["zero_stage"], tokenizer, Path(folder), rank, device, position)
                     # report() is not a barrier (ray PR #42422): wait until every shard is on disk.
                     torch.distributed.barrier()

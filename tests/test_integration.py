@@ -94,6 +94,14 @@ def test_zero3_training_lowers_loss_and_exports_weights_that_reload(zero3_run):
     run_id = record["tracking"]["run_id"]
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [4, 8]
     assert len(client.get_metric_history(run_id, "train_loss")) == 8
+    # tokens/s over all steps, and steady (without step 1, which waited for the first batch), agree
+    # with the per-step history: tokens = tokens/s x seconds of each step.
+    history_of = lambda key: sorted(client.get_metric_history(run_id, key), key=lambda metric: metric.step)  # noqa: E731
+    per_step = [(tps.value, seconds.value) for tps, seconds in zip(history_of("tokens_per_s"), history_of("step_seconds"))]
+    assert record["tokens_per_s"] == pytest.approx(sum(t * s for t, s in per_step) / sum(s for _, s in per_step), rel=1e-6)
+    assert record["steady_tokens_per_s"] == pytest.approx(
+        sum(t * s for t, s in per_step[1:]) / sum(s for _, s in per_step[1:]), rel=1e-6)
+    assert 0 < record["first_batch_seconds"] < per_step[0][1]
     assert {"config.json", "data_manifest.json", "code_version.json"} <= {a.path for a in client.list_artifacts(run_id)}
     assert client.get_run(run_id).info.status == "FINISHED"
     # Independently of the job's own check: the exported folder reproduces the trained model.

@@ -13,7 +13,9 @@ At-least-once: an entry read but not acknowledged (the consumer died, the endpoi
 pending in the group, and after `claim_idle_ms` any live consumer takes it over with XAUTOCLAIM and
 answers it. A poison entry (malformed, rejected by the endpoint with a 4xx, or delivered more than
 `max_deliveries` times) goes to the dead-letter stream with the reason, is acknowledged, and is
-never retried forever.
+never retried forever. An endpoint that refuses the consumer's own API key (401/403) stops the
+consumer instead: no request is at fault, so none is dead-lettered, and every entry stays pending
+for a consumer with a working key.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ class PoisonMessage(Exception):
     """An entry that can never be answered: dead-letter it."""
 
 
+class CredentialsRefused(RuntimeError):
+    """The endpoint refused this consumer's API key: no entry can be answered until the key is fixed."""
+
+
 class QueueConsumer:
     def __init__(self, settings: ConsumerSettings, name: str | None = None):
         self.settings = settings
@@ -94,8 +100,9 @@ class QueueConsumer:
         body["stream"] = False
         reply = self.http.post(f"{self.settings.base_url}/v1/chat/completions", json=body,
                                headers={"Authorization": f"Bearer {self.api_key}"}, timeout=self.settings.request_timeout_s)
-        if reply.status_code in (401, 403):  # our credentials, not the message: retry after the key is fixed
-            raise RuntimeError(f"endpoint refused the consumer's credentials: {reply.status_code} {reply.text[:200]}")
+        if reply.status_code in (401, 403):
+            raise CredentialsRefused(f"endpoint {self.settings.base_url} refused the consumer's API key: "
+                                     f"{reply.status_code} {reply.text[:200]}")
         if 400 <= reply.status_code < 500 and reply.status_code not in (408, 429):
             raise PoisonMessage(f"endpoint rejected the request: {reply.status_code} {reply.text[:500]}")
         reply.raise_for_status()  # 5xx, 408, 429: transient, the entry stays pending and is retried
@@ -116,6 +123,8 @@ class QueueConsumer:
                                 {**fields, **envelope, "reason": str(poison), "deliveries": deliveries})
             self.counts["dead_lettered"] += 1
             return
+        except CredentialsRefused:
+            raise  # the consumer's fault, not the entry's: it stays pending and this consumer stops
         except (requests.RequestException, RuntimeError, ValueError) as error:
             # Not acknowledged: the entry stays pending and comes back through XAUTOCLAIM.
             self.last_error[entry_id] = repr(error)[:500]
@@ -154,6 +163,7 @@ class QueueConsumer:
         return len(entries)
 
     def run(self, stop: threading.Event | None = None) -> None:
+        """Handle entries until `stop` is set; raises CredentialsRefused if the endpoint refuses the key."""
         stop = stop or threading.Event()
         while not stop.is_set():
             try:
@@ -172,12 +182,20 @@ class QueueConsumerDeployment:
         replica = serve.get_replica_context().replica_id.unique_id
         self.consumer = QueueConsumer(ConsumerSettings.model_validate(args), name=f"serve-{replica}")
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.consumer.run, args=(self.stop,), daemon=True)
+        self.stopped_by: Exception | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.consumer.run(self.stop)
+        except Exception as error:  # kept for the health check, which Serve logs and acts on
+            self.stopped_by = error
+            raise
 
     def check_health(self) -> None:
         if not self.thread.is_alive():
-            raise RuntimeError("the consumer loop has stopped")
+            raise RuntimeError(f"the consumer loop has stopped: {self.stopped_by!r}")
 
     def stats(self) -> dict:
         return {"consumer": self.consumer.name, **self.consumer.counts}
@@ -198,7 +216,11 @@ def main(argv: list[str] | None = None) -> None:
 
     consumer = QueueConsumer(load_config_or_exit(ConsumerSettings, argv))
     print(f"[queue_consumer] {consumer.name} reading {consumer.settings.request_stream}", flush=True)
-    consumer.run()
+    try:
+        consumer.run()
+    except CredentialsRefused as error:
+        raise SystemExit(f"[queue_consumer] stopped: {error}; unanswered requests stay pending in "
+                         f"{consumer.settings.request_stream}") from None
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from cluster.config import ConfigError, load_config
-from serving.queue_consumer import ConsumerSettings, QueueConsumer
+from serving.queue_consumer import ConsumerSettings, CredentialsRefused, QueueConsumer
 from tests.conftest import EAGER, free_port
 
 SERVE_PORT = 8141
@@ -94,6 +94,36 @@ def test_a_request_failing_every_delivery_is_dead_lettered_after_max_deliveries(
     assert dead[0]["request_id"] == "r0" and dead[0]["correlation_id"] == "crm-0" and dead[0]["deliveries"] == "4"
     assert "delivered 4 times (max_deliveries=3)" in dead[0]["reason"] and "ConnectionError" in dead[0]["reason"]
     assert client.xpending(settings["request_stream"], "g")["pending"] == 0 and client.xlen(settings["result_stream"]) == 0
+
+
+def test_a_refused_api_key_stops_the_consumer_and_dead_letters_nothing(redis_server):
+    """401/403 is the consumer's fault, not the requests': they all stay pending, none is dead-lettered."""
+    import http.server
+    import threading
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(401)
+            self.end_headers()
+            self.wfile.write(b'{"error": "invalid API key"}')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = settings_for(redis_server, base_url=f"http://127.0.0.1:{server.server_port}", claim_idle_ms=20, max_deliveries=1)
+        consumer = QueueConsumer(ConsumerSettings.model_validate(settings))
+        client = redis.Redis.from_url(redis_server, decode_responses=True)
+        send(client, settings, 3)
+        with pytest.raises(CredentialsRefused, match="refused the consumer's API key: 401"):
+            consumer.step()  # raised out of run() too (it only rides out Redis outages): the loop stops
+    finally:
+        server.shutdown()
+    assert client.xpending(settings["request_stream"], "g")["pending"] == 3  # read, not acknowledged: safe
+    assert client.xlen(settings["dead_letter_stream"]) == 0 and client.xlen(settings["result_stream"]) == 0
+    assert consumer.counts == {"answered": 0, "dead_lettered": 0, "failed_attempts": 0}
 
 
 @pytest.fixture(scope="module")

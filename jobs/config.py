@@ -124,6 +124,9 @@ class DataSection(StrictModel):
     test_fraction: float = Field(default=0.10, gt=0, lt=0.5, description="Share of each class held out for the final test; never trained on or used to pick checkpoints.")
     split_seed: int = Field(default=0, description="Seed of the hash that assigns rows to splits (same seed, same split).")
     max_seq_len: int = Field(default=256, ge=16, description="Longest templated example in tokens; longer ones are filtered (too_long) and counted.")
+    tokenizer_actors: int = Field(
+        default=1, ge=1, description="Ray Data actors templating and tokenizing in parallel, each holding a tokenizer; "
+        "1 suits a laptop, raise it on clusters with spare cores (the output order does not depend on it).")
 
     @field_validator("labels")
     @classmethod

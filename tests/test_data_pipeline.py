@@ -198,7 +198,8 @@ def test_an_empty_sql_source_is_a_clear_error(ray_cluster, tmp_path, tiny_model_
 
 
 def test_rebalancing_oversamples_the_train_split_only_with_augmented_copies(ray_cluster, tmp_path, tiny_model_dir, small_csv):
-    cfg = DataSection(source=str(small_csv), balance={"strategy": "oversample", "seed": 5})
+    # Two tokenizer actors in both templating passes (staging and the copies): the pool, not one actor.
+    cfg = DataSection(source=str(small_csv), balance={"strategy": "oversample", "seed": 5}, tokenizer_actors=2)
     manifest = data.prepare(cfg, tiny_model_dir, tmp_path / "balanced")  # raises if the accounting does not add up
     splits = manifest["splits"]
     train_labels = splits["train"]["labels"]

@@ -72,6 +72,8 @@ def test_data_preparation_accounts_for_every_row_and_is_cached(ray_cluster, tmp_
 
     stamp = (data_dir / data.MANIFEST).stat().st_mtime_ns
     assert data.prepare_run_inputs(cfg)[2] == manifest
+    more_actors = tiny_run_config(tmp_path, tiny_model_dir, small_csv, "data.tokenizer_actors=3")
+    assert data.prepare_run_inputs(more_actors)[2] == manifest  # how many actors tokenize does not change the shards
     assert (data_dir / data.MANIFEST).stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 

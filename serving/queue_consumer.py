@@ -13,9 +13,10 @@ At-least-once: an entry read but not acknowledged (the consumer died, the endpoi
 pending in the group, and after `claim_idle_ms` any live consumer takes it over with XAUTOCLAIM and
 answers it. A poison entry (malformed, rejected by the endpoint with a 4xx, or delivered more than
 `max_deliveries` times) goes to the dead-letter stream with the reason, is acknowledged, and is
-never retried forever. An endpoint that refuses the consumer's own API key (401/403) stops the
-consumer instead: no request is at fault, so none is dead-lettered, and every entry stays pending
-for a consumer with a working key.
+never retried forever. An endpoint that refuses the consumer's own API key (401, or 403 on the
+consumer's own model) stops the consumer instead: no request is at fault, so none is dead-lettered,
+and every entry stays pending for a consumer with a working key. A 403 for a model a request names
+itself is that request's fault: it is dead-lettered.
 """
 
 from __future__ import annotations
@@ -96,11 +97,11 @@ class QueueConsumer:
             raise PoisonMessage(f"malformed request: body is not JSON ({error!r})") from None
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             raise PoisonMessage("malformed request: body must be a JSON object with a 'messages' list")
-        body.setdefault("model", self.settings.model)
+        requested_model = body.setdefault("model", self.settings.model)
         body["stream"] = False
         reply = self.http.post(f"{self.settings.base_url}/v1/chat/completions", json=body,
                                headers={"Authorization": f"Bearer {self.api_key}"}, timeout=self.settings.request_timeout_s)
-        if reply.status_code in (401, 403):
+        if reply.status_code == 401 or (reply.status_code == 403 and requested_model == self.settings.model):
             raise CredentialsRefused(f"endpoint {self.settings.base_url} refused the consumer's API key: "
                                      f"{reply.status_code} {reply.text[:200]}")
         if 400 <= reply.status_code < 500 and reply.status_code not in (408, 429):

@@ -96,16 +96,19 @@ def test_a_request_failing_every_delivery_is_dead_lettered_after_max_deliveries(
     assert client.xpending(settings["request_stream"], "g")["pending"] == 0 and client.xlen(settings["result_stream"]) == 0
 
 
-def test_a_refused_api_key_stops_the_consumer_and_dead_letters_nothing(redis_server):
-    """401/403 is the consumer's fault, not the requests': they all stay pending, none is dead-lettered."""
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_api_key_stops_the_consumer_and_dead_letters_nothing(redis_server, status):
+    """401, or 403 on the consumer's own model, is the consumer's fault: it stops, the requests stay
+    pending. A 403 for a model one request names itself is that request's fault: dead-lettered."""
     import http.server
     import threading
 
     class Refusing(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
-            self.send_response(401)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(status)
             self.end_headers()
-            self.wfile.write(b'{"error": "invalid API key"}')
+            self.wfile.write(b'{"error": "refused"}')
 
         def log_message(self, *args):
             pass
@@ -113,17 +116,21 @@ def test_a_refused_api_key_stops_the_consumer_and_dead_letters_nothing(redis_ser
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        settings = settings_for(redis_server, base_url=f"http://127.0.0.1:{server.server_port}", claim_idle_ms=20, max_deliveries=1)
+        settings = settings_for(redis_server, base_url=f"http://127.0.0.1:{server.server_port}")
         consumer = QueueConsumer(ConsumerSettings.model_validate(settings))
         client = redis.Redis.from_url(redis_server, decode_responses=True)
-        send(client, settings, 3)
-        with pytest.raises(CredentialsRefused, match="refused the consumer's API key: 401"):
+        other = {"model": "a-model-the-key-may-not-use", "messages": [{"role": "user", "content": "hi"}]}
+        client.xadd(settings["request_stream"], {"request_id": "names-another-model", "body": json.dumps(other)})
+        send(client, settings, 2)
+        with pytest.raises(CredentialsRefused, match=f"refused the consumer's API key: {status}"):
             consumer.step()  # raised out of run() too (it only rides out Redis outages): the loop stops
     finally:
         server.shutdown()
-    assert client.xpending(settings["request_stream"], "g")["pending"] == 3  # read, not acknowledged: safe
-    assert client.xlen(settings["dead_letter_stream"]) == 0 and client.xlen(settings["result_stream"]) == 0
-    assert consumer.counts == {"answered": 0, "dead_lettered": 0, "failed_attempts": 0}
+    dead = [entry["request_id"] for entry in entries(client, settings["dead_letter_stream"])]
+    assert dead == (["names-another-model"] if status == 403 else [])
+    # Read, not acknowledged: safe for a consumer with a working key (on 401 the first entry stopped it).
+    assert client.xpending(settings["request_stream"], "g")["pending"] == 3 - len(dead)
+    assert client.xlen(settings["result_stream"]) == 0 and consumer.counts["failed_attempts"] == 0
 
 
 @pytest.fixture(scope="module")

@@ -71,8 +71,9 @@ class PoisonMessage(Exception):
     """An entry that can never be answered: dead-letter it."""
 
 
-class CredentialsRefused(RuntimeError):
-    """The endpoint refused this consumer's API key: no entry can be answered until the key is fixed."""
+class CredentialsRefused(Exception):
+    """The endpoint refused this consumer's API key: no entry can be answered until the key is fixed.
+    Not a RuntimeError, so `handle` lets it through: the entry stays pending and the consumer stops."""
 
 
 class QueueConsumer:
@@ -124,8 +125,6 @@ class QueueConsumer:
                                 {**fields, **envelope, "reason": str(poison), "deliveries": deliveries})
             self.counts["dead_lettered"] += 1
             return
-        except CredentialsRefused:
-            raise  # the consumer's fault, not the entry's: it stays pending and this consumer stops
         except (requests.RequestException, RuntimeError, ValueError) as error:
             # Not acknowledged: the entry stays pending and comes back through XAUTOCLAIM.
             self.last_error[entry_id] = repr(error)[:500]

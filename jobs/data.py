@@ -390,6 +390,11 @@ def read_source(source: SourceSection, cfg: DataSection) -> ray.data.Dataset:
             _read_files, batch_size=1, batch_format="pandas",
             fn_kwargs={"filesystem": filesystem, "kind": kind, "source": source.name, "columns": columns,
                        "invalid_utf8": cfg.invalid_utf8})
+    if cfg.sample_every:
+        every = cfg.sample_every
+        # numpy: the staged frame's Arrow-backed integer column has no `%` in pandas.
+        ds = ds.map_batches(lambda rows: rows[rows["source_row"].to_numpy(dtype=np.int64) % every == 0],
+                            batch_format="pandas")
     return ds.limit(cfg.limit_rows) if cfg.limit_rows else ds
 
 

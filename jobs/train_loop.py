@@ -8,6 +8,7 @@ DeepSpeed picks its accelerator from the machine.
 from __future__ import annotations
 
 import copy
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +17,15 @@ import numpy as np
 import torch
 
 from jobs.tracking import MetricLogger
+
+
+def say(message: str) -> None:
+    """One console line from a training worker.
+
+    Ray Train patches `print` on its workers to log each call *and* echo it to the wrapped stdout,
+    so every line reached the job's log twice; the process's own stdout takes it once.
+    """
+    print(message, file=sys.__stdout__, flush=True)
 
 HF_EXPORT_DIR = "hf_model"
 DEEPSPEED_TAG = "deepspeed"
@@ -123,7 +133,8 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, packed_length: int | None
     Multi-task batches (a `task_id` column) also get `task_ids`, each token's task (-1 on
     padding), for per-task validation loss, and `example_tasks`, each example's task.
     """
-    examples = [torch.as_tensor(np.asarray(ids, dtype=np.int64)) for ids in batch["input_ids"]]
+    # torch.tensor copies: Arrow hands read-only arrays, which torch.as_tensor would share (and warn about).
+    examples = [torch.tensor(ids, dtype=torch.int64) for ids in batch["input_ids"]]
     masks = batch.get("loss_mask")
     rows = [[index] for index in range(len(examples))]
     if packed_length is not None:
@@ -307,9 +318,9 @@ def train_loop_per_worker(config: dict) -> None:
     peak_flops = train["peak_flops_per_worker"] or measure_peak_flops(device, dtype)
     tracker = MetricLogger(config["tracking_uri"], config["tracking_run_id"]) if rank == 0 else MetricLogger(None, None)
     if rank == 0:
-        print(f"[train] method {train['method']}, precision {precision}: "
-              f"{trainable_count:,} of {total_count:,} parameters trainable; "
-              f"{flops_per_token / 1e9:.2f} GFLOP per token, peak {peak_flops / 1e9:.1f} GFLOP/s per worker", flush=True)
+        say(f"[train] method {train['method']}, precision {precision}: "
+            f"{trainable_count:,} of {total_count:,} parameters trainable; "
+            f"{flops_per_token / 1e9:.2f} GFLOP per token, peak {peak_flops / 1e9:.1f} GFLOP/s per worker")
 
     # Where each rank runs (Ray node ids), reported with the metrics: placement is checkable.
     worker_nodes = [None] * world_size
@@ -334,8 +345,8 @@ def train_loop_per_worker(config: dict) -> None:
             position = client_state["position"]
             torch.set_rng_state(torch.load(Path(folder) / f"rng_rank{rank}.pt"))
         if rank == 0:
-            print(f"[train] resumed from step {position['step']} (epoch {position['epoch']}, "
-                  f"{position['batches_in_epoch']} micro-batches into it)", flush=True)
+            say(f"[train] resumed from step {position['step']} (epoch {position['epoch']}, "
+                f"{position['batches_in_epoch']} micro-batches into it)")
 
     fault_marker = Path(config["storage_dir"]) / FAULT_MARKER
     resumed_from_step = position["step"]
@@ -366,7 +377,7 @@ def train_loop_per_worker(config: dict) -> None:
             loss = answer_loss(engine, batch)
             engine.backward(loss)
             engine.step()
-            window_loss += float(loss)
+            window_loss += loss.detach().item()  # detached: torch warns on a scalar taken from a tensor that requires grad
             window_micro += 1
             window_tokens += int(batch["attention_mask"].sum())
             window_slots += batch["attention_mask"].numel()
@@ -384,9 +395,9 @@ def train_loop_per_worker(config: dict) -> None:
                 steps_in_window = step - step_at_window_start
                 mfu = tokens / elapsed * flops_per_token / (peak_flops * world_size)
                 if rank == 0:
-                    print(f"[train] step {step}/{train['max_steps']} epoch {epoch} loss {loss_sum / micro:.4f} "
-                          f"lr {engine.get_lr()[0]:.2e} tokens/s {tokens / elapsed:.0f} MFU {mfu:.1%} "
-                          f"peak mem {memory:.2f} GiB elapsed {time.perf_counter() - run_start:.0f}s", flush=True)
+                    say(f"[train] step {step}/{train['max_steps']} epoch {epoch} loss {loss_sum / micro:.4f} "
+                        f"lr {engine.get_lr()[0]:.2e} tokens/s {tokens / elapsed:.0f} MFU {mfu:.1%} "
+                        f"peak mem {memory:.2f} GiB elapsed {time.perf_counter() - run_start:.0f}s")
                     tracker.log({"train_loss": loss_sum / micro, "learning_rate": engine.get_lr()[0],
                                  "tokens_per_s": tokens / elapsed, "step_seconds": elapsed / max(steps_in_window, 1),
                                  "mfu": mfu, "peak_memory_gib_max_worker": memory}, step)
@@ -411,7 +422,7 @@ def train_loop_per_worker(config: dict) -> None:
                                 **{f"train_examples/{name}": n for name, n in zip(task_names, seen)}}
                 if rank == 0:
                     by_task = "".join(f" {name} {loss:.4f}" for name, loss in zip(task_names, task_losses)) if multi_task else ""
-                    print(f"[train] step {step} validation loss {val_loss:.4f}{by_task}", flush=True)
+                    say(f"[train] step {step} validation loss {val_loss:.4f}{by_task}")
                     tracker.log({"val_loss": val_loss, **per_task}, step)
                 metrics = {
                     "step": step, "epoch": epoch, "resumed_from_step": resumed_from_step, "precision": precision, "val_loss": val_loss, "train_loss": last_train_loss,

@@ -3,6 +3,11 @@
 Does exactly what a user does against a remote cluster: `ray job submit --working-dir .`
 (without the venv, models, data or outputs), following the job's logs; then classifies a few
 messages through the endpoint with the official `openai` client and leaves it running.
+
+    python scripts/demo.py [--smoke] [key=value overrides of the run config ...]
+
+`--smoke` (`make demo-smoke`, run by CI): the same path on the tiny random model and a few hundred
+rows, in a few minutes; it checks the path works, not what the model learns.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ from pathlib import Path
 
 import openai
 
+from cluster.config import load_config_or_exit
 from cluster.contracts import ModelArtifact
 from cluster.endpoints import LOCAL_KEY_ENV
 from cluster.security import new_api_key
-from cluster.ray_cluster import WORKING_DIR_EXCLUDES, ray_cli, job_client_env, start_local_head
+from cluster.ray_cluster import WORKING_DIR_EXCLUDES, ray_cli, job_client_env, local_head_running, start_local_head
+from jobs.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/airline_sentiment.yaml"
@@ -28,24 +35,41 @@ MESSAGES = [
     "@SouthwestAir what time does the first flight from Dallas to Austin leave on Monday?",
     "@JetBlue my bag is lost and your call center hung up on me twice",
 ]
+# The tiny model's settings of the tests (tests/conftest.py), on every 60th tweet of the same corpus.
+SMOKE_OVERRIDES = [
+    "name=demo_smoke", "model.base=tiny-random", "data.sample_every=60",
+    "train.micro_batch_size=4", "train.gradient_accumulation_steps=1", "train.learning_rate=2e-3",
+    "train.warmup_steps=1", "train.max_steps=4", "train.eval_every=2", "train.max_validation_examples=16",
+    "eval.max_test_examples=24", "serve.check_examples=2", "serve.deploy_unpromoted=true",
+    "serve.endpoint.model_id=demo-smoke", "serve.endpoint.max_model_len=256",
+    "serve.endpoint.engine_overrides={enforce_eager: true}",
+    "explain.examples=2", "explain.dependence_examples=4", "explain.ig_steps=8", "explain.shap_max_evals=20",
+]
 
 
-def main(overrides: list[str]) -> None:
+def main(argv: list[str]) -> None:
+    smoke = "--smoke" in argv
+    overrides = [*(SMOKE_OVERRIDES if smoke else []), *(arg for arg in argv if arg != "--smoke")]
+    outputs, models = REPO / "outputs", REPO / "models"
+    overrides = [f"storage_root={outputs}", f"model_cache={models}", *overrides]
+    # Validated here, before a cluster starts: a typo in an override fails in a second, by name.
+    cfg = load_config_or_exit(RunConfig, ["--config", CONFIG, *overrides])
+    if smoke and local_head_running():
+        sys.exit("a local Ray cluster is already running (a demo?): the smoke check starts and stops its own; "
+                 "run `make down` first")
     address = start_local_head()
     # The endpoint accepts only keys it is told about: the job adds this one (its digest) as admin.
     api_key = os.environ.get(LOCAL_KEY_ENV) or new_api_key("demo", ["admin"], "lakeforge", key_id="demo")[0]
-    outputs, models = REPO / "outputs", REPO / "models"
     command = [
         ray_cli(), "job", "submit", "--address", address, "--working-dir", str(REPO),
         "--runtime-env-json", json.dumps({"excludes": WORKING_DIR_EXCLUDES, "env_vars": {LOCAL_KEY_ENV: api_key}}),
-        "--", "python", "-m", "jobs.pipeline", "--config", CONFIG,
-        f"storage_root={outputs}", f"model_cache={models}", *overrides,
+        "--", "python", "-m", "jobs.pipeline", "--config", CONFIG, *overrides,
     ]
     print("$", " ".join(command).replace(api_key, "<api key>"), flush=True)  # printed once, at the end, where it is needed
     if subprocess.run(command, env=job_client_env(), cwd=REPO).returncode != 0:
         sys.exit("the pipeline job failed: its log is above (also: ray job logs <id>)")
 
-    summary_path = outputs / "airline_sentiment" / "summary.json"
+    summary_path = cfg.run_dir / "summary.json"
     summary = json.loads(summary_path.read_text())
     version = summary["version"]
     print(f"\nData quality report: {summary['data']['quality_report']}")
@@ -55,6 +79,10 @@ def main(overrides: list[str]) -> None:
         sys.exit(f"nothing served: {summary['serving']['skipped']}\nReport: {summary['report']}")
     artifact = ModelArtifact.read(summary["model_dir"])
     url = summary["serving"]["url"]
+    matches, checked = summary["serving"]["classify_matches_offline"].split("/")
+    if matches != checked:
+        sys.exit(f"the endpoint's /v1/classify disagrees with the evaluated model on {int(checked) - int(matches)} of "
+                 f"{checked} test rows: the served model is not the one evaluated (answers in {summary_path})")
     print(f"Serving version {summary['serving']['version']}")
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key)
     print(f"\nClassifying through {url}/v1/chat/completions with the openai client:")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,39 @@ TEST_SERVE_PORT = 8123  # not 8000: a demo endpoint may be running on this machi
 # Tests start a dozen vLLM engines on the tiny model: eager mode skips torch.compile (20 s vs 41 s
 # per start on 2 cores). Shipped configs keep vLLM's compiled default.
 EAGER = {"enforce_eager": True}
+
+
+def nested_models(annotation) -> list[type]:
+    """The pydantic models a field annotation holds at any depth: `Model`, `Model | None`,
+    `list[Model]`, `dict[str, Model]`, `Annotated[Union[A, B], ...]`, ..."""
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found = []
+    for argument in typing.get_args(annotation):  # Literal values and Annotated metadata hold no models
+        found += [model for model in nested_models(argument) if model not in found]
+    return found
+
+
+def config_models(*roots: type) -> list[type]:
+    """Every pydantic model reachable from `roots` through their fields' annotations."""
+    reached: list[type] = []
+    pending = list(roots)
+    while pending:
+        model = pending.pop(0)
+        if model in reached:
+            continue
+        reached.append(model)
+        for field in model.model_fields.values():
+            pending += nested_models(field.annotation)
+    return reached
+
+
+def undescribed_fields(*roots: type) -> list[str]:
+    """`Model.field` for every field without a description in `roots` and every model nested in them."""
+    return [f"{model.__module__}.{model.__name__}.{name}" for model in config_models(*roots)
+            for name, field in model.model_fields.items() if not field.description]
 
 
 @pytest.fixture(scope="session")

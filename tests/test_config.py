@@ -6,9 +6,11 @@ import pytest
 
 from cluster.config import ConfigError, load_config
 from cluster.contracts import EndpointSettings
-from jobs.config import BatchInferConfig, RunConfig, TaskSection
+from cluster.security import ApiKeyRecord, JwtSettings, ModelAccess, RateLimit
+from jobs.config import BatchInferConfig, RunConfig, SourceSection, TaskSection
 from jobs.deploy import DeployConfig
 from serving.queue_consumer import ConsumerSettings
+from tests.conftest import config_models, undescribed_fields
 
 REPO = Path(__file__).resolve().parents[1]
 # Every shipped config is validated by the model of what reads it: serve.yaml is Ray's own
@@ -31,18 +33,33 @@ def test_every_shipped_config_validates(path):
 
 
 def test_every_config_field_is_described():
-    def walk(model):
-        for name, field in model.model_fields.items():
-            assert field.description, f"{model.__name__}.{name} has no description"
-            annotation = field.annotation
-            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
-                walk(annotation)
-    walk(RunConfig)
-    walk(TaskSection)  # inside a list: the walk does not reach it
-    walk(EndpointSettings)
-    walk(BatchInferConfig)
-    walk(ConsumerSettings)
-    walk(DeployConfig)
+    roots = (RunConfig, EndpointSettings, BatchInferConfig, ConsumerSettings, DeployConfig)
+    # Models inside list[...], X | None and dict[str, ...] fields are walked too.
+    assert {TaskSection, SourceSection, ApiKeyRecord, JwtSettings, ModelAccess, RateLimit} <= set(config_models(*roots))
+    assert undescribed_fields(*roots) == []
+
+
+def test_the_description_walk_reaches_models_behind_any_typing_wrapper():
+    from typing import Annotated, Literal, Optional, Union
+
+    from pydantic import BaseModel, Field
+
+    def bare(name: str) -> type:
+        return type(name, (BaseModel,), {"__annotations__": {"x": int}})
+
+    a, b, c, d, e, f, g = (bare(name) for name in "ABCDEFG")
+
+    class Root(BaseModel):
+        listed: list[a] = Field(description=".")
+        optional: Optional[b] = Field(description=".")
+        either: b | c | None = Field(description=".")
+        mapped: dict[str, list[d]] = Field(description=".")
+        tagged: Annotated[Union[e, f], Field(description=".")]
+        kind: Literal["x", "y"] = Field(description=".")
+        plain: g = Field(description=".")
+
+    assert config_models(Root) == [Root, a, b, c, d, e, f, g]
+    assert undescribed_fields(Root) == [f"{model.__module__}.{model.__name__}.x" for model in (a, b, c, d, e, f, g)]
 
 
 def test_overrides_are_parsed_as_yaml_and_nested():

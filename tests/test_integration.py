@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -228,6 +229,33 @@ def test_a_worker_failure_resumes_from_the_last_checkpoint_exactly(reference_run
     assert resumed["train_tokens"] == uninterrupted["train_tokens"]  # no batch skipped or seen twice
 
 
+def _assert_figures_recomputed(figures: dict, evaluated: dict, frame: pd.DataFrame, classes: int, system: str) -> None:
+    """A system's summary figures equal those of evaluation.json and those recomputed from its
+    per-example predictions (accuracy, macro-F1, 10-bin expected calibration error)."""
+    from sklearn.metrics import f1_score
+
+    truth, predicted = frame["label_id"].to_numpy(), frame["pred_id"].to_numpy()
+    probabilities = _rows(frame["probabilities"])
+    assert (predicted == probabilities.argmax(axis=1)).all(), system
+    confidence = frame["confidence"].to_numpy()
+    assert confidence == pytest.approx(probabilities.max(axis=1)), system
+    correct = predicted == truth
+    assert figures["accuracy"] == evaluated["accuracy"] == pytest.approx(correct.mean(), abs=1e-12), system
+    macro_f1 = f1_score(truth, predicted, labels=list(range(classes)), average="macro", zero_division=0)
+    assert figures["macro_f1"] == evaluated["macro"]["f1"] == pytest.approx(macro_f1, abs=1e-12), system
+    bins = np.minimum(np.floor(confidence * 10), 9)
+    ece = sum((bins == b).mean() * abs(correct[bins == b].mean() - confidence[bins == b].mean()) for b in np.unique(bins))
+    assert figures["expected_calibration_error"] == evaluated["calibration"]["ece"] == pytest.approx(ece, abs=1e-9), system
+    if "answer_perplexity" in figures:  # the LLMs: exp(mean NLL per gold answer token)
+        perplexity = np.exp(-frame["gold_logprob"].sum() / frame["answer_tokens"].sum())
+        assert figures["answer_perplexity"] == evaluated["answer_perplexity"] == pytest.approx(perplexity, rel=1e-9), system
+
+
+def _rows(column: pd.Series) -> np.ndarray:
+    """A column of per-row arrays (Ray's tensor extension, or plain objects) as one 2-D array."""
+    return np.stack(list(column.to_numpy()))
+
+
 def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_cluster, tmp_path, tiny_model_dir, small_csv, monkeypatch,
                                                                        request):
     import openai
@@ -248,10 +276,18 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
 
     assert json.loads((cfg.run_dir / "summary.json").read_text())["run"] == "tiny"
     split = summary["test_split"]
-    for system in ("base_zero_shot", "fine_tuned", "baseline_tfidf_logreg"):
-        assert 0 <= split[system]["accuracy"] <= 1 and 0 <= split[system]["macro_f1"] <= 1
-        assert 0 <= split[system]["expected_calibration_error"] <= 1
     assert split["examples"] == 24
+    # The headline figures are those of the per-example predictions the evaluation wrote (read
+    # now: the re-evaluation at the end of this test rewrites them).
+    evaluation = json.loads((cfg.run_dir / "evaluation.json").read_text())
+    frames = {system: pd.read_parquet(cfg.run_dir / "predictions" / f"{system}.parquet")
+              for system in ("fine_tuned", "base_zero_shot", "baseline_tfidf_logreg")}
+    for system, frame in frames.items():
+        assert len(frame) == 24, system
+        # Every system on the same rows in the same order: the paired intervals depend on it.
+        assert frame["text"].tolist() == frames["fine_tuned"]["text"].tolist(), system
+        assert frame["label_id"].tolist() == frames["fine_tuned"]["label_id"].tolist(), system
+        _assert_figures_recomputed(split[system], evaluation[system], frame, len(cfg.data.labels), system)
     low, high = split["fine_tuned"]["interval_95"]["accuracy"]
     assert low <= split["fine_tuned"]["accuracy"] <= high
     assert set(split["paired_differences_95"]) == {
@@ -269,7 +305,16 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
     serving = summary["serving"]
     assert serving["version"] == "v0001"  # promoted, or served anyway (deploy_unpromoted)
     assert serving["models_listed"] == ["tiny"]
-    assert len(serving["answers"]) == 2
+    # The endpoint check sent the first check_examples test rows and compared each served answer
+    # with the served version's (this run's fine-tuned model's) offline prediction of that row.
+    answers = serving["answers"]
+    assert len(answers) == cfg.serve.check_examples == 2
+    offline = frames["fine_tuned"].head(len(answers))
+    assert [a["text"] for a in answers] == offline["text"].tolist()
+    assert [a["label"] for a in answers] == offline["label"].tolist()
+    assert [a["offline_prediction"] for a in answers] == [cfg.data.labels[i] for i in offline["pred_id"]]
+    agree = sum(a["served_answer"] == a["offline_prediction"] for a in answers)
+    assert serving["served_matches_offline"] == f"{agree}/{len(answers)}"  # chat agreement: reported, not required
     assert serving["bad_request_status"] == {"no_credentials": 401, "unknown_model": 404, "over_long_prompt": 400,
                                              "malformed_body": 400}
 
@@ -286,6 +331,13 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
     served_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(served_token))[0]
     assert float(logprobs[served_id]) == pytest.approx(served_logprob, abs=1e-2)
     assert float(logprobs.max() - logprobs[served_id]) < 1e-2  # vLLM's greedy pick is transformers' argmax
+    # /v1/classify scores the labels as the evaluation does: the same label on every row, and the
+    # same probabilities up to the engines' float differences.
+    assert serving["classify_matches_offline"] == f"{len(answers)}/{len(answers)}"
+    for answer, probabilities in zip(answers, _rows(offline["probabilities"])):
+        assert answer["classify_label"] == answer["offline_prediction"], answer
+        served = [answer["classify_probabilities"][label] for label in cfg.data.labels]
+        assert served == pytest.approx(probabilities.tolist(), abs=1e-2), answer
 
     # Retraining to the same weights is no improvement: against the registered version as the
     # previous one, the gate's paired interval is [0, 0] and the version is not deployable.

@@ -43,9 +43,40 @@ def test_prompt_logprobs_are_refused_only_where_they_are_unsafe():
     check_limits(request_params({"prompt": "hi", "echo": True}), LIMITS, prompt_logprobs=False)
 
 
-def test_requests_within_limits_pass():
-    check_limits(request_params({"prompt": "x" * 100, "max_tokens": 64, "n": 2, "temperature": 0, "top_p": 1}), LIMITS)
-    check_limits(request_params({"messages": [{"role": "user", "content": "hi"}]}), LIMITS)  # defaults
+@pytest.mark.parametrize("at_limit, beyond, status, named", [
+    ({"max_tokens": 64}, {"max_tokens": 65}, 400, "max_tokens"),
+    ({"max_tokens": 1}, {"max_tokens": -1}, 400, "max_tokens"),  # 0 is tested above
+    ({"max_completion_tokens": 64, "max_tokens": 99}, {"max_completion_tokens": 65}, 400, "max_tokens"),
+    ({"n": 2}, {"n": 3}, 400, "n must"),
+    ({"n": 1}, {"n": -1}, 400, "n must"),  # n=0 means the default, 1
+    ({"temperature": 0}, {"temperature": -0.01}, 400, "temperature"),
+    ({"temperature": 2}, {"temperature": 2.01}, 400, "temperature"),
+    ({"top_p": 1}, {"top_p": 1.01}, 400, "top_p"),
+    ({"top_p": 1e-6}, {"top_p": 0}, 400, "top_p"),  # (0, 1]: open at 0
+    ({"prompt": "x" * 100}, {"prompt": "x" * 101}, 413, "101 characters"),
+    ({"prompt": ["x" * 49, "y" * 50]}, {"prompt": ["x" * 50, "y" * 50]}, 413, "101 characters"),  # joined by a newline
+    ({"messages": [{"role": "system", "content": "s" * 49}, {"role": "user", "content": [{"type": "text", "text": "u" * 50}]}]},
+     {"messages": [{"role": "system", "content": "s" * 50}, {"role": "user", "content": [{"type": "text", "text": "u" * 50}]}]},
+     413, "101 characters"),
+], ids=["max_tokens-max", "max_tokens-min", "max_completion_tokens-first", "n-max", "n-min", "temperature-min",
+        "temperature-max", "top_p-max", "top_p-above-0", "prompt-chars", "prompt-list-chars", "chat-chars"])
+def test_requests_within_limits_pass(at_limit, beyond, status, named):
+    """Exactly at each limit passes; one step beyond it is refused, naming the parameter."""
+    body = {"model": "m", "prompt": "hi", "max_tokens": 8}
+    assert check_limits(request_params({**body, **at_limit}), LIMITS) is None
+    with pytest.raises(InvalidRequest) as error:
+        check_limits(request_params({**body, **beyond}), LIMITS)
+    assert error.value.status == status and named in str(error.value)
+
+
+def test_a_request_at_every_limit_at_once_and_one_with_defaults_pass():
+    at_every_limit = {"prompt": "x" * 100, "max_tokens": 64, "n": 2, "temperature": 0, "top_p": 1}
+    assert request_params(at_every_limit)["prompt_chars"] == LIMITS.max_prompt_chars
+    assert check_limits(request_params(at_every_limit), LIMITS) is None
+    assert check_limits(request_params({**at_every_limit, "temperature": 2}), LIMITS) is None
+    defaults = request_params({"messages": [{"role": "user", "content": "hi"}]})
+    assert defaults["max_tokens"] is None and defaults["n"] == 1  # unset: the engine's defaults, within limits
+    assert check_limits(defaults, LIMITS) is None
 
 
 def test_label_probabilities_are_a_softmax():

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from cluster.config import load_config
 from jobs.config import RunConfig
 from tests.conftest import SHIPPED_CONFIG
@@ -48,9 +50,33 @@ def test_code_version_names_the_commit_and_hashes_the_source(tmp_path, monkeypat
     assert tracking.code_version()["source_sha256"] != first["source_sha256"]
 
 
-def test_metric_logger_without_a_run_logs_nothing():
+@pytest.mark.parametrize("uri", [None, "sqlite"])
+def test_metric_logger_without_a_run_logs_nothing(tmp_path, monkeypatch, uri):
+    """Other ranks, or tracking disabled: no MLflow client is made or called, no store appears."""
+    import mlflow
+    import mlflow.tracking
+
     from jobs.tracking import MetricLogger
 
-    logger = MetricLogger(None, None)
-    logger.log({"x": 1.0}, step=1)  # other ranks, or tracking disabled
+    touched = []
+
+    class RecordingClient:
+        def __init__(self, *args, **kwargs):
+            touched.append(("MlflowClient", args, kwargs))
+
+        def __getattr__(self, name):
+            touched.append(name)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", RecordingClient)
+    monkeypatch.setattr(mlflow, "MlflowClient", RecordingClient)
+    # Any MLflow default store (./mlruns, ./mlflow.db) would appear in this empty folder.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "store"
+    logger = MetricLogger(f"sqlite:///{store / 'mlflow.db'}" if uri else None, None)
+    logger.log({"x": 1.0}, step=1)
     logger.finish()
+    logger.finish("FAILED")
+    assert touched == []
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,65 @@
+"""The local cluster's token and port: what a machine that never ran Ray needs before `ray start`."""
+
+from __future__ import annotations
+
+import socket
+import stat
+
+import pytest
+
+from cluster import ray_cluster
+
+
+@pytest.fixture
+def token_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    return tmp_path / "home" / ".ray" / "auth_token"
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_a_missing_token_is_created_readable_by_its_owner_only(token_path):
+    assert not token_path.exists()
+    assert ray_cluster.ensure_auth_token() == token_path
+    assert mode(token_path) == 0o600 and len(token_path.read_text().strip()) >= 32
+    token = token_path.read_text()
+    ray_cluster.ensure_auth_token()  # a second call keeps the token: running clusters depend on it
+    assert token_path.read_text() == token
+
+
+def test_an_existing_world_readable_token_is_kept_and_locked_down(token_path):
+    token_path.parent.mkdir(parents=True)
+    token_path.write_text("abc123")
+    token_path.chmod(0o644)  # as `ray.init` leaves it
+    ray_cluster.ensure_auth_token()
+    assert token_path.read_text() == "abc123" and mode(token_path) == 0o600
+
+
+def test_the_token_path_and_variable_are_honoured(tmp_path, token_path, monkeypatch):
+    elsewhere = tmp_path / "secrets" / "ray_token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(elsewhere))
+    with pytest.raises(RuntimeError, match="RAY_AUTH_TOKEN_PATH names .*ray_token, which does not exist"):
+        ray_cluster.ensure_auth_token()  # Ray only generates the default file: a named one is the user's
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("abc123")
+    assert ray_cluster.ensure_auth_token() == elsewhere and mode(elsewhere) == 0o600
+    assert not token_path.exists()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-the-environment")
+    elsewhere.unlink()
+    assert ray_cluster.ensure_auth_token() is None and not elsewhere.exists()
+
+
+def test_the_head_port_is_not_redis_and_a_taken_port_is_named(monkeypatch):
+    assert ray_cluster.HEAD_PORT != 6379
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        monkeypatch.setattr(ray_cluster, "HEAD_PORT", port)
+        monkeypatch.setattr(ray_cluster, "local_head_running", lambda: False)
+        with pytest.raises(RuntimeError, match=f"port {port} is taken.*LAKEFORGE_HEAD_PORT"):
+            ray_cluster.start_local_head()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.prompting import pad_token_id
 from jobs.config import TrainSection
 from jobs.train_loop import (PROBE_IDS, answer_loss, collate, deepspeed_config, measure_peak_flops, prepare_model,
                              resolve_precision, train_flops_per_token)
@@ -72,7 +73,7 @@ def run_variant(name: str, overrides: dict, model_dir: Path, random_init: bool, 
                                            config=deepspeed_config(train, world_size=1, precision=precision))
     device = engine.device
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     torch.cuda.reset_peak_memory_stats(device)
     losses, tokens, timed_seconds = [], 0, 0.0
     for step in range(steps):

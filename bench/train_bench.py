@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from cluster.config import load_config
+from cluster.prompting import pad_token_id
 from cluster.ray_cluster import connect
 from jobs import data
 from jobs.config import RunConfig
@@ -63,7 +64,7 @@ def plain_pytorch_tokens_per_s(cfg: RunConfig, base_dir: Path, data_dir: Path) -
     first_step = None  # (tokens, seconds) when the first optimizer step is done
     for index, frame in enumerate(micro_batches):
         batch = collate({"input_ids": frame["input_ids"].to_numpy(), "prompt_len": frame["prompt_len"].to_numpy()},
-                        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+                        pad_token_id(tokenizer))
         (answer_loss(model, batch) / accumulation).backward()
         tokens += int(batch["attention_mask"].sum())
         if (index + 1) % accumulation == 0:

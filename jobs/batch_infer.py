@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import ray
 
 from cluster.contracts import ModelArtifact
-from cluster.label_scoring import chat_prompt_ids, label_token_ids
+from cluster.prompting import label_token_ids, prompt_ids
 from cluster.ray_cluster import connect
 from jobs.config import BatchInferConfig, BatchInputSection
 
@@ -73,7 +72,7 @@ class Prompter:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         # As training and evaluation render prompts (shared with serving's /v1/classify).
-        prompts = [chat_prompt_ids(self.tokenizer, self.system_prompt, str(text)) for text in batch[self.text_column]]
+        prompts = [prompt_ids(self.tokenizer, self.system_prompt, str(text)) for text in batch[self.text_column]]
         if not self.label_ids:
             return batch.assign(tokenized_prompt=prompts, prompt_len=[len(ids) for ids in prompts], label_index=-1)
         # A row's label requests side by side, so the writer gets each row's scores together.

@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from cluster.prompting import chat_messages
 from jobs import model
 from jobs.config import DataSection, RunConfig, SourceSection
 from jobs.pii import PII_TYPES
@@ -119,13 +120,6 @@ def assign_splits(positions: np.ndarray, validation_fraction: float, test_fracti
     names[order[n_test:n_test + n_val]] = "validation"
     names[order[n_test + n_val:]] = "train"
     return names
-
-
-def chat_messages(system_prompt: str, text: str, answer: str | None = None) -> list[dict]:
-    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": text}]
-    if answer is not None:
-        messages.append({"role": "assistant", "content": answer})
-    return messages
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,7 +400,7 @@ def validate_record(record: dict, cfg: DataSection) -> tuple[str, list[dict] | N
 
     Returns ("ok", messages) -- the conversation the model is trained on, system message first when
     there is one -- or (reason, None)."""
-    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []  # chats and instructions
 
     def text_of(field: str) -> tuple[str, str | None]:
         if field not in record:
@@ -428,7 +422,7 @@ def validate_record(record: dict, cfg: DataSection) -> tuple[str, list[dict] | N
         label = label.strip().lower()
         if label not in cfg.labels:
             return "unknown_label", None
-        return "ok", system + [{"role": "user", "content": text}, {"role": "assistant", "content": label}]
+        return "ok", chat_messages(cfg.system_prompt, text, label)
     if cfg.task == "instruction":
         turns = []
         for field, role in (("prompt", "user"), ("response", "assistant")):

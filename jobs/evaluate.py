@@ -19,7 +19,7 @@ import pandas as pd
 import ray
 import torch
 
-from cluster.label_scoring import label_token_ids
+from cluster.prompting import label_probabilities, label_token_ids, pad_token_id
 from cluster.ray_cluster import connect
 from cluster.registry import ModelRegistry
 from jobs import data
@@ -76,7 +76,7 @@ class LabelScorer:
 
         torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = pad_token_id(self.tokenizer)
         self.label_token_ids = label_token_ids(self.tokenizer, labels)
         self.generation_fraction = generation_fraction
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -98,8 +98,7 @@ class LabelScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [list(ids[:n]) for ids, n in zip(batch["input_ids"], batch["prompt_len"])]
         scores = score_labels(self.model, prompts, self.label_token_ids, self.pad_id).numpy()
-        probs = np.exp(scores - scores.max(axis=1, keepdims=True))  # P(label | prompt, answer is a label)
-        probs /= probs.sum(axis=1, keepdims=True)
+        probs = label_probabilities(scores)
         gold = batch["label_id"].astype(int)
         # Which rows also generate is fixed by their text, so every model answers the same rows.
         chosen = [i for i, text in enumerate(batch["text"])

@@ -38,8 +38,8 @@ import ray
 import torch
 
 from cluster.contracts import ARTIFACT_FILE, ModelArtifact
+from cluster.prompting import label_probabilities, label_token_ids, pad_token_id, prompt_text
 from jobs.config import ExplainSection, RunConfig
-from jobs.data import chat_messages
 from jobs.evaluate import score_labels
 
 LENGTH_GRID = (2, 4, 8, 16)  # words kept by the length intervention, then the whole text
@@ -51,7 +51,7 @@ TOP_WORDS = 10
 MIN_WORD_COUNT = 2  # a word seen once says more about its example than about the label
 
 
-def label_probabilities(model, inputs_embeds: torch.Tensor, label_token_ids: list[list[int]]) -> torch.Tensor:
+def embedding_label_probabilities(model, inputs_embeds: torch.Tensor, label_token_ids: list[list[int]]) -> torch.Tensor:
     """P(label | prompt) over the labels, differentiable in `inputs_embeds` [batch, prompt, hidden].
 
     The same quantity as softmax(score_labels(...)), for prompts of one length (no padding):
@@ -68,7 +68,7 @@ def label_probabilities(model, inputs_embeds: torch.Tensor, label_token_ids: lis
             logprobs = torch.log_softmax(logits.float(), dim=-1)  # position k predicts label token k + 1
             score = score + sum(logprobs[:, k, ids[k + 1]] for k in range(len(ids) - 1))
         scores.append(score)
-    return torch.softmax(torch.stack(scores, dim=1), dim=1)
+    return label_probabilities(torch.stack(scores, dim=1))
 
 
 class LabelModel:
@@ -81,15 +81,14 @@ class LabelModel:
         artifact = ModelArtifact.read(model_dir)
         self.labels, self.system_prompt = artifact.labels, artifact.system_prompt
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self.label_token_ids = [self.tokenizer(label, add_special_tokens=False).input_ids for label in self.labels]
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.label_token_ids = label_token_ids(self.tokenizer, self.labels)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
         sentinel = "\x00TEXT\x00"
         self.text_start = self._render(sentinel).index(sentinel)  # where the user text begins in every prompt
 
     def _render(self, text: str) -> str:
-        messages = chat_messages(self.system_prompt, text)
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return prompt_text(self.tokenizer, self.system_prompt, text)
 
     def encode(self, text: str) -> tuple[list[int], list[int | None]]:
         """Prompt token ids as jobs.data builds them, and for each token the index of the text's
@@ -113,7 +112,7 @@ class LabelModel:
         batches = []
         for first in range(0, len(texts), SCORE_BATCH):
             prompts = [self.encode(text)[0] for text in texts[first:first + SCORE_BATCH]]
-            batches.append(torch.softmax(score_labels(self.model, prompts, self.label_token_ids, self.pad_id), dim=1).numpy())
+            batches.append(label_probabilities(score_labels(self.model, prompts, self.label_token_ids, self.pad_id)).numpy())
         return np.concatenate(batches) if batches else np.zeros((0, len(self.labels)))
 
     def integrated_gradients(self, text: str, target: int, steps: int) -> dict:
@@ -128,7 +127,7 @@ class LabelModel:
         baseline = embed(torch.tensor([[self.pad_id if owner is not None else token for token, owner in zip(ids, owners)]]))
 
         def forward(embeds: torch.Tensor) -> torch.Tensor:
-            return label_probabilities(self.model, embeds, self.label_token_ids)
+            return embedding_label_probabilities(self.model, embeds, self.label_token_ids)
 
         attributions, delta = IntegratedGradients(forward).attribute(
             inputs, baselines=baseline, target=target, n_steps=steps,

@@ -17,6 +17,7 @@ import requests
 from cluster.config import load_config_or_exit
 from cluster.contracts import EndpointSettings
 from cluster.endpoints import deploy, with_local_key
+from cluster.prompting import chat_messages
 from cluster.ray_cluster import connect
 from cluster.registry import ModelRegistry
 from jobs import data, evaluate, explain, finetune
@@ -42,7 +43,7 @@ def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, ap
     answers = []
     for row in predictions.head(cfg.serve.check_examples).itertuples():
         reply = client.chat.completions.create(
-            model=endpoint.model_id, messages=data.chat_messages(cfg.data.system_prompt, row.text),
+            model=endpoint.model_id, messages=chat_messages(cfg.data.system_prompt, row.text),
             max_tokens=4, temperature=0,
         )
         answer = (reply.choices[0].message.content or "").strip().split()

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
+from cluster.prompting import pad_token_id
 from jobs.tracking import MetricLogger
 
 
@@ -133,8 +135,8 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, packed_length: int | None
     Multi-task batches (a `task_id` column) also get `task_ids`, each token's task (-1 on
     padding), for per-task validation loss, and `example_tasks`, each example's task.
     """
-    # torch.tensor copies: Arrow hands read-only arrays, which torch.as_tensor would share (and warn about).
-    examples = [torch.tensor(ids, dtype=torch.int64) for ids in batch["input_ids"]]
+    # np.array copies: Arrow hands read-only arrays, which torch would share (and warn about).
+    examples = [torch.from_numpy(np.array(ids, dtype=np.int64)) for ids in batch["input_ids"]]
     masks = batch.get("loss_mask")
     rows = [[index] for index in range(len(examples))]
     if packed_length is not None:
@@ -182,6 +184,17 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, packed_length: int | None
     if tasks is not None:
         rows_out |= {"task_ids": task_ids, "example_tasks": torch.as_tensor(np.asarray(tasks, dtype=np.int64))}
     return rows_out if packed_length is None else {**rows_out, "position_ids": position_ids}
+
+
+class Collate(NumpyBatchCollateFn):
+    """`collate` as the callable class Ray Data's `iter_torch_batches` takes (a plain function is deprecated)."""
+
+    def __init__(self, pad_id: int, packed_length: int | None = None):
+        super().__init__()
+        self.pad_id, self.packed_length = pad_id, packed_length
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return collate(batch, self.pad_id, self.packed_length)
 
 
 def answer_loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -303,7 +316,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
 
     tokenizer = AutoTokenizer.from_pretrained(config["base_model_dir"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     precision = resolve_precision(train["precision"], train["use_gpu"])
     # Weights stay fp32 for fp16 training: DeepSpeed keeps fp32 masters and casts itself.
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -328,7 +341,7 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     validation_shard = ray.train.get_dataset_shard("validation")
     packed_length = train["packed_length"] if train["packing"] else None
-    collate_fn = lambda b: collate(b, pad_id, packed_length)  # noqa: E731 - the shards stay one example per row
+    collate_fn = Collate(pad_id, packed_length)  # the shards stay one example per row
     batches = lambda: train_shard.iter_torch_batches(  # noqa: E731 - a fresh pass per epoch
         batch_size=train["micro_batch_size"], collate_fn=collate_fn,
     )

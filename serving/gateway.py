@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from vllm.entrypoints.generate.base.protocol import StreamOptions
 
 from cluster.contracts import ARTIFACT_FILE, EndpointSettings, ModelArtifact
-from cluster.label_scoring import chat_prompt_ids, label_probabilities, label_token_ids
+from cluster.prompting import label_probabilities, label_token_ids, prompt_ids
 from cluster.audit import AuditLog
 from cluster.security import AccessController, Authenticator, AuthError, RateLimiter
 from serving.limits import InvalidRequest, check_limits, prompt_text, request_params
@@ -337,14 +337,14 @@ class Gateway(OpenAiIngress):
             record["prompt"] = "\n".join(texts)
         artifact = self.artifact(model_id)
         labels = label_token_ids(self.tokenizer, artifact.labels)
-        prompts = [chat_prompt_ids(self.tokenizer, artifact.system_prompt, text) for text in texts]
+        prompts = [prompt_ids(self.tokenizer, artifact.system_prompt, text) for text in texts]
         longest = max(map(len, prompts)) + max(map(len, labels))
         if longest > self.settings.max_model_len:
             raise OpenAIHTTPException(400, f"a prompt plus label is {longest} tokens; max_model_len is {self.settings.max_model_len}", type="InvalidRequest")
         scores = await asyncio.gather(*(self._label_logprobs(model_id, prompt, labels) for prompt in prompts))
         results = []
         for logprobs in scores:
-            probabilities = label_probabilities(logprobs)
+            probabilities = label_probabilities(logprobs).tolist()
             best = max(range(len(labels)), key=probabilities.__getitem__)
             results.append({"label": artifact.labels[best],
                             "probabilities": dict(zip(artifact.labels, probabilities)),

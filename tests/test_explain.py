@@ -115,7 +115,7 @@ def test_differentiable_label_probabilities_match_score_labels(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from jobs.evaluate import score_labels
-    from jobs.explain import label_probabilities
+    from jobs.explain import embedding_label_probabilities
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -124,7 +124,7 @@ def test_differentiable_label_probabilities_match_score_labels(tiny_model_dir):
     prompt = tokenizer("how was the flight", add_special_tokens=False).input_ids
     expected = torch.softmax(score_labels(model, [prompt], label_ids, pad_id=2), dim=1)
     with torch.no_grad():
-        got = label_probabilities(model, model.get_input_embeddings()(torch.tensor([prompt])), label_ids)
+        got = embedding_label_probabilities(model, model.get_input_embeddings()(torch.tensor([prompt])), label_ids)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 

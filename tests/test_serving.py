@@ -221,7 +221,7 @@ def transformers_label_probabilities(model_dir: Path, adapter_dir: Path | None, 
     """The evaluation's own label scoring (jobs.evaluate.score_labels) on the same folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jobs import data
+    from cluster.prompting import chat_messages
     from jobs.evaluate import score_labels
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -230,7 +230,7 @@ def transformers_label_probabilities(model_dir: Path, adapter_dir: Path | None, 
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
-    prompts = [tokenizer(tokenizer.apply_chat_template(data.chat_messages(SYSTEM_PROMPT, text), add_generation_prompt=True,
+    prompts = [tokenizer(tokenizer.apply_chat_template(chat_messages(SYSTEM_PROMPT, text), add_generation_prompt=True,
                                                        tokenize=False), add_special_tokens=False).input_ids
                for text in texts]
     labels = [tokenizer(label, add_special_tokens=False).input_ids for label in LABELS]

@@ -3,7 +3,7 @@
 import pytest
 
 from cluster.contracts import AutoscalingSettings, EndpointSettings, RequestLimits
-from cluster.label_scoring import label_probabilities
+from cluster.prompting import label_probabilities
 from serving.limits import InvalidRequest, check_limits, prompt_text, request_params
 
 LIMITS = RequestLimits(max_tokens=64, max_prompt_chars=100, max_n=2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from jobs.report import STYLE, png_tag
+from jobs.html import STYLE, png_tag
 
 
 def _table(header: list[str], rows: list[list]) -> str:

@@ -24,11 +24,8 @@ from cluster.ray_cluster import connect
 from cluster.registry import ModelRegistry
 from jobs import data
 from jobs.config import EvalSection, RunConfig
-from jobs.report import write_report
+from jobs.report import SYSTEMS, write_report
 
-
-# Report order: the candidate, what it must beat, where it started, what a classical model does.
-SYSTEMS = ("fine_tuned", "previous_version", "base_zero_shot", "baseline_tfidf_logreg")
 GENERATION_SEED = 1  # not the split seed: the generated rows are a sample within the test sample
 
 

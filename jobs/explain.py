@@ -4,7 +4,7 @@
 
 Reads the fine-tuned model (`<run>/model`) and its test predictions
 (`<run>/predictions/fine_tuned.parquet`), so run jobs.finetune and jobs.evaluate (or jobs.pipeline)
-first. Writes `<run>/explanations.json`; `explanations_html` renders it for the report page.
+first. Writes `<run>/explanations.json`; `jobs.report` renders it on the report page.
 
 - Integrated gradients (Captum) on the input embeddings, for P(predicted label), the softmax over
   the labels' log-likelihoods as the answer (what jobs.evaluate predicts with). The baseline is the
@@ -23,7 +23,6 @@ each load the model once; the driver only merges their results.
 from __future__ import annotations
 
 import bisect
-import html
 import json
 import re
 import string
@@ -275,6 +274,7 @@ def explain_predictions(model_dir: str | Path, predictions: pd.DataFrame, settin
         "labels": labels, "model_dir": str(model_dir), "settings": settings.model_dump(), "terms": list(terms),
         "examples": examples,
         "importance": {"shap": _top_words(shap_words, labels), "integrated_gradients": _top_words(ig_words, labels)},
+        "min_word_count": MIN_WORD_COUNT,
         "dependence": dependence,
         "faithfulness": {
             "examples": len(dependent), "deletion_fraction": settings.deletion_fraction,
@@ -320,91 +320,6 @@ def summary(explanations: dict) -> str:
     for label, words in explanations["importance"]["shap"].items():
         lines.append(f"[explain] top words (SHAP) for {label}: " + (", ".join(w["word"] for w in words[:5]) or "-"))
     return "\n".join(lines)
-
-
-def _highlight(words: list[str], values: list[float]) -> str:
-    """Words on a green (towards) / red (against) background scaled to the strongest |value|."""
-    scale = max((abs(value) for value in values), default=0.0) or 1.0
-    spans = []
-    for word, value in zip(words, values):
-        rgb = "0, 150, 0" if value >= 0 else "210, 0, 0"
-        spans.append(f'<span style="background: rgba({rgb}, {0.7 * abs(value) / scale:.2f})" '
-                     f'title="{value:+.4f}">{html.escape(word)}</span>')
-    return " ".join(spans)
-
-
-def _importance_figure(importance: dict[str, list[dict]], title: str):
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(importance), figsize=(4 * len(importance), 3.2), squeeze=False)
-    for ax, (label, words) in zip(axes[0], importance.items()):
-        ax.barh([w["word"] for w in words][::-1], [w["score"] for w in words][::-1], color="tab:blue")
-        ax.set_title(f"{label}" if words else f"{label} (no word seen {MIN_WORD_COUNT}+ times)", fontsize=9)
-        ax.tick_params(labelsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def _dependence_figure(curve: dict):
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 2.8))
-    for label, means in curve["mean_probability"].items():
-        ax.plot(range(len(curve["grid"])), means, marker="o", label=label)
-    ax.set_xticks(range(len(curve["grid"])), curve["grid"], fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("mean P(label)")
-    ax.set_title(f"{curve['feature']} ({curve['examples']} texts)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def explanations_html(explanations: dict) -> str:
-    """The report page's explanations section: highlighted examples, importance, dependence, faithfulness."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on cluster nodes
-    from jobs.report import png_tag
-
-    esc = html.escape
-    parts = ["<section>", "<h2>Explanations</h2>",
-             "<p>Green words push towards the label, red words against it; hover a word for its value. "
-             "Integrated gradients attribute P(predicted label) against the prompt with the text's tokens "
-             "replaced by padding; SHAP values are per label, against the text fully masked.</p>"]
-    for example in explanations["examples"]:
-        ig = example["integrated_gradients"]
-        probabilities = ", ".join(f"{esc(label)} {p:.2f}" for label, p in example["probabilities"].items())
-        parts += [
-            '<div class="explain-example">',
-            f"<p><b>true</b> {esc(example['label'])} &middot; <b>predicted</b> {esc(example['predicted'])} "
-            f"&middot; P: {probabilities}</p>",
-            f"<p>IG for P({esc(ig['target'])}): {_highlight(ig['words'], ig['attributions'])}</p>",
-            f"<p><small>IG sum {ig['sum']:+.4f}; f(x) - f(baseline) {ig['difference']:+.4f}; "
-            f"convergence delta {ig['convergence_delta']:+.2e}</small></p>",
-            "<table><tr><th>label</th><th>SHAP</th></tr>",
-            *(f"<tr><td>{esc(label)}</td><td>{_highlight(example['shap']['tokens'], values)}</td></tr>"
-              for label, values in zip(explanations["labels"], example["shap"]["values"])),
-            "</table></div>",
-        ]
-    parts.append("<h3>Word importance</h3>")
-    for method, title in (("shap", "mean SHAP value per word and label"),
-                          ("integrated_gradients", "mean IG attribution per word, by predicted label")):
-        parts.append(png_tag(_importance_figure(explanations["importance"][method], title), title))
-    parts.append("<h3>Dependence on the text</h3>")
-    parts += [png_tag(_dependence_figure(curve), f"dependence on {curve['feature']}") for curve in explanations["dependence"]]
-    f = explanations["faithfulness"]
-    parts += [
-        "<h3>Faithfulness</h3>",
-        f"<p>Deleting the top {f['deletion_fraction']:.0%} of words by IG attribution (at least one) vs as many "
-        f"random words, over {f['examples']} texts: drop in P(predicted label).</p>",
-        "<table><tr><th>top-attributed</th><th>random</th><th>gap</th><th>top &gt; random</th></tr>",
-        f"<tr><td>{f['mean_drop_top']:.3f}</td><td>{f['mean_drop_random']:.3f}</td><td>{f['gap']:+.3f}</td>"
-        f"<td>{f['share_top_greater']:.0%}</td></tr></table>",
-        "</section>",
-    ]
-    return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:

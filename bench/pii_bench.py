@@ -18,8 +18,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from jobs.balance import BalanceSettings, rebalance
-from jobs.data import clean_text, resolve_source
-from jobs.pii import PII_TYPES, PiiSettings, Redactor
+from cluster.text import clean_text
+from jobs.data import resolve_source
+from cluster.pii import PII_TYPES, PiiSettings, Redactor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 AIRLINES = ["united", "americanair", "usairways", "southwestair", "jetblue", "virginamerica", "delta"]

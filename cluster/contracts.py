@@ -14,9 +14,20 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from cluster.config import StrictModel
+from cluster.pii import PiiSettings
 from cluster.security import SecuritySettings
 
 ARTIFACT_FILE = "lakeforge_model.json"
+
+
+class TextPreprocessing(StrictModel):
+    """What every input text went through before templating in training: serving applies the same
+    (cluster.text.Preprocessor), so the model sees at serving what it saw in training."""
+
+    clean: bool = Field(default=False, description="Repair encoding, HTML entities, control characters and whitespace (cluster.text.clean_text).")
+    pii: PiiSettings | None = Field(
+        default=None, description="PII rules applied after cleaning (the run's data.pii); None: none. The hash "
+        "salt is recorded as a fingerprint only: serving takes it from $LAKEFORGE_PII_HASH_SALT.")
 
 
 class ModelArtifact(StrictModel):
@@ -28,6 +39,9 @@ class ModelArtifact(StrictModel):
     labels: list[str] = Field(default_factory=list, description="Label words, in class-index order.")
     system_prompt: str = Field(default="", description="System message used in training; send it when calling the model.")
     max_seq_len: int = Field(default=512, description="Longest training sequence in tokens.")
+    preprocessing: TextPreprocessing = Field(
+        default_factory=TextPreprocessing, description="Text preprocessing of training, applied to incoming text "
+        "by /v1/classify and batch inference (none for folders written before it was recorded).")
 
     def write(self, folder: str | Path) -> Path:
         path = Path(folder) / ARTIFACT_FILE

@@ -26,8 +26,9 @@ import pandas as pd
 import pyarrow.dataset as pads
 import ray
 
-from cluster.contracts import ModelArtifact
+from cluster.contracts import ModelArtifact, TextPreprocessing
 from cluster.prompting import label_token_ids, prompt_ids
+from cluster.text import Preprocessor
 from cluster.ray_cluster import connect
 from jobs.config import BatchInferConfig, BatchInputSection
 
@@ -64,15 +65,19 @@ class Prompter:
     """Ray Data UDF: template each row as in training; for classification one request per label
     (prompt + label tokens), whose prompt logprobs score the label."""
 
-    def __init__(self, model_dir: str, system_prompt: str, text_column: str, label_ids: list[list[int]]):
+    def __init__(self, model_dir: str, system_prompt: str, preprocessing: TextPreprocessing, text_column: str,
+                 label_ids: list[list[int]]):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.system_prompt, self.text_column, self.label_ids = system_prompt, text_column, label_ids
+        self.preprocess = Preprocessor(preprocessing)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        # As training and evaluation render prompts (shared with serving's /v1/classify).
-        prompts = [prompt_ids(self.tokenizer, self.system_prompt, str(text)) for text in batch[self.text_column]]
+        # As training and evaluation render prompts (shared with serving's /v1/classify), from the
+        # text as training saw it (cleaned, PII redacted).
+        prompts = [prompt_ids(self.tokenizer, self.system_prompt, self.preprocess(str(text)))
+                   for text in batch[self.text_column]]
         if not self.label_ids:
             return batch.assign(tokenized_prompt=prompts, prompt_len=[len(ids) for ids in prompts], label_index=-1)
         # A row's label requests side by side, so the writer gets each row's scores together.
@@ -189,6 +194,7 @@ def run_batch_inference(cfg: BatchInferConfig) -> dict:
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"model_dir={cfg.model_dir!r} is not a Hugging Face model folder")
     artifact = ModelArtifact.read(model_dir)
+    Preprocessor(artifact.preprocessing)  # a missing PII hash salt stops the job here, not in a Ray actor
     out_dir = Path(cfg.output).expanduser().resolve()
     table = read_table(cfg.input)
     input_columns = [c for c in table.schema().names if c != ROW_ID]
@@ -215,6 +221,7 @@ def run_batch_inference(cfg: BatchInferConfig) -> dict:
         prompted = pending.map_batches(
             Prompter, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1),
             fn_constructor_kwargs={"model_dir": str(model_dir), "system_prompt": artifact.system_prompt,
+                                   "preprocessing": artifact.preprocessing,
                                    "text_column": cfg.input.text_column, "label_ids": label_ids})
         keep = [*input_columns, ROW_ID, "label_index"]
         if artifact.labels:

@@ -16,7 +16,7 @@ from cluster.config import StrictModel
 from cluster.contracts import EndpointSettings
 from cluster.storage import is_uri
 from jobs.balance import BalanceSettings
-from jobs.pii import PiiSettings
+from cluster.pii import PiiSettings
 
 
 class ModelSection(StrictModel):

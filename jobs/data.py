@@ -16,7 +16,6 @@ import hashlib
 import functools
 import importlib.util
 import json
-import re
 import shutil
 import time
 from collections import Counter
@@ -32,9 +31,10 @@ import pyarrow.parquet as pq
 import ray
 
 from cluster.prompting import chat_messages
+from cluster.text import clean_text, decode_text
 from jobs import model
 from jobs.config import DataSection, RunConfig, SourceSection
-from jobs.pii import PII_TYPES
+from cluster.pii import PII_TYPES
 
 SPLITS = ("train", "validation", "test")
 MANIFEST = "manifest.json"
@@ -48,53 +48,6 @@ DUPLICATE_STATUSES = ("exact_duplicate", "near_duplicate")
 # Kept shards: what training and evaluation read.
 SHARD_COLUMNS = ["text", "label", "label_id", "input_ids", "loss_mask", "prompt_len", "num_tokens", "position",
                  "source", "source_row", "augmented"]
-
-# Runs of non-ASCII characters and underscores: what double-encoded smart quotes and dashes
-# became in the tweet corpus ("don’¢_äŒ_Ü¢t", "cars_—_.no"). Valid UTF-8 text is only scrubbed of
-# replacement characters; text that was not valid UTF-8 has every non-ASCII run collapsed.
-_REPLACEMENT_RUN = re.compile(r"[_\ufffd]*\ufffd[_\ufffd]*")
-_NON_ASCII_RUN = re.compile(r"[_\u0080-\U0010ffff]*[\u0080-\U0010ffff][_\u0080-\U0010ffff]*")
-_TYPOGRAPHIC = {"’": "'", "‘": "'", "“": '"', "”": '"', "—": " - ", "–": " - ", "…": "..."}
-_WHITESPACE = re.compile(r"\s+")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-
-
-def _collapse_junk_run(match: re.Match) -> str:
-    for char in match.group(0):
-        if char in _TYPOGRAPHIC:
-            return _TYPOGRAPHIC[char]
-    return " "
-
-
-def decode_text(raw: bytes, invalid_utf8: str = "repair") -> tuple[str | None, bool]:
-    """Bytes -> text, and whether they were not valid UTF-8. None when they are not and the policy
-    is 'quarantine'."""
-    try:
-        return raw.decode("utf-8"), False
-    except UnicodeDecodeError:
-        if invalid_utf8 == "quarantine":
-            return None, False
-        # Mac Roman maps the corpus's stray lead bytes to the punctuation that was meant
-        # (0xD5 -> ’, 0xD1 -> —) and never fails; the junk runs are collapsed before ftfy,
-        # which would otherwise re-interpret parts of them.
-        return _NON_ASCII_RUN.sub(_collapse_junk_run, raw.decode("mac_roman")), True
-
-
-def clean_text(raw: bytes | str | None) -> tuple[str, bool]:
-    """Repair encoding, HTML entities, control characters and whitespace.
-
-    Returns the clean text and whether the input was not valid UTF-8 (counted as repaired).
-    """
-    import ftfy
-
-    if raw is None:
-        return "", False
-    text, repaired = decode_text(raw) if isinstance(raw, bytes) else (raw, False)
-    text = ftfy.fix_text(text)  # mojibake that is still valid UTF-8, HTML entities (&amp;)
-    text = _REPLACEMENT_RUN.sub(" ", text)
-    text = _CONTROL.sub(" ", text)
-    return _WHITESPACE.sub(" ", text).strip(), repaired
-
 
 def dedup_key(text: str) -> str:
     """Exact-duplicate key: case- and whitespace-insensitive."""
@@ -481,7 +434,7 @@ def _detect_language(text: str) -> str:
 def _clean_batch(batch: pd.DataFrame, cfg: DataSection) -> pd.DataFrame:
     """Ray Data UDF: staged rows -> validated, cleaned, PII-redacted examples (bad rows keep their
     reason, and their raw value is redacted too: it is written to the quarantine)."""
-    from jobs.pii import Redactor
+    from cluster.pii import Redactor
 
     redactor = Redactor(cfg.pii)
     status, messages, texts, labels, keys = [], [], [], [], []
@@ -619,7 +572,7 @@ def _mark_exact(group: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
 
 def shingles(text: str, width: int) -> set[bytes]:
     """Character shingles of the case- and whitespace-normalized text."""
-    norm = _WHITESPACE.sub(" ", text.lower()).strip()
+    norm = " ".join(text.lower().split())
     return {norm[i:i + width].encode() for i in range(max(1, len(norm) - width + 1))}
 
 

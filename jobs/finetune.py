@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.contracts import ModelArtifact
+from cluster.contracts import ModelArtifact, TextPreprocessing
 from cluster.ray_cluster import connect
 from cluster.storage import filesystem_for, uri_of
 from jobs import data
@@ -140,6 +140,8 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
     ModelArtifact(
         name=cfg.serve.endpoint.model_id, base_model=cfg.model.base, labels=cfg.data.labels,
         system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len,
+        # What jobs.data did to every text before templating: clean_text, then the PII rules.
+        preprocessing=TextPreprocessing(clean=True, pii=cfg.data.pii if cfg.data.pii.enabled else None),
     ).write(export_dir)
     tracker.log({"best_val_loss": best_metrics["val_loss"], "best_step": best_metrics["step"],
                  "export_max_abs_logit_diff": export_diff, "wall_seconds": wall_seconds}, best_metrics["step"])

@@ -36,6 +36,7 @@ from cluster.contracts import ARTIFACT_FILE, EndpointSettings, ModelArtifact
 from cluster.prompting import label_probabilities, label_token_ids, prompt_ids
 from cluster.audit import AuditLog
 from cluster.security import AccessController, Authenticator, AuthError, RateLimiter
+from cluster.text import Preprocessor
 from serving.limits import InvalidRequest, check_limits, prompt_text, request_params
 
 HEALTH_ROUTE = "/health"
@@ -149,6 +150,11 @@ class Gateway(OpenAiIngress):
         # The engine's tokenizer and chat template, so /v1/classify scores the evaluation's tokens.
         self.tokenizer = AutoTokenizer.from_pretrained(self.settings.model_dir)
         self.base_artifact = self._read_artifact(Path(self.settings.model_dir))
+        # Each model's training preprocessing as a function, by artifact; the base model's is built
+        # now, so a model whose PII salt is missing fails at deploy, not on the first request.
+        self._preprocessors: dict[str, Preprocessor] = {}
+        if self.base_artifact is not None:
+            self.preprocessor(self.base_artifact)
         # Serve runs a pickled copy of the FastAPI app, but `guard` is this module's function: a
         # module global is how it finds this replica's gateway (one per replica process).
         global _replica_gateway
@@ -284,6 +290,14 @@ class Gateway(OpenAiIngress):
     def _read_artifact(folder: Path) -> Optional[ModelArtifact]:
         return ModelArtifact.read(folder) if (folder / ARTIFACT_FILE).is_file() else None
 
+    def preprocessor(self, artifact: ModelArtifact) -> Preprocessor:
+        """The artifact's training preprocessing (cleaning, PII rules), built once per distinct setting
+        (adapter artifacts are read per request)."""
+        key = artifact.preprocessing.model_dump_json()
+        if key not in self._preprocessors:
+            self._preprocessors[key] = Preprocessor(artifact.preprocessing)
+        return self._preprocessors[key]
+
     def artifact(self, model_id: str) -> ModelArtifact:
         """An adapter's own lakeforge_model.json when its folder has one, else the base model's."""
         artifact = None
@@ -337,7 +351,8 @@ class Gateway(OpenAiIngress):
             record["prompt"] = "\n".join(texts)
         artifact = self.artifact(model_id)
         labels = label_token_ids(self.tokenizer, artifact.labels)
-        prompts = [prompt_ids(self.tokenizer, artifact.system_prompt, text) for text in texts]
+        preprocess = self.preprocessor(artifact)  # the model sees what training saw: cleaned, PII redacted
+        prompts = [prompt_ids(self.tokenizer, artifact.system_prompt, preprocess(text)) for text in texts]
         longest = max(map(len, prompts)) + max(map(len, labels))
         if longest > self.settings.max_model_len:
             raise OpenAIHTTPException(400, f"a prompt plus label is {longest} tokens; max_model_len is {self.settings.max_model_len}", type="InvalidRequest")

@@ -10,10 +10,11 @@ import pytest
 from pydantic import ValidationError
 
 from cluster.prompting import chat_messages
+from cluster.text import clean_text, decode_text
 from jobs.balance import BalanceSettings
 from jobs.config import DataSection, SourceSection
 from jobs.data import (
-    Templater, _band_keys, _csv_rows, _rebalance_class, _jsonl_rows, _parquet_rows, assign_splits, clean_text, decode_text,
+    Templater, _band_keys, _csv_rows, _rebalance_class, _jsonl_rows, _parquet_rows, assign_splits,
     dedup_key, fingerprint_source, near_duplicate_clusters, source_files, split_position, validate_record,
 )
 from jobs.train_loop import collate

@@ -6,8 +6,9 @@ from pydantic import SecretStr
 import pytest
 
 from cluster.config import ConfigError, load_config
-from jobs.data import clean_text, resolve_source
-from jobs.pii import PII_TYPES, PiiSettings, Redactor
+from cluster.text import clean_text
+from jobs.data import resolve_source
+from cluster.pii import PII_TYPES, PiiSettings, Redactor
 
 SALT = "test-salt-0123"
 

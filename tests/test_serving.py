@@ -20,7 +20,8 @@ import pytest
 import requests
 import torch
 
-from cluster.contracts import EndpointSettings, ModelArtifact
+from cluster.contracts import EndpointSettings, ModelArtifact, TextPreprocessing
+from cluster.pii import PiiSettings
 from cluster.security import new_api_key
 from tests.conftest import EAGER, TEST_SERVE_PORT
 
@@ -30,6 +31,8 @@ LABELS = ["negative", "neutral", "positive"]
 SYSTEM_PROMPT = "Classify the sentiment of the customer's message."
 ADAPTERS = {"tenant-a-support": 1, "tenant-b-support": 2}  # adapter name -> seed
 TEXTS = ["my bag is lost again", "thanks for the quick rebooking!"]
+# As a pipeline's export records it: the data job's cleaning and PII rules.
+PREPROCESSING = TextPreprocessing(clean=True, pii=PiiSettings(allow_handles=["united"]))
 
 
 def make_adapter(base_dir: Path, target: Path, seed: int) -> None:
@@ -53,7 +56,8 @@ def served(ray_cluster, tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     base_dir = root / "base"
     shutil.copytree(tiny_model_dir, base_dir)
-    ModelArtifact(name="tiny", base_model=str(tiny_model_dir), labels=LABELS, system_prompt=SYSTEM_PROMPT).write(base_dir)
+    ModelArtifact(name="tiny", base_model=str(tiny_model_dir), labels=LABELS, system_prompt=SYSTEM_PROMPT,
+                  preprocessing=PREPROCESSING).write(base_dir)
     adapters_dir = root / "adapters"
     for name, seed in ADAPTERS.items():
         make_adapter(base_dir, adapters_dir / name, seed)
@@ -249,6 +253,25 @@ def test_classify_matches_the_evaluations_label_scoring(served, model_id):
         assert served_probabilities == pytest.approx(expected[row].tolist(), abs=1e-2)
         assert result["label"] == LABELS[int(expected[row].argmax())]
         assert sum(served_probabilities) == pytest.approx(1, abs=1e-6)
+
+
+def test_classify_sees_incoming_text_as_training_saw_it(served):
+    """A text with a phone number and broken encoding gets the label probabilities its cleaned,
+    redacted form gets in the evaluation's scoring (the form the data job trains and evaluates on)."""
+    from cluster.text import Preprocessor
+
+    raw = "@united call me at (415) 555-0132 &amp; my bag isnâ€™t  here"
+    trained_form = Preprocessor(PREPROCESSING)(raw)
+    assert trained_form == "@united call me at <PHONE> & my bag isn't here"
+    answers = [call(served, "POST", "/v1/classify", "admin", json={"model": "tiny", "text": text})
+               for text in (raw, trained_form)]
+    assert all(answer.status_code == 200 for answer in answers), [answer.text for answer in answers]
+    from_raw, from_trained_form = (answer.json()["results"][0]["probabilities"] for answer in answers)
+    assert from_raw == from_trained_form
+    expected = transformers_label_probabilities(served["base_dir"], None, [trained_form])[0]
+    assert [from_raw[label] for label in LABELS] == pytest.approx(expected.tolist(), abs=1e-2)
+    unprocessed = transformers_label_probabilities(served["base_dir"], None, [raw])[0]
+    assert not torch.allclose(expected, unprocessed, atol=1e-4)  # the preprocessing changes what the model sees
 
 
 def first_token_logprobs(model_dir: Path, adapter_dir: Path | None, prompt: str) -> tuple[torch.Tensor, object]:

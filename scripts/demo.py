@@ -85,12 +85,11 @@ def main(argv: list[str]) -> None:
                  f"{checked} test rows: the served model is not the one evaluated (answers in {summary_path})")
     print(f"Serving version {summary['serving']['version']}")
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key)
-    print(f"\nClassifying through {url}/v1/chat/completions with the openai client:")
+    # Only the text: the endpoint applies the model folder's system prompt and preprocessing.
+    print(f"\nClassifying through {url}/v1/chat/completions with the openai client (the text alone):")
     for text in MESSAGES:
         reply = client.chat.completions.create(
-            model=artifact.name, max_tokens=4, temperature=0,
-            messages=[{"role": "system", "content": artifact.system_prompt}, {"role": "user", "content": text}],
-        )
+            model=artifact.name, max_tokens=4, temperature=0, messages=[{"role": "user", "content": text}])
         print(f"  {reply.choices[0].message.content.strip():<10} <- {text}")
 
     scores = summary["test_split"]

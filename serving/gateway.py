@@ -220,6 +220,8 @@ class Gateway(OpenAiIngress):
             raise OpenAIHTTPException(error.status, str(error), type="InvalidRequest") from None
         if params["max_tokens"] is None:  # the engine's default is "the rest of the context": cap it
             body.max_tokens = self.settings.limits.max_tokens
+        if call_method == "chat":
+            self._prompt_as_trained(body, model_id)
         if self.settings.security.audit.log_prompts:
             record["prompt"] = prompt_text(raw)
         if body.stream:  # the final chunk then carries usage, for the audit, limits and metrics
@@ -230,6 +232,22 @@ class Gateway(OpenAiIngress):
         else:
             _usage(json.loads(response.body), record)
         return response
+
+    def _prompt_as_trained(self, body: ChatCompletionRequest, model_id: str) -> None:
+        """A chat with a classification model is prompted as its training examples were: the model
+        folder's system prompt when the client sends none (a bare text got nonsense before), and
+        each user turn preprocessed (cleaning, PII rules) as the training text was."""
+        artifact = self._artifact_or_none(model_id)
+        if artifact is None or not artifact.labels:
+            return
+        preprocess = self.preprocessor(artifact)
+        messages = [dict(message) for message in body.messages]
+        for message in messages:
+            if message.get("role") == "user" and isinstance(message.get("content"), str):
+                message["content"] = preprocess(message["content"])
+        if artifact.system_prompt and not any(message.get("role") == "system" for message in messages):
+            messages.insert(0, {"role": "system", "content": artifact.system_prompt})
+        body.messages = messages
 
     @staticmethod
     async def _watch_stream(chunks, record: dict):
@@ -298,12 +316,16 @@ class Gateway(OpenAiIngress):
             self._preprocessors[key] = Preprocessor(artifact.preprocessing)
         return self._preprocessors[key]
 
-    def artifact(self, model_id: str) -> ModelArtifact:
+    def _artifact_or_none(self, model_id: str) -> Optional[ModelArtifact]:
         """An adapter's own lakeforge_model.json when its folder has one, else the base model's."""
         artifact = None
         if model_id != get_base_model_id(model_id) and self.adapters_dir and not is_remote_path(self.adapters_dir):
             artifact = self._read_artifact(Path(self.adapters_dir) / get_lora_id(model_id))
-        artifact = artifact or self.base_artifact
+        return artifact or self.base_artifact
+
+    def artifact(self, model_id: str) -> ModelArtifact:
+        """The model's artifact, which must be a classification model's (it has labels)."""
+        artifact = self._artifact_or_none(model_id)
         if artifact is None or not artifact.labels:
             raise OpenAIHTTPException(400, f"model {model_id!r} is not a classification model (no labels in {ARTIFACT_FILE})",
                                       type="InvalidRequest")

@@ -274,6 +274,29 @@ def test_classify_sees_incoming_text_as_training_saw_it(served):
     assert not torch.allclose(expected, unprocessed, atol=1e-4)  # the preprocessing changes what the model sees
 
 
+def test_a_chat_with_only_the_text_is_prompted_as_training_was(served):
+    """The model folder's system prompt is applied when the client sends none, and the user's text
+    is preprocessed: a bare text gets the answer of the trained prompt (the first token and its
+    log-probability); a client's own system prompt is kept."""
+    from cluster.text import Preprocessor
+
+    raw = "@united my bag isnâ€™t here, call (415) 555-0132"
+
+    def first_token(messages: list[dict]) -> dict:
+        answer = call(served, "POST", "/v1/chat/completions", "admin", json={
+            "model": "tiny", "messages": messages, "max_tokens": 1, "temperature": 0, "logprobs": True})
+        assert answer.status_code == 200, answer.text
+        token = answer.json()["choices"][0]["logprobs"]["content"][0]
+        return {"token": token["token"], "logprob": token["logprob"]}
+
+    trained = first_token([{"role": "system", "content": SYSTEM_PROMPT},
+                           {"role": "user", "content": Preprocessor(PREPROCESSING)(raw)}])
+    bare = first_token([{"role": "user", "content": raw}])
+    assert bare["token"] == trained["token"] and bare["logprob"] == pytest.approx(trained["logprob"], abs=1e-4)
+    own = first_token([{"role": "system", "content": "Reply in French, at length."}, {"role": "user", "content": raw}])
+    assert own != trained
+
+
 def first_token_logprobs(model_dir: Path, adapter_dir: Path | None, prompt: str) -> tuple[torch.Tensor, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -105,6 +105,10 @@ class DataSection(StrictModel):
         description="System message of the template (training, evaluation and serving); chat rows that bring their own "
         "system message keep theirs; empty: no system message.",
     )
+    template: Literal["model", "compact"] = Field(
+        default="model", description="Chat template of training and serving: the base model's own ('model'), or "
+        "'compact' (each turn on a line, no role markers or default system prompt: about half the tokens per "
+        "classification example); the exported model folder carries it.")
     limit_rows: int | None = Field(default=None, ge=10, description="Read only the first N rows of each source (quick runs, tests).")
     sample_every: int | None = Field(
         default=None, ge=2, description="Read only every Nth row of each source (by row number): a deterministic sample "

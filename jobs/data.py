@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from cluster.prompting import chat_messages
+from cluster.prompting import chat_messages, use_template
 from cluster.text import clean_text, decode_text
 from jobs import model
 from jobs.config import DataSection, RunConfig, SourceSection
@@ -473,10 +473,10 @@ class Templater:
     assistant turns, and filter by length."""
 
     def __init__(self, model_dir: str, system_prompt: str, labels: list[str], min_text_tokens: int = 0,
-                 max_text_tokens: int | None = None, max_seq_len: int | None = None):
+                 max_text_tokens: int | None = None, max_seq_len: int | None = None, template: str = "model"):
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = use_template(AutoTokenizer.from_pretrained(model_dir), template)
         self.system_prompt = system_prompt
         self.label_index = {label: i for i, label in enumerate(labels)}
         self.min_text_tokens, self.max_text_tokens, self.max_seq_len = min_text_tokens, max_text_tokens, max_seq_len
@@ -699,7 +699,7 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
     read = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
     templater_args = {"model_dir": str(model_dir), "system_prompt": cfg.system_prompt, "labels": cfg.labels,
                       "min_text_tokens": cfg.min_text_tokens, "max_text_tokens": cfg.max_text_tokens,
-                      "max_seq_len": cfg.max_seq_len}
+                      "max_seq_len": cfg.max_seq_len, "template": cfg.template}
     staged = read.map_batches(_clean_batch, batch_format="pandas", fn_kwargs={"cfg": cfg}).map_batches(
         Templater, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors), fn_constructor_kwargs=templater_args,
     ).materialize()

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from cluster.contracts import ModelArtifact, TextPreprocessing
+from cluster.prompting import label_token_ids
 from cluster.ray_cluster import connect
 from cluster.storage import filesystem_for, uri_of
 from jobs import data
 from jobs.config import RunConfig
 from jobs.tracking import MetricLogger, start_run
-from jobs.train_loop import FAULT_MARKER, HF_EXPORT_DIR, PROBE_FILE, PROBE_IDS, train_loop_per_worker
+from jobs.train_loop import FAULT_MARKER, HF_EXPORT_DIR, LEARNING_CURVE_FILE, PROBE_FILE, PROBE_IDS, train_loop_per_worker
 
 # Max |logit difference| between the trained model and its export reloaded in fp32 on the driver's
 # CPU. Workers on GPUs use other kernels (and bf16 keeps ~3 digits), so they get looser bounds; a
@@ -56,6 +57,29 @@ def verify_export(export_dir: Path, probe_logits: torch.Tensor, tolerance: float
     if diff > tolerance:
         raise RuntimeError(f"export {export_dir} does not reproduce the trained model: max |logit diff| {diff:.3g}")
     return diff
+
+
+def label_first_token_ids(cfg: RunConfig, base_dir: Path) -> list[int] | None:
+    """Each label's first token, for the validation macro-F1 of the learning curve; None when the
+    task is not classification or two labels start with the same token."""
+    if cfg.data.task != "classification":
+        return None
+    from transformers import AutoTokenizer
+
+    firsts = [ids[0] for ids in label_token_ids(AutoTokenizer.from_pretrained(base_dir), cfg.data.labels)]
+    return firsts if len(set(firsts)) == len(firsts) else None
+
+
+def read_learning_curve(path: Path) -> list[dict]:
+    """The validations of a run in step order; a step validated twice (a restart after a fault
+    repeats the steps since its checkpoint) keeps its last line."""
+    if not path.is_file():
+        return []
+    by_step = {}
+    for line in path.read_text().splitlines():
+        point = json.loads(line)
+        by_step[point["step"]] = point
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
@@ -103,7 +127,8 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
         train_loop_per_worker,
         train_loop_config={"train": train.model_dump(), "base_model_dir": str(base_dir), "resume_checkpoint": resume,
                            "tracking_uri": uri, "tracking_run_id": run_id, "storage_dir": str(cfg.run_dir),
-                           "task_names": task_names},
+                           "task_names": task_names, "template": cfg.data.template,
+                           "label_first_token_ids": label_first_token_ids(cfg, base_dir)},
         scaling_config=ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu,
             resources_per_worker={"CPU": train.cpus_per_worker, **train.worker_resources},
@@ -123,6 +148,8 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
     )
     tracker = MetricLogger(uri, run_id)
     (cfg.run_dir / FAULT_MARKER).unlink(missing_ok=True)  # a fault drill fires once per run, not once ever
+    if not train.resume_from:  # a hand restart continues its run's curve
+        (cfg.run_dir / LEARNING_CURVE_FILE).unlink(missing_ok=True)
     started = time.perf_counter()
     try:
         result = trainer.fit()
@@ -157,6 +184,8 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
         "steady_tokens_per_s": result.metrics["steady_tokens_per_s"],
         "first_batch_seconds": result.metrics["first_batch_seconds"],
         "train_tokens": result.metrics["train_tokens"],
+        "examples_seen": result.metrics["examples_seen"],
+        "learning_curve": read_learning_curve(cfg.run_dir / LEARNING_CURVE_FILE),
         "history": [metrics for _, metrics in sorted(result.best_checkpoints, key=lambda pair: pair[1]["step"])],
         "wall_seconds": wall_seconds,
         "export_max_abs_logit_diff": export_diff,

@@ -107,7 +107,8 @@ def run_pipeline(cfg: RunConfig) -> dict:
         metrics={"accuracy": report["fine_tuned"]["accuracy"], "macro_f1": report["fine_tuned"]["macro"]["f1"],
                  "compared_with": report["models"]},
         attachments=[cfg.run_dir / "evaluation.json", cfg.run_dir / "explanations.json"])
-    report_path = write_report(Path(version["path"]) / "report.html", report, explanations, version)
+    report_path = write_report(Path(version["path"]) / "report.html", report, explanations, version,
+                               learning_curve=training["learning_curve"])
     mark = stage_done("report", mark)
     print(f"[pipeline] registered {cfg.name} {version['version']} "
           f"({'deployable' if version['deployable'] else 'not deployable'}); report: {report_path}")
@@ -118,7 +119,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
         "report": str(report_path),
         "data": {"counts": manifest["counts"], "splits": manifest["splits"], "quality_report": manifest["quality_report"]["html"]},
         "training": {key: training[key] for key in (
-            "best_step", "best_val_loss", "wall_seconds", "tokens_per_s", "train_tokens",
+            "best_step", "best_val_loss", "wall_seconds", "tokens_per_s", "train_tokens", "examples_seen", "learning_curve",
             "export_max_abs_logit_diff", "mfu", "peak_memory_gib_max_worker", "tracking", "settings")},
         "test_split": {
             "examples": report["test_examples"],

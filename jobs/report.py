@@ -123,7 +123,32 @@ def _errors_section(errors: dict) -> str:
             f"<h3>Most confident mistakes</h3>{table(errors['worst'])}<h3>Per class</h3>{per_class}")
 
 
-def write_report(path: Path, evaluation: dict, explanations: dict | None = None, version: dict | None = None) -> Path:
+def _learning_curve_figure(curve: list[dict], evaluation: dict) -> str:
+    """Validation macro-F1 against training examples seen, beside the test macro-F1 of the systems
+    that need no training (their lines are the bar the curve has to cross)."""
+    import matplotlib.pyplot as plt
+
+    points = [point for point in curve if point.get("val_macro_f1") is not None]
+    if not points:
+        return ""
+    fig, axis = plt.subplots(figsize=(6, 3.6))
+    axis.plot([p["examples_seen"] for p in points], [p["val_macro_f1"] for p in points], marker="o",
+              label="fine-tuning (validation split)")
+    for name, style in (("base_zero_shot", ":"), ("baseline_tfidf_logreg", "--")):
+        if name in evaluation:
+            axis.axhline(evaluation[name]["macro"]["f1"], linestyle=style, color="#555", label=f"{name} (test split)")
+    axis.set_xlabel("training examples seen")
+    axis.set_ylabel("macro-F1")
+    axis.legend(fontsize=7)
+    rows = "".join(f"<tr><td>{p['step']}</td><td>{p['examples_seen']:,}</td><td>{p['train_tokens']:,.0f}</td>"
+                   f"<td>{p['val_loss']:.4f}</td><td>{_fmt(p['val_macro_f1'])}</td></tr>" for p in curve)
+    return ("<h2>Learning curve</h2>" + png_tag(fig, "learning curve")
+            + "<table><tr><th>step</th><th>examples seen</th><th>tokens seen</th><th>validation loss</th>"
+            f"<th>validation macro-F1</th></tr>{rows}</table>")
+
+
+def write_report(path: Path, evaluation: dict, explanations: dict | None = None, version: dict | None = None,
+                 learning_curve: list[dict] | None = None) -> Path:
     """Render one model version's evaluation (and explanations) as a self-contained HTML page."""
     import matplotlib
 
@@ -140,6 +165,8 @@ def write_report(path: Path, evaluation: dict, explanations: dict | None = None,
                      f"{html.escape(gate['reason'])}</p>")
     parts += [_metrics_table(evaluation), _per_class_table(evaluation), _confusion_figure(evaluation),
               _reliability_figure(evaluation), _slices_table(evaluation)]
+    if learning_curve:
+        parts.append(_learning_curve_figure(learning_curve, evaluation))
     if "errors" in evaluation:
         parts.append(_errors_section(evaluation["errors"]))
     if explanations is not None:

@@ -8,6 +8,7 @@ DeepSpeed picks its accelerator from the machine.
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import tempfile
 import time
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from cluster.prompting import pad_token_id
+from cluster.prompting import pad_token_id, use_template
 from jobs.tracking import MetricLogger
 
 
@@ -33,6 +34,7 @@ HF_EXPORT_DIR = "hf_model"
 DEEPSPEED_TAG = "deepspeed"
 FAULT_MARKER = "fault_injected"
 PROBE_FILE = "probe_logits.pt"
+LEARNING_CURVE_FILE = "learning_curve.jsonl"  # in the run folder: one line per validation, by rank 0
 # A fixed input whose logits are saved beside each export: reloading the export must reproduce them.
 PROBE_IDS = torch.arange(1, 33).unsqueeze(0)
 
@@ -259,11 +261,15 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _validation_loss(engine, shard, micro_batch_size: int, collate_fn, device, num_tasks: int = 1) -> tuple[float, list[float]]:
+def _validate(engine, shard, micro_batch_size: int, collate_fn, device, num_tasks: int = 1,
+              label_ids: list[int] | None = None) -> tuple[float, list[float], float | None]:
     """Mean answer-token loss over all workers' validation shards: overall, and per task (the task
-    of each answer token, from `task_ids`; all task 0 in a single-task run)."""
+    of each answer token, from `task_ids`; all task 0 in a single-task run). With `label_ids` (each
+    label's first token) also the macro-F1 of the most likely label at each answer's first token,
+    over the examples whose answer is a label: the learning curve's quality axis."""
     engine.eval()
     loss_sums, tokens = torch.zeros(num_tasks, dtype=torch.float64), torch.zeros(num_tasks, dtype=torch.float64)
+    predicted, gold = [], []
     with torch.no_grad():
         for batch in shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=collate_fn):
             batch = {key: value.to(device) for key, value in batch.items()}
@@ -274,10 +280,34 @@ def _validation_loss(engine, shard, micro_batch_size: int, collate_fn, device, n
             task_ids = batch["task_ids"][:, 1:][:, keep].flatten().cpu() if "task_ids" in batch else torch.zeros_like(answer, dtype=torch.long)
             loss_sums.index_add_(0, task_ids[answer], losses[answer])
             tokens.index_add_(0, task_ids[answer], torch.ones(int(answer.sum()), dtype=torch.float64))
+            if label_ids:
+                rows, first = _first_answer_positions(targets)
+                gold_tokens = targets[rows, first].tolist()
+                scores = logits[rows, first][:, label_ids].argmax(dim=-1).tolist()
+                for token, choice in zip(gold_tokens, scores):
+                    if token in label_ids:
+                        gold.append(label_ids.index(token))
+                        predicted.append(choice)
     engine.train()
     totals = _all_reduce([*loss_sums.tolist(), *tokens.tolist()], device)
     loss_sums, tokens = totals[:num_tasks], totals[num_tasks:]
-    return sum(loss_sums) / max(sum(tokens), 1), [loss / max(n, 1) for loss, n in zip(loss_sums, tokens)]
+    macro_f1 = None
+    if label_ids:
+        from sklearn.metrics import f1_score
+
+        pairs = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(pairs, (predicted, gold))
+        predicted, gold = [p for pair in pairs for p in pair[0]], [g for pair in pairs for g in pair[1]]
+        macro_f1 = float(f1_score(gold, predicted, labels=list(range(len(label_ids))), average="macro",
+                                  zero_division=0)) if gold else None
+    return sum(loss_sums) / max(sum(tokens), 1), [loss / max(n, 1) for loss, n in zip(loss_sums, tokens)], macro_f1
+
+
+def _first_answer_positions(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of each row's first answer target: where its answer's first token is predicted."""
+    answer = targets != -100
+    rows = answer.any(dim=1).nonzero().squeeze(1)
+    return rows, answer[rows].int().argmax(dim=1)
 
 
 def _save_checkpoint(engine, zero_stage: int, tokenizer, folder: Path, rank: int, device, position: dict) -> None:
@@ -311,11 +341,13 @@ def train_loop_per_worker(config: dict) -> None:
     multi_task = len(task_names) > 1
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    examples_per_step = train["micro_batch_size"] * train["gradient_accumulation_steps"] * world_size
     device = ray.train.torch.get_device()
     torch.manual_seed(train["seed"])
     torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
 
-    tokenizer = AutoTokenizer.from_pretrained(config["base_model_dir"])
+    # With the run's chat template: the checkpoints' export carries it to serving.
+    tokenizer = use_template(AutoTokenizer.from_pretrained(config["base_model_dir"]), config["template"])
     pad_id = pad_token_id(tokenizer)
     precision = resolve_precision(train["precision"], train["use_gpu"])
     # Weights stay fp32 for fp16 training: DeepSpeed keeps fp32 masters and casts itself.
@@ -425,8 +457,9 @@ def train_loop_per_worker(config: dict) -> None:
                 window_start = time.perf_counter()
 
             if step % train["eval_every"] == 0 or step == train["max_steps"]:
-                val_loss, task_losses = _validation_loss(
-                    engine, validation_shard, train["micro_batch_size"], collate_fn, device, len(task_names))
+                val_loss, task_losses, val_macro_f1 = _validate(
+                    engine, validation_shard, train["micro_batch_size"], collate_fn, device, len(task_names),
+                    config.get("label_first_token_ids"))
                 (memory,) = _all_reduce([peak_memory_gib(device)], device, op=torch.distributed.ReduceOp.MAX)
                 seen = [before + now for before, now in zip(task_examples_before, _all_reduce(task_examples.tolist(), device))]
                 per_task = {}
@@ -435,10 +468,18 @@ def train_loop_per_worker(config: dict) -> None:
                                 **{f"train_examples/{name}": n for name, n in zip(task_names, seen)}}
                 if rank == 0:
                     by_task = "".join(f" {name} {loss:.4f}" for name, loss in zip(task_names, task_losses)) if multi_task else ""
-                    say(f"[train] step {step} validation loss {val_loss:.4f}{by_task}")
-                    tracker.log({"val_loss": val_loss, **per_task}, step)
+                    f1_text = f" macro-F1 {val_macro_f1:.3f}" if val_macro_f1 is not None else ""
+                    say(f"[train] step {step} validation loss {val_loss:.4f}{f1_text}{by_task} "
+                        f"({step * examples_per_step:,} examples seen)")
+                    tracker.log({"val_loss": val_loss, **per_task,
+                                 **({"val_macro_f1": val_macro_f1} if val_macro_f1 is not None else {})}, step)
+                    with (Path(config["storage_dir"]) / LEARNING_CURVE_FILE).open("a") as curve:
+                        curve.write(json.dumps({"step": step, "examples_seen": step * examples_per_step,
+                                                "train_tokens": total_tokens, "val_loss": val_loss,
+                                                "val_macro_f1": val_macro_f1}) + "\n")
                 metrics = {
                     "step": step, "epoch": epoch, "resumed_from_step": resumed_from_step, "precision": precision, "val_loss": val_loss, "train_loss": last_train_loss,
+                    "val_macro_f1": val_macro_f1, "examples_seen": step * examples_per_step,
                     "train_tokens": total_tokens, "non_padding_share": total_tokens / max(total_slots, 1), "worker_nodes": worker_nodes,
                     "tokens_per_s": total_tokens / max(compute_seconds, 1e-9),
                     "steady_tokens_per_s": (total_tokens - warmup_tokens) / (compute_seconds - warmup_seconds)

@@ -250,3 +250,20 @@ def test_rebalance_class_reaches_the_run_wide_target_and_rewrites_copies():
     for text, conversation in zip(out["text"], out["messages"]):
         assert json.loads(conversation)[0]["content"] == text
     assert len(_rebalance_class(group, BalanceSettings(strategy="undersample"), target=3)) == 3
+
+
+def test_the_compact_template_is_short_and_serving_renders_the_same_prompt(tiny_model_dir):
+    from cluster.prompting import label_token_ids, prompt_ids
+
+    text, labels = "@united lost my bag", ["negative", "neutral", "positive"]
+    chatml = Templater(str(tiny_model_dir), "Classify.", labels)
+    compact = Templater(str(tiny_model_dir), "Classify.", labels, template="compact")
+    ids, prompt_len = compact.encode(text, "negative")
+    tokenizer = compact.tokenizer
+    assert tokenizer.decode(ids[:prompt_len]) == "Classify.\n@united lost my bag\n"
+    assert ids[prompt_len:] == label_token_ids(tokenizer, ["negative"])[0] + [tokenizer.eos_token_id]
+    assert ids[:prompt_len] == prompt_ids(tokenizer, "Classify.", text)  # /v1/classify, batch inference
+    assert 2 * len(ids) <= len(chatml.encode(text, "negative")[0])  # half the tokens or fewer
+    # No system prompt: no line for it (SmolLM2's own template inserts a default one).
+    bare = Templater(str(tiny_model_dir), "", labels, template="compact")
+    assert bare.tokenizer.decode(bare.encode(text, "neutral")[0]) == "@united lost my bag\nneutral<|im_end|>"

@@ -293,6 +293,29 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
     assert set(split["paired_differences_95"]) == {
         "fine_tuned - base_zero_shot", "fine_tuned - baseline_tfidf_logreg", "base_zero_shot - baseline_tfidf_logreg"}
     assert summary["training"]["settings"]["zero_stage"] == 2
+    # The learning curve: every validation (eval_every 4 of 8 steps), 8 examples a step (4 per
+    # worker, 2 workers), a macro-F1 over the validation rows' labels.
+    curve = summary["training"]["learning_curve"]
+    assert [point["step"] for point in curve] == [4, 8]
+    assert [point["examples_seen"] for point in curve] == [32, 64] and summary["training"]["examples_seen"] == 64
+    assert curve[-1]["val_loss"] == pytest.approx(summary["training"]["history"][-1]["val_loss"])
+    # The exported (best) step's point: the macro-F1 of the evaluation's own label scoring of the
+    # export on the same validation rows.
+    from sklearn.metrics import f1_score
+
+    from jobs.data import split_dataset
+    from jobs.evaluate import score_labels
+
+    rows = split_dataset(cfg.run_dir / "data", "validation").limit(cfg.train.max_validation_examples).to_pandas()
+    export = Path(summary["model_dir"])
+    exported = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    label_ids = [tokenizer(label, add_special_tokens=False).input_ids for label in cfg.data.labels]
+    prompts = [list(ids[:n]) for ids, n in zip(rows["input_ids"], rows["prompt_len"])]
+    predicted = score_labels(exported, prompts, label_ids, tokenizer.eos_token_id).argmax(dim=1).numpy()
+    expected = f1_score(rows["label_id"], predicted, labels=[0, 1, 2], average="macro", zero_division=0)
+    best = next(point for point in curve if point["step"] == summary["training"]["best_step"])
+    assert best["val_macro_f1"] == pytest.approx(expected, abs=1e-9)
 
     # The run became version v0001 of the model, with its evaluation, explanations and report.
     version_dir = Path(summary["version"]["path"])

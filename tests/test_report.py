@@ -23,12 +23,16 @@ def test_report_shows_every_system_the_gate_and_escaped_examples(tmp_path):
     report["errors"] = evaluate.error_analysis(predictions["fine_tuned"], labels, worst=5)
     report["gate"] = evaluate.promotion_gate(report["bootstrap"], "macro_f1", 0.0)
 
+    curve = [{"step": 20, "examples_seen": 640, "train_tokens": 40000.0, "val_loss": 0.31, "val_macro_f1": 0.52},
+             {"step": 40, "examples_seen": 1280, "train_tokens": 80000.0, "val_loss": 0.25, "val_macro_f1": 0.61}]
     page = write_report(tmp_path / "report.html", report,
-                        version={"name": "sentiment", "version": "v0003", "created": "2026-11-25T12:00:00"}).read_text()
+                        version={"name": "sentiment", "version": "v0003", "created": "2026-11-25T12:00:00"},
+                        learning_curve=curve).read_text()
 
     assert "Promotion gate: Deployable" in page and "v0003" in page
     for system in predictions:
         assert system in page
-    assert page.count("<img") == 2  # confusion matrices + reliability diagram
+    assert page.count("<img") == 3  # confusion matrices + reliability diagram + learning curve
+    assert "<h2>Learning curve</h2>" in page and "<td>1,280</td>" in page and "<td>0.610</td>" in page
     assert 'contains &quot;delay&quot;' in page and "Most confident mistakes" in page
     assert "<script>" not in page and "&lt;script&gt;alert(" in page

@@ -475,8 +475,8 @@ def train_loop_per_worker(config: dict) -> None:
                                  **({"val_macro_f1": val_macro_f1} if val_macro_f1 is not None else {})}, step)
                     with (Path(config["storage_dir"]) / LEARNING_CURVE_FILE).open("a") as curve:
                         curve.write(json.dumps({"step": step, "examples_seen": step * examples_per_step,
-                                                "train_tokens": total_tokens, "val_loss": val_loss,
-                                                "val_macro_f1": val_macro_f1}) + "\n")
+                                                "train_tokens": total_tokens, "train_seconds": compute_seconds,
+                                                "val_loss": val_loss, "val_macro_f1": val_macro_f1}) + "\n")
                 metrics = {
                     "step": step, "epoch": epoch, "resumed_from_step": resumed_from_step, "precision": precision, "val_loss": val_loss, "train_loss": last_train_loss,
                     "val_macro_f1": val_macro_f1, "examples_seen": step * examples_per_step,

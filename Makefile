@@ -44,6 +44,7 @@ tcmalloc:
 # Speed and memory measurements (minutes, not seconds); results as JSON under bench/results/.
 bench: setup tcmalloc
 	$(PY) -m bench.train_bench
+	$(PY) -m bench.quality_bench
 	$(PY) -m bench.data_bench
 	$(PY) -m bench.pii_bench
 	$(PY) -m bench.serve_bench

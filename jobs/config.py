@@ -222,10 +222,15 @@ class TrainSection(StrictModel):
     learning_rate: float = Field(default=5e-5, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(default=0.0, ge=0, description="Decoupled weight decay (AdamW) or L2 penalty (SGD).")
     gradient_clipping: float = Field(default=1.0, ge=0, description="Clip the global gradient norm to this (0: no clipping).")
-    lr_schedule: Literal["linear", "cosine"] = Field(
-        default="linear", description="After linear warm-up, decay to zero at max_steps linearly or along a cosine.")
+    lr_schedule: Literal["linear", "cosine", "constant"] = Field(
+        default="linear", description="After linear warm-up, decay to zero at max_steps linearly or along a cosine, or "
+        "stay at the peak (constant: for runs that max_train_seconds ends before max_steps).")
     warmup_steps: int = Field(default=10, ge=0, description="Linear warm-up steps from zero to the peak learning rate.")
     max_steps: int = Field(default=100, ge=1, description="Optimizer steps to run (the run's length).")
+    max_train_seconds: float | None = Field(
+        default=None, gt=0, description="Also stop at the first optimizer step after this many seconds of training "
+        "steps (validations and checkpoints not counted), whatever the machine: that step is validated and "
+        "checkpointed like the last one. None: run max_steps.")
     log_every: int = Field(default=1, ge=1, description="Steps between training log lines (loss, lr, tokens/s).")
     eval_every: int = Field(default=50, ge=1, description="Steps between validation-loss checks, each followed by a checkpoint.")
     max_validation_examples: int = Field(default=128, ge=2, description="Validation examples scored at each check (CPU time is the limit).")

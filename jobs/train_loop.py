@@ -63,6 +63,10 @@ def deepspeed_config(train: dict, world_size: int, precision: str) -> dict:
         scheduler = {"type": "WarmupDecayLR", "params": {
             "warmup_min_lr": 0.0, "warmup_max_lr": train["learning_rate"], "warmup_num_steps": train["warmup_steps"],
             "total_num_steps": train["max_steps"], "warmup_type": "linear"}}
+    elif train["lr_schedule"] == "constant":
+        scheduler = {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": train["learning_rate"], "warmup_num_steps": train["warmup_steps"],
+            "warmup_type": "linear"}}
     else:  # ratios of the optimizer's own lr
         scheduler = {"type": "WarmupCosineLR", "params": {
             "warmup_min_ratio": 0.0, "warmup_num_steps": train["warmup_steps"], "total_num_steps": train["max_steps"],
@@ -410,7 +414,8 @@ def train_loop_per_worker(config: dict) -> None:
     task_examples_before = position.get("task_examples", [0.0] * len(task_names))
     task_examples = torch.zeros(len(task_names), dtype=torch.float64)
     window_start = run_start = time.perf_counter()
-    while step < train["max_steps"]:
+    out_of_time = False  # max_train_seconds reached (decided together: the slowest rank's clock)
+    while step < train["max_steps"] and not out_of_time:
         for batch_index, batch in enumerate(batches()):
             if first_batch_seconds is None:
                 first_batch_seconds = time.perf_counter() - run_start
@@ -429,11 +434,15 @@ def train_loop_per_worker(config: dict) -> None:
             if engine.global_steps == step:
                 continue  # still accumulating gradients
             step = engine.global_steps
+            if train["max_train_seconds"]:
+                (trained,) = _all_reduce([compute_seconds + time.perf_counter() - window_start], device,
+                                         op=torch.distributed.ReduceOp.MAX)
+                out_of_time = trained >= train["max_train_seconds"]
             if step == train["fault_at_step"] and rank == world_size - 1 and not fault_marker.exists():
                 fault_marker.touch()  # once per run: the restarted worker group must get past this step
                 raise RuntimeError(f"fault drill: worker {rank} fails at step {step} (train.fault_at_step)")
 
-            if step % train["log_every"] == 0 or step == train["max_steps"]:
+            if step % train["log_every"] == 0 or step == train["max_steps"] or out_of_time:
                 loss_sum, micro, tokens, slots = _all_reduce([window_loss, window_micro, window_tokens, window_slots], device)
                 (memory,) = _all_reduce([peak_memory_gib(device)], device, op=torch.distributed.ReduceOp.MAX)
                 elapsed = time.perf_counter() - window_start
@@ -456,7 +465,7 @@ def train_loop_per_worker(config: dict) -> None:
                 window_loss, window_micro, window_tokens, window_slots = 0.0, 0, 0, 0
                 window_start = time.perf_counter()
 
-            if step % train["eval_every"] == 0 or step == train["max_steps"]:
+            if step % train["eval_every"] == 0 or step == train["max_steps"] or out_of_time:
                 val_loss, task_losses, val_macro_f1 = _validate(
                     engine, validation_shard, train["micro_batch_size"], collate_fn, device, len(task_names),
                     config.get("label_first_token_ids"))
@@ -498,7 +507,7 @@ def train_loop_per_worker(config: dict) -> None:
                     torch.distributed.barrier()
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
                 window_start = time.perf_counter()  # validation and saving are not training throughput
-            if step >= train["max_steps"]:
+            if step >= train["max_steps"] or out_of_time:
                 break
         epoch += 1
         skip_batches = 0

@@ -145,6 +145,17 @@ def _assert_trained_and_exported(cfg, base_dir: Path, record: dict) -> None:
     assert not (export / ADAPTER_DIR).exists() or cfg.train.method == "lora"
 
 
+def test_a_time_budget_ends_training_at_the_step_that_crosses_it(ray_cluster, tmp_path, tiny_model_dir, small_csv):
+    """train.max_train_seconds: every rank stops at the same step, which is validated, checkpointed
+    and exported like a last step; a constant schedule keeps the peak rate after warm-up."""
+    cfg, _, record = _train(tmp_path, tiny_model_dir, small_csv, "train.max_steps=50", "train.eval_every=50",
+                            "train.max_train_seconds=0.001", "train.lr_schedule=constant", "train.warmup_steps=0",
+                            "tracking.enabled=false")
+    assert record["final"]["step"] == 1 and [m["step"] for m in record["history"]] == [1]
+    assert [point["step"] for point in record["learning_curve"]] == [1]
+    assert Path(record["model_dir"], "model.safetensors").is_file()
+
+
 def test_zero1_sgd_cosine_offload_with_frozen_embeddings_lowers_loss_and_exports(ray_cluster, tmp_path, tiny_model_dir, small_csv):
     _assert_trained_and_exported(*_train(
         tmp_path, tiny_model_dir, small_csv, "train.zero_stage=1", "train.optimizer=sgd", "train.learning_rate=0.1",

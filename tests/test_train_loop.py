@@ -43,6 +43,13 @@ def test_deepspeed_config_for_sgd_cosine_offload_and_half_precision():
     assert config["fp16"]["enabled"] and not config["bf16"]["enabled"] and config["gradient_clipping"] == 0.0
 
 
+def test_a_constant_schedule_warms_up_then_holds_the_peak_rate():
+    train = TrainSection(lr_schedule="constant", learning_rate=3e-4, warmup_steps=5)
+    scheduler = deepspeed_config(train.model_dump(), world_size=2, precision="fp32")["scheduler"]
+    assert scheduler == {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-4,
+                                                        "warmup_num_steps": 5, "warmup_type": "linear"}}
+
+
 def test_global_batch_size_sets_accumulation_for_any_worker_count():
     for workers, accumulation in ((1, 8), (2, 4), (4, 2)):
         train = TrainSection(num_workers=workers, micro_batch_size=4, global_batch_size=32)

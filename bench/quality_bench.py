@@ -1,0 +1,86 @@
+"""Fine-tuning quality levers (`make bench` part): what each lever buys in one run, on the product's
+own job (Ray Train + DeepSpeed, 2 workers, SmolLM2-135M-Instruct, the tweets).
+
+Every lever trains for the same budget of training seconds (`train.max_train_seconds`; validations
+and checkpoints not counted) and reports training examples/s and the validation macro-F1 of its
+learning curve at the end of the budget, on the same validation rows. Levers are cumulative, in
+the order listed, so each row shows what its lever adds to the ones above it.
+
+    python -m bench.quality_bench [--budget 300] [--validation 400] [--levers baseline compact ...]
+
+Writes bench/results/quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from cluster.config import load_config
+from cluster.ray_cluster import connect
+from jobs import data
+from jobs.config import RunConfig
+from jobs.finetune import run_finetune
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_FILE = REPO / "bench" / "results" / "quality.json"
+
+# name -> (what it is, the overrides it adds to the levers before it)
+LEVERS = {
+    "baseline": ("the demo's settings of 2026-11-26: model chat template + system prompt, lr 5e-5, ZeRO-2", []),
+    "compact": ("compact template (data.template=compact)", ["data.template=compact"]),
+    "lr": ("learning rate 3e-4 (constant after warm-up)", ["train.learning_rate=3e-4"]),
+    "zero1": ("ZeRO-1 instead of ZeRO-2", ["train.zero_stage=1"]),
+    "freeze": ("lower 20 of 30 layers and the embeddings frozen", ["train.freeze_layers=20", "train.freeze_embeddings=true"]),
+}
+
+
+def lever_config(overrides: list[str], budget: float, validation: int) -> RunConfig:
+    return load_config(RunConfig, REPO / "configs" / "airline_sentiment.yaml", [
+        f"storage_root={REPO / 'outputs' / 'bench'}", f"model_cache={REPO / 'models'}", "name=quality_bench",
+        "train.max_steps=100000", f"train.max_train_seconds={budget}", "train.eval_every=100000",
+        "train.lr_schedule=constant", f"train.max_validation_examples={validation}", "tracking.enabled=false",
+        *overrides])
+
+
+def run_lever(cfg: RunConfig) -> dict:
+    base_dir, data_dir, manifest = data.prepare_run_inputs(cfg)
+    train_tokens = manifest["splits"]["train"].get("tokens")
+    record = run_finetune(cfg, base_dir, data_dir)
+    final = record["learning_curve"][-1]
+    return {
+        "examples_seen": final["examples_seen"], "train_seconds": round(final["train_seconds"], 1),
+        "examples_per_s": round(final["examples_seen"] / final["train_seconds"], 2),
+        "tokens_per_s": round(record["tokens_per_s"], 1), "val_macro_f1": final["val_macro_f1"],
+        "val_loss": final["val_loss"], "steps": final["step"], "train_split_tokens": train_tokens,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=float, default=300, help="training seconds per lever")
+    parser.add_argument("--validation", type=int, default=400, help="validation rows scored at the end")
+    parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
+    args = parser.parse_args()
+    connect()
+    results, overrides = {"budget_seconds": args.budget, "validation_rows": args.validation, "levers": {}}, []
+    for name in LEVERS:
+        overrides += LEVERS[name][1]
+        if name not in args.levers:
+            continue
+        started = time.perf_counter()
+        row = {"description": LEVERS[name][0], "overrides": list(overrides),
+               **run_lever(lever_config(overrides, args.budget, args.validation))}
+        row["wall_seconds"] = round(time.perf_counter() - started, 1)
+        results["levers"][name] = row
+        print(f"[quality] {name}: {row['examples_per_s']} examples/s, {row['examples_seen']} examples, "
+              f"validation macro-F1 {row['val_macro_f1']:.3f} ({row['description']})", flush=True)
+        RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS_FILE.write_text(json.dumps(results, indent=2))  # after every lever: a partial run keeps its rows
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -284,7 +284,6 @@ class EvalSection(StrictModel):
     )
     batch_size: int = Field(default=16, ge=1, description="Examples per forward pass when scoring labels.")
     cpus: int = Field(default=2, ge=1, description="Logical CPUs (and torch threads) of the scoring actor.")
-    baseline_max_features: int = Field(default=50000, ge=100, description="Vocabulary size of the TF-IDF baseline.")
     generation_fraction: float = Field(
         default=0.15, ge=0, le=1,
         description="Share of the test sample on which the LLMs also answer freely (greedy), to measure exact match "

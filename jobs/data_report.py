@@ -59,14 +59,18 @@ def write_quality_report(report: dict, path: Path) -> Path:
     sections = [f"<h1>Data quality report</h1><p class=muted>{counts['rows_read']} rows read, {counts['kept']} kept; "
                 f"built in {report['wall_s']} s.</p>"]
 
+    if report.get("warnings"):
+        sections.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"]) + "</ul>")
+
     stages = report["stages"]
     sections.append("<h2>Counts at every stage</h2>" + _table(["stage", "rows"], [[k, v] for k, v in stages.items()])
                     + _bar(list(stages), list(stages.values()), "Rows after each stage"))
 
-    rows = [[name, e["rows_read"], e["kept"], sum(e["quarantined"].values()), sum(e["filtered"].values()),
+    rows = [[name, e.get("physical_records", ""), e["rows_read"], e["kept"], sum(e["quarantined"].values()), sum(e["filtered"].values()),
              e["exact_duplicates"], e["near_duplicates"]] for name, e in report["per_source"].items()]
-    sections.append("<h2>Per source</h2><p>rows read = kept + quarantined + filtered + duplicates, checked per source.</p>"
-                    + _table(["source", "read", "kept", "quarantined", "filtered", "exact dup.", "near dup."], rows)
+    sections.append("<h2>Per source</h2><p>rows read = kept + quarantined + filtered + duplicates, checked per source; "
+                    "rows read = physical records (lines, Parquet rows, query count), checked unless a sample was asked for.</p>"
+                    + _table(["source", "physical records", "read", "kept", "quarantined", "filtered", "exact dup.", "near dup."], rows)
                     + _per_source_plot(report["per_source"]))
 
     reasons = {**counts["quarantined"], **counts["filtered"]}

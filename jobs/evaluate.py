@@ -11,6 +11,7 @@ bootstrap intervals compare them honestly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -318,10 +319,13 @@ def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir
                    previous_dir: Path | None = None) -> tuple[dict, dict]:
     """Metrics of every system on the same test rows, error analysis, slices and (with a fine-tuned
     model) the promotion gate; writes evaluation.json and per-example predictions."""
-    test = data.split_dataset(data_dir, "test")
-    if cfg.eval.max_test_examples:
-        test = test.limit(cfg.eval.max_test_examples)  # shards are in hash order: a uniform sample
-    test = test.materialize()
+    if cfg.eval.test_keys:
+        test = data.pinned_test_rows(data_dir, data.read_test_keys(cfg.eval.test_keys))
+    else:
+        test = data.split_dataset(data_dir, "test")
+        if cfg.eval.max_test_examples:
+            test = test.limit(cfg.eval.max_test_examples)  # shards are in hash order: a uniform sample
+        test = test.materialize()
     labels = cfg.data.labels
     llms = {"fine_tuned": finetuned_dir, "previous_version": previous_dir, "base_zero_shot": base_dir}
     predictions = {}  # fine-tuned first, so paired differences read "fine_tuned - other"
@@ -331,7 +335,9 @@ def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir
     columns = [column for column in ("text", "label", "label_id", "source") if column in test.schema().names]
     predictions["baseline_tfidf_logreg"] = evaluate_baseline(
         data_dir, test.select_columns(columns).to_pandas(), len(cfg.data.labels))
-    report = {"test_examples": test.count(), "labels": labels,
+    test_keys = sorted(test.unique("key"))
+    report = {"test_examples": test.count(), "labels": labels, "test_keys_pinned": bool(cfg.eval.test_keys),
+              "test_keys_sha256": hashlib.sha256("\n".join(test_keys).encode()).hexdigest(),
               "models": {system: str(path) for system, path in llms.items() if path is not None}}
     out_dir = cfg.run_dir / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)

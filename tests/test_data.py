@@ -15,7 +15,8 @@ from jobs.balance import BalanceSettings
 from jobs.config import DataSection, SourceSection
 from jobs.data import (
     Templater, _band_keys, _csv_rows, _rebalance_class, _jsonl_rows, _parquet_rows, assign_splits,
-    dedup_key, fingerprint_source, near_duplicate_clusters, source_files, split_position, validate_record,
+    _swap_in, dedup_key, fingerprint_source, near_duplicate_clusters, physical_records, pinned_test_rows, read_test_keys,
+    source_files, split_position, validate_record,
 )
 from jobs.train_loop import collate
 
@@ -56,19 +57,17 @@ def test_split_position_is_deterministic_uniform_and_seeded():
     assert positions.tolist() != [split_position(k, 1) for k in keys]
 
 
-def test_assign_splits_gives_exact_shares_and_covers_every_row():
+def test_assign_splits_is_a_function_of_each_rows_position_alone():
     rng = np.random.default_rng(0)
-    names = assign_splits(rng.random(1000), validation_fraction=0.05, test_fraction=0.1)
-    assert (names == "test").sum() == 100 and (names == "validation").sum() == 50 and (names == "train").sum() == 850
-    # The lowest positions are test: a row's split depends only on its rank, never on input order.
-    positions = rng.random(10)
-    shuffled = rng.permutation(10)
-    assert assign_splits(positions, 0.1, 0.2)[shuffled].tolist() == assign_splits(positions[shuffled], 0.1, 0.2).tolist()
-
-
-def test_assign_splits_keeps_every_split_for_small_classes():
-    names = assign_splits(np.array([0.3, 0.1, 0.9]), validation_fraction=0.05, test_fraction=0.1)
-    assert sorted(names.tolist()) == ["test", "train", "validation"]
+    positions = rng.random(20_000)
+    names = assign_splits(positions, validation_fraction=0.05, test_fraction=0.1)
+    shares = {name: (names == name).mean() for name in ("test", "validation", "train")}
+    assert abs(shares["test"] - 0.10) < 0.01 and abs(shares["validation"] - 0.05) < 0.01
+    assert set(names[positions < 0.1]) == {"test"} and set(names[(positions >= 0.1) & (positions < 0.15)]) == {"validation"}
+    # Any subset, in any order, gives each row the split it gets in the whole: rows added to or
+    # removed from a source never move another row between splits (pinned test rows stay pinned).
+    subset = rng.permutation(20_000)[:500]
+    assert assign_splits(positions[subset], 0.05, 0.1).tolist() == names[subset].tolist()
 
 
 def test_template_masks_everything_but_the_answer(tiny_model_dir):
@@ -113,9 +112,9 @@ def test_jsonl_rows_number_lines_and_never_stop_on_a_bad_one():
              b'{"text": "bad \xff", "sentiment": "neutral"}', b'{"text": 5}', b'{"sentiment": "neutral", "text": null}']
     rows = list(_jsonl_rows(io.BytesIO(b"\n".join(lines) + b"\n"), COLUMNS, "quarantine"))
     assert [(number, status) for number, _, status, _, _ in rows] == [
-        (1, "ok"), (3, "bad_json"), (4, "bad_json"), (5, "undecodable"), (6, "ok"), (7, "ok")]
-    assert rows[1][3] == '{"text": "cut' and rows[3][3] == '{"text": "bad \\xff", "sentiment": "neutral"}'
-    assert rows[4][1] == {"text": 5} and rows[5][1] == {"label": "neutral"}  # null: a missing field
+        (1, "ok"), (2, "blank_line"), (3, "bad_json"), (4, "bad_json"), (5, "undecodable"), (6, "ok"), (7, "ok")]
+    assert rows[2][3] == '{"text": "cut' and rows[4][3] == '{"text": "bad \\xff", "sentiment": "neutral"}'
+    assert rows[5][1] == {"text": 5} and rows[6][1] == {"label": "neutral"}  # null: a missing field
 
 
 def test_parquet_rows_turn_nulls_into_missing_fields(tmp_path):
@@ -267,3 +266,61 @@ def test_the_compact_template_is_short_and_serving_renders_the_same_prompt(tiny_
     # No system prompt: no line for it (SmolLM2's own template inserts a default one).
     bare = Templater(str(tiny_model_dir), "", labels, template="compact")
     assert bare.tokenizer.decode(bare.encode(text, "neutral")[0]) == "@united lost my bag\nneutral<|im_end|>"
+
+
+def _shards(root: Path, splits: dict[str, list[str]]) -> Path:
+    for split, texts in splits.items():
+        (root / split).mkdir(parents=True)
+        keys = [dedup_key(text) for text in texts]
+        pq.write_table(pa.table({"text": texts, "key": keys, "position": [split_position(k, 0) for k in keys]}),
+                       root / split / "part-0.parquet")
+    return root
+
+
+def test_pinned_test_rows_are_exactly_the_keys_and_never_in_training(ray_cluster, tmp_path):
+    data_dir = _shards(tmp_path / "data", {"train": ["a", "b"], "validation": ["c"], "test": ["d", "e", "f"]})
+    rows = pinned_test_rows(data_dir, [dedup_key("f"), dedup_key("d")]).to_pandas()
+    assert sorted(rows["text"]) == ["d", "f"]
+    with pytest.raises(ValueError, match="1 of 2 pinned test keys are not in the test split"):
+        pinned_test_rows(data_dir, [dedup_key("d"), dedup_key("zzz")])
+    leaky = _shards(tmp_path / "leaky", {"train": ["a", "d"], "validation": ["c"], "test": ["d", "e"]})
+    with pytest.raises(ValueError, match="1 pinned test rows are in the train split"):
+        pinned_test_rows(leaky, [dedup_key("d")])
+
+
+def test_test_key_file_is_checked(tmp_path):
+    good = tmp_path / "keys.txt"
+    good.write_text(f"{dedup_key('a')}\n{dedup_key('b')}\n")
+    assert read_test_keys(good) == [dedup_key("a"), dedup_key("b")]
+    for content, problem in [("../../etc/passwd\n", "malformed"), ("", "no keys"), (f"{dedup_key('a')}\n" * 2, "repeated")]:
+        bad = tmp_path / "bad.txt"
+        bad.write_text(content)
+        with pytest.raises(ValueError, match=problem):
+            read_test_keys(bad)
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_test_keys(tmp_path / "binary.txt")
+
+
+def test_physical_records_count_lines_rows_and_query_results(tmp_path):
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_bytes(b'{"text": "a"}\n\n{"text": "b"}')  # a blank line and no final newline: 3 lines
+    csv = tmp_path / "rows.csv"
+    csv.write_bytes(b'text,sentiment\n"one\nline two",positive\nthree,neutral\n')  # 3 lines after the header, 2 records
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": ["x"] * 7}), parquet)
+    assert physical_records(SourceSection(name="j", kind="jsonl", path=str(jsonl))) == 3
+    assert physical_records(SourceSection(name="c", kind="csv", path=str(csv))) == 3
+    assert physical_records(SourceSection(name="p", kind="parquet", path=str(parquet))) == 7
+
+
+def test_shard_folder_is_replaced_only_once_the_new_one_is_complete(tmp_path):
+    target = tmp_path / "data"
+    (target / "train").mkdir(parents=True)
+    (target / "train" / "old.parquet").write_text("old")
+    built = tmp_path / "data.building"
+    (built / "train").mkdir(parents=True)
+    (built / "train" / "new.parquet").write_text("new")
+    _swap_in(built, target)
+    assert [p.name for p in (target / "train").iterdir()] == ["new.parquet"] and not built.exists()
+    assert not (tmp_path / "data.previous").exists()

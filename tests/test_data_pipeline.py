@@ -46,7 +46,7 @@ def test_every_source_kind_is_read_tagged_and_accounted(s3_server, ray_cluster, 
     files.mkdir()
     pq.write_table(pa.Table.from_pandas(chunks[0], preserve_index=False), files / "a.parquet")
     jsonl = [json.dumps(row) for row in chunks[1].to_dict("records")]
-    jsonl[3:3] = ['{"text": "broken', '{"text": 17, "sentiment": "positive"}']  # lines 4 and 5
+    jsonl[3:3] = ['{"text": "broken', '{"text": 17, "sentiment": "positive"}', '  ']  # lines 4, 5 and a blank 6
     (files / "b.jsonl").write_text("\n".join(jsonl) + "\n")
     chunks[2].to_csv(files / "c.csv", index=False)
     chunks[3].rename(columns={"text": "body"}).to_csv(files / "d.tsv", sep="\t", index=False)
@@ -75,13 +75,15 @@ def test_every_source_kind_is_read_tagged_and_accounted(s3_server, ray_cluster, 
     manifest = data.prepare(cfg, tiny_model_dir, out)
 
     per_source = manifest["per_source"]
-    expected_read = {name: 25 for name in per_source} | {"jsonl": 27, "s3_jsonl": 26}
+    expected_read = {name: 25 for name in per_source} | {"jsonl": 28, "s3_jsonl": 26}
     assert {name: entry["rows_read"] for name, entry in per_source.items()} == expected_read
-    assert per_source["jsonl"]["quarantined"] == {"bad_json": 1, "wrong_type": 1}
+    # Every physical record (line, Parquet row, query row) is a row read: none skipped uncounted.
+    assert {name: entry["physical_records"] for name, entry in per_source.items()} == expected_read
+    assert per_source["jsonl"]["quarantined"] == {"bad_json": 1, "wrong_type": 1, "blank_line": 1}
     assert per_source["s3_jsonl"]["quarantined"] == {"bad_json": 1}
     quarantine = _quarantine(out)
     assert quarantine[["source", "source_row", "status"]].values.tolist() == [
-        ["jsonl", 4, "bad_json"], ["jsonl", 5, "wrong_type"], ["s3_jsonl", 26, "bad_json"]]
+        ["jsonl", 4, "bad_json"], ["jsonl", 5, "wrong_type"], ["jsonl", 6, "blank_line"], ["s3_jsonl", 26, "bad_json"]]
     assert quarantine["raw"].iloc[0] == '{"text": "broken'
     shards = _shards(out)
     assert shards.groupby("source").size().to_dict() == {name: entry["kept"] for name, entry in per_source.items()}
@@ -110,6 +112,8 @@ def _corrupted_tweets(small_csv: Path, path: Path) -> dict[int, str]:
     for number, (line, _) in planted.items():
         rows[number - 1] = line
     rows += [f"negative,0.9,{_ORIGINAL}".encode(), f"negative,0.9,{_ORIGINAL.replace('three', 'four')}!".encode()]
+    # A stray quote at the end: the parser merges the records after it into one.
+    rows += [b'neutral,0.5,"a stray quote', b"positive,0.9,swallowed one", b"negative,0.9,swallowed two"]
     path.write_bytes(b"\n".join([header, *rows]) + b"\n")
     return {number: reason for number, (_, reason) in planted.items() if reason}
 
@@ -122,7 +126,10 @@ def test_a_corrupted_tweet_file_loses_no_row_and_reports_it(ray_cluster, tmp_pat
     manifest = data.prepare(DataSection(source=str(corrupted)), tiny_model_dir, out)
 
     counts = manifest["counts"]
-    assert counts["rows_read"] == records
+    # Three physical lines became one record: reported, never silently merged.
+    assert counts["rows_read"] == records - 2 and manifest["per_source"]["corrupted"]["physical_records"] == records
+    warnings = json.loads((out / data.REPORT_JSON).read_text())["warnings"]
+    assert len(warnings) == 1 and f"{records} lines after the header parsed into {records - 2} records" in warnings[0]
     assert counts["rows_read"] == (counts["kept"] + sum(counts["quarantined"].values()) + sum(counts["filtered"].values())
                                    + counts["exact_duplicates"] + counts["near_duplicates"])
     quarantine = _quarantine(out)
@@ -148,8 +155,16 @@ def test_a_corrupted_tweet_file_loses_no_row_and_reports_it(ray_cluster, tmp_pat
     assert report["near_duplicate_clusters"]["rows_removed"] == counts["near_duplicates"]
     assert sum(report["token_length_histogram"]["bins"].values()) == counts["kept"]
     assert report["imbalance_ratio"] > 1
+    # A rebuild that fails midway (an empty validation split, found after train is written)
+    # leaves the previous shards and manifest in place.
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    with pytest.raises(ValueError, match="the validation split is empty"):
+        data.prepare(DataSection(source=str(corrupted), validation_fraction=1e-6), tiny_model_dir, out)
+    assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    assert len(_shards(out)) == counts["kept"]
+
     page = (out / data.REPORT_HTML).read_text()
-    for section in ("Counts at every stage", "Per source", "Quarantine and filters", "Duplicates",
+    for section in ("Warnings", "Counts at every stage", "Per source", "Quarantine and filters", "Duplicates",
                     "Token lengths", "Labels", "<img"):
         assert section in page
 

@@ -203,6 +203,15 @@ class TrainSection(StrictModel):
     lora: LoraSection = Field(default_factory=LoraSection, description="Adapter settings when method is lora.")
     freeze_embeddings: bool = Field(default=False, description="Full fine-tuning only: keep the token embeddings (and a tied LM head) fixed.")
     freeze_layers: int = Field(default=0, ge=0, description="Full fine-tuning only: keep the first N transformer layers fixed (transfer learning).")
+    trainable_layers: int | None = Field(
+        default=None, ge=1,
+        description="Full fine-tuning only: train the top N transformer layers (and the final norm) and keep every layer "
+        "below fixed; a model with N layers or fewer trains them all. The same recipe fits models of any depth; "
+        "exclusive with freeze_layers. None: no layer is frozen by this setting.")
+    label_loss_weight: float = Field(
+        default=0.0, ge=0,
+        description="Classification: weight of an extra cross-entropy over the label words only, at each answer's first "
+        "token (a verbalizer objective), added to the answer-token loss. 0: the answer-token loss alone.")
     micro_batch_size: int = Field(default=8, ge=1, description="Examples per worker per forward pass.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     global_batch_size: int | None = Field(
@@ -265,8 +274,10 @@ class TrainSection(StrictModel):
             raise ValueError("worker_resources: set CPUs with cpus_per_worker and GPUs with use_gpu")
         if self.offload_parameters and self.zero_stage != 3:
             raise ValueError("offload_parameters needs zero_stage 3 (only stage 3 partitions parameters)")
-        if self.method == "lora" and (self.freeze_embeddings or self.freeze_layers):
-            raise ValueError("freeze_embeddings/freeze_layers apply to method full; lora already freezes the whole base model")
+        if self.method == "lora" and (self.freeze_embeddings or self.freeze_layers or self.trainable_layers):
+            raise ValueError("freeze_embeddings/freeze_layers/trainable_layers apply to method full; lora already freezes the whole base model")
+        if self.freeze_layers and self.trainable_layers:
+            raise ValueError("set freeze_layers (fixed from the bottom) or trainable_layers (trained from the top), not both")
         if self.global_batch_size is not None:
             per_step = self.micro_batch_size * self.num_workers
             if self.global_batch_size % per_step:

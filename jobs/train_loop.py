@@ -113,7 +113,8 @@ def prepare_model(model, train: dict):
     layers = model.model.layers
     if train["freeze_layers"] > len(layers):
         raise ValueError(f"freeze_layers={train['freeze_layers']} but the model has {len(layers)} layers")
-    for layer in layers[: train["freeze_layers"]]:
+    frozen = max(len(layers) - train["trainable_layers"], 0) if train.get("trainable_layers") else train["freeze_layers"]
+    for layer in layers[:frozen]:
         layer.requires_grad_(False)
     return model
 
@@ -204,10 +205,24 @@ class Collate(NumpyBatchCollateFn):
         return collate(batch, self.pad_id, self.packed_length)
 
 
-def answer_loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens."""
+def answer_loss(engine, batch: dict[str, torch.Tensor], label_ids: list[int] | None = None,
+                label_weight: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens; with `label_weight`, plus that weight times a
+    cross-entropy over the label words only at each answer's first token (a verbalizer objective:
+    the gradient goes to telling the labels apart, not to the rest of the vocabulary, while the
+    full-vocabulary term keeps the label the model's free answer, so chat and classify agree)."""
     logits, targets, _ = _answer_logits(engine, batch)
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    if label_weight and label_ids:
+        rows, first = _first_answer_positions(targets)
+        gold = targets[rows, first]
+        ids = torch.tensor(label_ids, device=gold.device)
+        is_label = gold.unsqueeze(1) == ids  # rows whose answer is a label (all of them in classification)
+        if is_label.any():
+            keep = is_label.any(dim=1)
+            label_logits = logits[rows, first][keep][:, ids].float()
+            loss = loss + label_weight * torch.nn.functional.cross_entropy(label_logits, is_label[keep].int().argmax(dim=1))
+    return loss
 
 
 def _answer_logits(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -425,7 +440,7 @@ def train_loop_per_worker(config: dict) -> None:
             if multi_task:
                 task_examples += torch.bincount(batch["example_tasks"], minlength=len(task_names)).double()
             batch = {key: value.to(device) for key, value in batch.items()}
-            loss = answer_loss(engine, batch)
+            loss = answer_loss(engine, batch, config.get("label_first_token_ids"), train["label_loss_weight"])
             engine.backward(loss)
             engine.step()
             window_loss += loss.detach().item()  # detached: torch warns on a scalar taken from a tensor that requires grad

@@ -19,6 +19,28 @@ def test_answer_loss_equals_the_full_causal_lm_loss(tiny_model_dir):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_label_word_loss_adds_a_cross_entropy_over_the_label_words_at_the_first_answer_token(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rng = np.random.default_rng(1)
+    label_ids = [101, 202, 303]
+    golds = [202, 101, 303]
+    # Each example: a prompt, then its label word and an end token (the answer).
+    examples = [np.concatenate([rng.integers(400, 40000, size=n), [gold, 2]]) for n, gold in zip((9, 14, 6), golds)]
+    prompt_lens = np.array([9, 14, 6])
+    batch = collate({"input_ids": np.array(examples, dtype=object), "prompt_len": prompt_lens}, pad_id=2)
+    with torch.no_grad():
+        plain = answer_loss(model, batch)
+        combined = answer_loss(model, batch, label_ids, label_weight=0.5)
+        logits = model(**batch).logits
+    # By hand: the logits that predict each label word, restricted to the three label words.
+    first = torch.stack([logits[row, prompt_lens[row] - 1, label_ids] for row in range(3)])
+    expected = plain + 0.5 * torch.nn.functional.cross_entropy(first, torch.tensor([label_ids.index(g) for g in golds]))
+    torch.testing.assert_close(combined, expected, rtol=1e-5, atol=1e-5)
+    assert answer_loss(model, batch, label_ids, label_weight=0.0) == plain
+
+
 def test_deepspeed_config_follows_the_train_section_and_merges_overrides():
     train = TrainSection(zero_stage=3, micro_batch_size=4, gradient_accumulation_steps=3, max_steps=50,
                          deepspeed_overrides={"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5})
@@ -87,6 +109,12 @@ def test_prepare_model_trains_only_what_the_method_says(tiny_model_dir):
     assert trainable(prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainSection().model_dump())) == full
     with pytest.raises(ValueError, match="freeze_layers=5 but the model has 2 layers"):
         prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainSection(freeze_layers=5).model_dump())
+    # trainable_layers counts from the top, so one recipe fits models of any depth.
+    top = trainable(prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainSection(trainable_layers=1).model_dump()))
+    assert any(".layers.1." in name for name in top) and not any(".layers.0." in name for name in top)
+    assert trainable(prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainSection(trainable_layers=10).model_dump())) == full
+    with pytest.raises(ValueError, match="not both"):
+        TrainSection(trainable_layers=2, freeze_layers=1)
 
 
 def test_export_check_rejects_weights_that_do_not_reproduce_the_trained_logits(tiny_model_dir):

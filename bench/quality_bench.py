@@ -27,13 +27,25 @@ from jobs.finetune import run_finetune
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_FILE = REPO / "bench" / "results" / "quality.json"
 
-# name -> (what it is, the overrides it adds to the levers before it)
+# name -> (what it is, the overrides it adds to the levers before it). The first row undoes the
+# shipped recipe back to the demo's settings of 2026-11-26; each later row puts one lever back, so
+# the last row is the shipped demo config (a test checks it).
+OLD_SYSTEM_PROMPT = "Classify the sentiment of the customer's message. Answer with one word: negative, neutral or positive."
 LEVERS = {
-    "baseline": ("the demo's settings of 2026-11-26: model chat template + system prompt, lr 5e-5, ZeRO-2", []),
-    "compact": ("compact template (data.template=compact)", ["data.template=compact"]),
+    "baseline": ("the demo's settings of 2026-11-26: model chat template + long system prompt, lr 5e-5, ZeRO-2, "
+                 "every layer trained, natural class mix",
+                 ["data.template=model", f'data.system_prompt="{OLD_SYSTEM_PROMPT}"', "data.balance.strategy=none",
+                  "train.zero_stage=2", "train.trainable_layers=null", "train.freeze_embeddings=false",
+                  "train.label_loss_weight=0", "train.learning_rate=5e-5", "train.micro_batch_size=8",
+                  "train.gradient_accumulation_steps=2"]),
+    "compact": ("compact template and a short prompt", ["data.template=compact",
+                'data.system_prompt="Is this customer message negative, neutral or positive?"']),
     "lr": ("learning rate 3e-4 (constant after warm-up)", ["train.learning_rate=3e-4"]),
-    "zero1": ("ZeRO-1 instead of ZeRO-2", ["train.zero_stage=1"]),
-    "freeze": ("lower 20 of 30 layers and the embeddings frozen", ["train.freeze_layers=20", "train.freeze_embeddings=true"]),
+    "zero1": ("ZeRO-1 instead of ZeRO-2, micro-batches of 16", ["train.zero_stage=1", "train.micro_batch_size=16",
+                                                               "train.gradient_accumulation_steps=1"]),
+    "freeze": ("only the top 10 of 30 layers trained, embeddings frozen", ["train.trainable_layers=10", "train.freeze_embeddings=true"]),
+    "label_loss": ("plus a cross-entropy over the label words", ["train.label_loss_weight=1.0"]),
+    "balance": ("class-balanced train split (undersampled)", ["data.balance.strategy=undersample"]),
 }
 
 

@@ -63,9 +63,9 @@ def test_the_description_walk_reaches_models_behind_any_typing_wrapper():
 
 
 def test_overrides_are_parsed_as_yaml_and_nested():
-    cfg = load_config(RunConfig, RUN_CONFIGS[0], ["train.max_steps=7", "train.use_gpu=true", "data.labels=[a, b]",
+    cfg = load_config(RunConfig, RUN_CONFIGS[0], ["train.max_steps=70", "train.use_gpu=true", "data.labels=[a, b]",
                                               "serve.endpoint.port=9001"])
-    assert cfg.train.max_steps == 7 and cfg.train.use_gpu is True
+    assert cfg.train.max_steps == 70 and cfg.train.use_gpu is True
     assert cfg.data.labels == ["a", "b"] and cfg.serve.endpoint.port == 9001
 
 
@@ -74,7 +74,7 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     ("train.zero_stage=4", "train.zero_stage"),
     ("serve.endpoint.port=http", "serve.endpoint.port"),
     ("data.labels=[a, a]", "data.labels"),
-    ("train.warmup_steps=500", "warmup_steps (500) must be smaller than max_steps"),
+    ("train.warmup_steps=200000", "warmup_steps (200000) must be smaller than max_steps"),
     ("nam=x", "nam: unknown key"),
     ("storage_root=s3://bucket/runs", "storage_root must be a filesystem path"),
     ("train.worker_resources={CPU: 2}", "set CPUs with cpus_per_worker"),

@@ -14,6 +14,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 
+# A name that becomes a folder under a root (run, task, registered model, adapter): one plain path
+# segment, so it can neither climb out of the root ('..') nor name the root itself ('.') nor hold a
+# separator. Every such config field uses this pattern; code that joins names onto a root also
+# checks the result with cluster.storage.path_inside.
+PATH_SEGMENT = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+PATH_SEGMENT_RULE = "a plain folder name: letters, digits, '_', '.' and '-', starting with a letter or digit"
+
+
 class StrictModel(BaseModel):
     """Base for every config section: unknown keys are errors, not silently ignored."""
 

@@ -16,13 +16,15 @@ import shutil
 import time
 from pathlib import Path
 
+from cluster.storage import path_inside
+
 INDEX = "index.json"
 
 
 class ModelRegistry:
     def __init__(self, storage_root: str | Path, name: str):
         self.name = name
-        self.root = Path(storage_root).expanduser().resolve() / "registry" / name
+        self.root = path_inside(Path(storage_root) / "registry", name)
 
     def _index(self) -> dict:
         path = self.root / INDEX

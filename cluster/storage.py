@@ -1,4 +1,5 @@
-"""Storage URIs: what may live on object storage, and the filesystem that reaches it from any node.
+"""Storage URIs: what may live on object storage, and the filesystem that reaches it from any node;
+and `path_inside`, the check that a path computed from names stays inside its root.
 
 Ray Train checkpoints may go to an object store (`s3://bucket/prefix`) or a folder every node
 sees. Everything else a run writes (data shards, exports, the model registry, MLflow's store) is
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 URI_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -41,3 +43,18 @@ def filesystem_for(location: str):
 def uri_of(filesystem, path: str) -> str:
     """The location string `filesystem_for` maps back to (filesystem, path)."""
     return path if filesystem.type_name == "local" else f"{filesystem.type_name}://{path}"
+
+
+def path_inside(root: str | Path, *segments: str) -> Path:
+    """`root` (user home expanded, symlinks resolved) joined with `segments`, or a ValueError when the
+    result is not strictly inside `root`: names joined onto a storage root ('..', '/etc', 'a/../..')
+    must never reach a folder that is later read, replaced or deleted outside it.
+
+    The segments are normalized lexically, not resolved: a symlink an operator placed inside the
+    root (an adapter folder linked to a registry version) is followed on purpose.
+    """
+    base = Path(root).expanduser().resolve()
+    path = Path(os.path.abspath(base.joinpath(*segments)))
+    if base not in path.parents:
+        raise ValueError(f"{'/'.join(segments)!r} leads outside {str(base)!r}: expected a plain folder name")
+    return path

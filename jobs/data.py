@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import ray
 
 from cluster.prompting import chat_messages, use_template
+from cluster.storage import path_inside
 from cluster.text import clean_text, decode_text
 from jobs import model
 from jobs.config import DataSection, RunConfig, SourceSection
@@ -702,7 +703,10 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
     """Build (or reuse) the train/validation/test Parquet shards, the quarantine and duplicate
     outputs and the quality report; returns the manifest."""
     started = time.perf_counter()
+    # The folder is rebuilt beside itself and swapped in, the old one deleted: a path ending in '..'
+    # would rename and delete its grandparent (a task named '..' took the whole run folder).
     out_dir = Path(out_dir)
+    path_inside(out_dir.parent, out_dir.name)
     sources = cfg.resolved_sources()
     tokenizer_file = Path(model_dir) / "tokenizer.json"
     identity = {
@@ -983,7 +987,8 @@ def pinned_test_rows(data_dir: str | Path, keys: list[str]) -> ray.data.Dataset:
 def task_data_dirs(cfg: RunConfig) -> dict[str, Path]:
     """Shard folder of every task of a run, the primary (`data`) first. The further tasks live beside
     it, not inside: prepare() replaces its whole folder when it rebuilds."""
-    return {cfg.primary_task.name: cfg.run_dir / "data", **{task.name: cfg.run_dir / "task_data" / task.name for task in cfg.tasks}}
+    return {cfg.primary_task.name: cfg.run_dir / "data",
+            **{task.name: path_inside(cfg.run_dir / "task_data", task.name) for task in cfg.tasks}}
 
 
 def prepare_run_inputs(cfg: RunConfig) -> tuple[Path, Path, dict]:

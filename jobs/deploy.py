@@ -13,7 +13,7 @@ import sys
 
 from pydantic import Field
 
-from cluster.config import StrictModel, load_config_or_exit
+from cluster.config import PATH_SEGMENT, StrictModel, load_config_or_exit
 from cluster.contracts import EndpointSettings
 from cluster.endpoints import deploy
 from cluster.ray_cluster import connect
@@ -23,7 +23,8 @@ from cluster.registry import ModelRegistry
 class DeployConfig(StrictModel):
     """Which registered model version to serve, and how."""
 
-    name: str = Field(description="Registered model name (the run name the pipeline registered versions under).")
+    name: str = Field(pattern=PATH_SEGMENT,
+                      description="Registered model name (the run name the pipeline registered versions under).")
     storage_root: str = Field(default="outputs", description="Storage root holding registry/<name>/.")
     version: str | None = Field(default=None, description="Version to deploy, e.g. v0003; unset: the registry's current version.")
     force: bool = Field(default=False, description="Deploy a named version even though the promotion gate rejected it.")

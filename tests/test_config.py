@@ -101,3 +101,26 @@ def test_cli_rejects_a_bad_config_with_one_line_and_exit_2():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["config error: invalid config: train.zero_stag: unknown key"]
 
+
+
+@pytest.mark.parametrize("model, overrides", [
+    (RunConfig, ["name={}"]),
+    (RunConfig, ["primary_task.name={}"]),
+    (RunConfig, ["tasks=[{{name: '{}', data: {{}}}}]"]),
+    (RunConfig, ["data.sources=[{{name: '{}', path: a.csv}}]"]),
+    (DeployConfig, ["name={}"]),
+], ids=["run", "primary_task", "task", "source", "deploy"])
+@pytest.mark.parametrize("name", ["..", ".", "../other", "a/b", "/etc", ".hidden", "x" * 129],
+                         ids=["dot-dot", "dot", "parent-path", "nested", "absolute", "hidden", "too-long"])
+def test_names_that_become_folders_are_plain_path_segments(model, overrides, name):
+    with pytest.raises(ConfigError, match="should match pattern"):
+        load_config(model, None, [override.format(name) for override in overrides])
+    assert load_config(model, None, [override.format("run_2.v1-a") for override in overrides])
+
+
+def test_a_run_folder_outside_storage_root_is_refused(tmp_path):
+    cfg = RunConfig(storage_root=str(tmp_path))
+    assert cfg.run_dir == tmp_path.resolve() / "run"
+    for name in ("..", "../elsewhere", ""):
+        with pytest.raises(ValueError, match="leads outside"):
+            cfg.model_copy(update={"name": name}).run_dir  # unvalidated, as a bypassed validator would leave it

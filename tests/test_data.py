@@ -12,11 +12,11 @@ from pydantic import ValidationError
 from cluster.prompting import chat_messages
 from cluster.text import clean_text, decode_text
 from jobs.balance import BalanceSettings
-from jobs.config import DataSection, SourceSection
+from jobs.config import DataSection, RunConfig, SourceSection, TaskSection
 from jobs.data import (
     Templater, _band_keys, _csv_rows, _rebalance_class, _jsonl_rows, _parquet_rows, assign_splits,
-    _swap_in, dedup_key, fingerprint_source, near_duplicate_clusters, physical_records, pinned_test_rows, read_test_keys,
-    source_files, split_position, validate_record,
+    _swap_in, dedup_key, fingerprint_source, near_duplicate_clusters, physical_records, pinned_test_rows, prepare,
+    read_test_keys, source_files, split_position, task_data_dirs, validate_record,
 )
 from jobs.train_loop import collate
 
@@ -324,3 +324,16 @@ def test_shard_folder_is_replaced_only_once_the_new_one_is_complete(tmp_path):
     _swap_in(built, target)
     assert [p.name for p in (target / "train").iterdir()] == ["new.parquet"] and not built.exists()
     assert not (tmp_path / "data.previous").exists()
+
+
+def test_a_task_named_dot_dot_never_reaches_the_run_folder(tmp_path):
+    """prepare() swaps in and deletes whole folders: a task folder resolving to the run folder (a task
+    named '..') would delete the run. Names are validated; these checks hold even if that is bypassed."""
+    run = RunConfig(storage_root=str(tmp_path), name="run")
+    (run.run_dir / "model").mkdir(parents=True)
+    dotted = run.model_copy(update={"tasks": [TaskSection.model_construct(name="..", weight=1.0, data=DataSection())]})
+    with pytest.raises(ValueError, match="leads outside"):
+        task_data_dirs(dotted)
+    with pytest.raises(ValueError, match="leads outside"):  # before any Ray work or deletion
+        prepare(DataSection(), tmp_path, run.run_dir / "task_data" / "..")
+    assert (run.run_dir / "model").is_dir()

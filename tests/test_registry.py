@@ -53,3 +53,9 @@ def test_unknown_version_is_named_in_the_error(tmp_path):
     registry.register(_model_folder(tmp_path / "model", b"w"), _gate(True), metrics={}, run="r")
     with pytest.raises(KeyError, match="no version 'v0009'.*v0001"):
         registry.get("v0009")
+
+
+@pytest.mark.parametrize("name", ["..", "../../etc", "", "/abs"])
+def test_a_model_name_cannot_leave_the_registry(tmp_path, name):
+    with pytest.raises(ValueError, match="leads outside"):
+        ModelRegistry(tmp_path, name)

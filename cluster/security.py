@@ -20,12 +20,14 @@ entry). `g, <role>, <parent role>` lines let custom roles inherit. The built-in 
 - app:     the inference routes (/v1/chat/completions, /v1/completions, /v1/classify, /v1/models) on
            its own tenant's and shared models, up to confidential;
 - analyst: /v1/models and /v1/classify on its own tenant's and shared models, up to internal.
-A principal's `clearance` attribute, when present, replaces its roles' ceiling (raising or lowering it).
+A principal's `clearance` attribute, when present, can only lower its roles' ceiling, never raise it: a
+token's claims narrow what the policy grants, the policy alone grants.
 A principal with several roles is allowed if any one role allows the call.
 Fail closed: a model id with no `ModelAccess` entry is reachable only by an `any`-scope role (admin),
 so a new adapter is invisible to apps until someone assigns it a tenant and classification. Tenant A
 can reach tenant B's model only through an `any`-scope role. Parameter limits by role (`max_tokens`,
-`n`) are part of the decision; a principal gets the most generous limits among its roles.
+`n`) are part of the decision; a principal gets the most generous limits among its roles, and a request
+that names no `max_tokens` gets its role's cap (the gateway fills it in before deciding).
 
 Rate limits (`RateLimiter`, 429 with Retry-After): requests and tokens per minute per key over a
 sliding 60 s window, keyed by API key id (or JWT subject). A principal gets the most generous limit
@@ -100,7 +102,7 @@ class Principal(StrictModel):
     roles: list[str] = Field(default_factory=list, description="Roles granting routes and models (admin, app, analyst, ...).")
     tenant: str = Field(description="Tenant the caller belongs to; it reaches only its own tenant's and shared models.")
     attributes: dict[str, str] = Field(default_factory=dict,
-                                       description="Extra attributes, e.g. {'clearance': 'confidential'}.")
+                                       description="Extra attributes, e.g. {'clearance': 'internal'} (lowers the roles' ceiling, never raises it).")
     key_id: str | None = Field(default=None, description="The API key's id (the JWT subject for tokens), for rate limits and audit.")
 
 
@@ -156,7 +158,8 @@ class RateLimit(StrictModel):
 class ParamLimits(StrictModel):
     """Caps on request parameters for a role; None means no cap beyond the endpoint's own checks."""
 
-    max_tokens: int | None = Field(default=None, ge=1, description="Largest `max_tokens` (or `max_completion_tokens`) allowed.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Largest `max_tokens` (or `max_completion_tokens`) allowed; "
+                                                                   "also the default of a request that names none.")
     n: int | None = Field(default=None, ge=1, description="Largest `n` (completions per request) allowed.")
 
 
@@ -387,10 +390,12 @@ def _reaches(scope: str, relation: str) -> bool:
 
 
 def _within(level: str, clearance: str, ceiling: str) -> bool:
-    limit = clearance or ceiling
-    if level not in CLASSIFICATIONS or limit not in CLASSIFICATIONS:
+    """`level` is at most the role's `ceiling` and, when a clearance is given, at most the clearance:
+    a clearance narrows the ceiling, never widens it (a JWT's claims cannot grant what the policy does not)."""
+    limits = [ceiling, clearance] if clearance else [ceiling]
+    if level not in CLASSIFICATIONS or any(limit not in CLASSIFICATIONS for limit in limits):
         return False  # an unrecognised clearance or level grants nothing
-    return CLASSIFICATIONS.index(level) <= CLASSIFICATIONS.index(limit)
+    return all(CLASSIFICATIONS.index(level) <= CLASSIFICATIONS.index(limit) for limit in limits)
 
 
 class AccessController:
@@ -436,7 +441,9 @@ class AccessController:
                 # Same message for both causes, so a caller cannot probe other tenants' model names.
                 return Decision(False, f"model '{model_id}' is not available to you",
                                 f"model '{model_id}' {cause}; caller tenant '{principal.tenant}'")
-            ceiling = f"clearance '{clearance}'" if clearance else f"the ceiling of role(s) {roles}"
+            # Name the clearance only when it is what denies (the roles' ceiling would allow).
+            by_clearance = clearance and self._allows(principal, route, relation, level, "")
+            ceiling = f"clearance '{clearance}'" if by_clearance else f"the ceiling of role(s) {roles}"
             return Decision(False, f"model '{model_id}' is classified '{level}', above {ceiling}")
         limits = self._settings.param_limits_for(principal)
         requested = {"max_tokens": params.get("max_tokens", params.get("max_completion_tokens")), "n": params.get("n")}

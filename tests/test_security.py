@@ -235,12 +235,22 @@ def test_classification_ceilings_and_clearance(access):
     assert [allowed(who("analyst"), m) for m in ("acme-sentiment", "acme-contracts", "acme-payroll")] == [True, False, False]
     assert [allowed(who("app"), m) for m in ("acme-sentiment", "acme-contracts", "acme-payroll")] == [True, True, False]
     assert allowed(who("admin"), "acme-payroll")
-    # the clearance attribute replaces the roles' ceiling, both ways
-    assert not allowed(who("app", clearance="internal"), "acme-contracts")
-    assert allowed(who("app", clearance="restricted"), "acme-payroll")
+    assert not allowed(who("app", clearance="internal"), "acme-contracts")  # a clearance lowers the ceiling
     assert not allowed(who("app", clearance="bogus"), "acme-sentiment")  # unrecognised clearance grants nothing
     reason = access.decide(who("analyst"), "/v1/classify", "acme-contracts", {}).reason
     assert reason == "model 'acme-contracts' is classified 'confidential', above the ceiling of role(s) analyst"
+    reason = access.decide(who("app", clearance="internal"), "/v1/classify", "acme-contracts", {}).reason
+    assert reason == "model 'acme-contracts' is classified 'confidential', above clearance 'internal'"
+
+
+def test_a_clearance_never_raises_the_roles_ceiling(access):
+    """A token's `attributes.clearance` is the caller's own claim: it may narrow the policy, not widen it."""
+    for principal, model in [(who("app", clearance="restricted"), "acme-payroll"),
+                             (who("analyst", clearance="confidential"), "acme-contracts"),
+                             (who("analyst", clearance="restricted"), "acme-payroll")]:
+        decision = access.decide(principal, "/v1/classify", model, {})
+        assert not decision.allowed and decision.reason.endswith(f"above the ceiling of role(s) {principal.roles[0]}")
+    assert access.decide(who("admin", clearance="restricted"), "/v1/classify", "acme-payroll", {}).allowed
 
 
 def test_unknown_model_fails_closed_except_for_admin(access):

@@ -71,9 +71,21 @@ class LoraSettings(StrictModel):
 class RequestLimits(StrictModel):
     """What one request may ask for, and how much traffic a replica accepts before answering 503."""
 
-    max_tokens: int = Field(default=512, ge=1, description="Largest `max_tokens` a request may ask for (larger: 400).")
+    max_tokens: int = Field(
+        default=512, ge=1,
+        description="Largest `max_tokens` (and `min_tokens`) a request may ask for (larger: 400); a request naming none "
+        "gets this, or its role's smaller cap (security.param_limits).")
     max_prompt_chars: int = Field(default=32_000, ge=1, description="Longest prompt or chat history in characters (longer: 413).")
-    max_n: int = Field(default=4, ge=1, description="Largest `n` (completions per request).")
+    max_n: int = Field(default=4, ge=1, description="Largest `n` or `best_of` (completions generated per prompt).")
+    max_prompts: int = Field(
+        default=16, ge=1,
+        description="Most prompts in one /v1/completions request: a list of prompts is a batch, each generated `n` times.")
+    max_logprobs: int = Field(
+        default=5, ge=0,
+        description="Most log-probs per token a request may ask for: completions `logprobs`, chat `top_logprobs`, "
+        "`prompt_logprobs` (-1, the whole vocabulary, is always refused).")
+    max_stop: int = Field(default=4, ge=0, description="Most stop sequences (`stop`), and most `stop_token_ids`, in one request.")
+    max_stop_chars: int = Field(default=64, ge=1, description="Longest stop sequence in characters.")
     max_classify_texts: int = Field(default=64, ge=1, description="Most texts in one /v1/classify request.")
     max_ongoing_requests: int = Field(default=64, ge=1, description="Requests one gateway replica works on at once (Serve max_ongoing_requests).")
     max_queued_requests: int = Field(default=128, ge=0, description="Requests waiting for a replica before new ones get 503 (Serve max_queued_requests).")

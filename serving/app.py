@@ -25,6 +25,7 @@ from ray.serve import Application
 from ray.serve.llm import LLMConfig
 
 from cluster.contracts import AutoscalingSettings, EndpointSettings
+from cluster.storage import path_inside
 
 
 class LocalLoraLoader(LoraModelLoader):
@@ -37,7 +38,7 @@ class LocalLoraLoader(LoraModelLoader):
 
     async def load_model_from_config(self, lora_model_id: str, llm_config) -> DiskMultiplexConfig:
         if lora_model_id not in self.disk_cache:
-            folder = self.root / get_lora_id(lora_model_id)
+            folder = path_inside(self.root, get_lora_id(lora_model_id))  # an id like 'base:../x' stays in root
             if not (folder / "adapter_config.json").is_file():
                 raise ValueError(f"no LoRA adapter {get_lora_id(lora_model_id)!r} in {self.root}")
             self.disk_cache[lora_model_id] = DiskMultiplexConfig(

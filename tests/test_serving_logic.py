@@ -4,9 +4,10 @@ import pytest
 
 from cluster.contracts import AutoscalingSettings, EndpointSettings, RequestLimits
 from cluster.prompting import label_probabilities
-from serving.limits import InvalidRequest, check_limits, prompt_text, request_params
+from serving.limits import InvalidRequest, adapter_name, check_limits, default_max_tokens, prompt_text, request_params
 
-LIMITS = RequestLimits(max_tokens=64, max_prompt_chars=100, max_n=2)
+LIMITS = RequestLimits(max_tokens=64, max_prompt_chars=100, max_n=2, max_prompts=3, max_logprobs=2, max_stop=2,
+                       max_stop_chars=5)
 
 
 def test_params_from_chat_and_completion_bodies():
@@ -14,10 +15,20 @@ def test_params_from_chat_and_completion_bodies():
                                        {"role": "user", "content": [{"type": "text", "text": "hello"}]}],
             "max_completion_tokens": 7, "n": 2, "temperature": 0.5, "stream": True}
     assert request_params(chat) == {"max_tokens": 7, "n": 2, "temperature": 0.5, "top_p": None, "stream": True,
-                                    "prompt_chars": len("be brief\nhello"), "prompt_logprobs": False}
-    completion = {"model": "m", "prompt": ["ab", "cd"], "max_tokens": 3}
+                                    "prompt_chars": len("be brief\nhello"), "prompt_logprobs": False, "prompts": 1,
+                                    "best_of": None, "logprobs": {}, "min_tokens": 0, "stop": [], "stop_token_ids": [],
+                                    "roles": ["system", "user"]}
+    completion = {"model": "m", "prompt": ["ab", "cd"], "max_tokens": 3, "logprobs": 2, "stop": "\n"}
     assert prompt_text(completion) == "ab\ncd"
-    assert request_params(completion)["max_tokens"] == 3 and request_params(completion)["n"] == 1
+    params = request_params(completion)
+    assert (params["max_tokens"], params["n"], params["prompts"], params["logprobs"], params["stop"]) == (3, 1, 2, {"logprobs": 2}, ["\n"])
+
+
+def test_tokenized_prompts_are_one_prompt_or_a_batch():
+    """Token-id prompts are schema-valid: they are counted, not a TypeError (a 500) in prompt_text."""
+    for prompt, count, text in [([5, 6, 7], 1, "5 6 7"), ([[5, 6], [7]], 2, "5 6\n7"), (None, 1, "")]:
+        params = request_params({"model": "m", "prompt": prompt})
+        assert (params["prompts"], params["prompt_chars"]) == (count, len(text))
 
 
 @pytest.mark.parametrize("change, status, named", [
@@ -27,6 +38,9 @@ def test_params_from_chat_and_completion_bodies():
     ({"temperature": 2.5}, 400, "temperature"),
     ({"top_p": 0}, 400, "top_p"),
     ({"prompt": "x" * 101}, 413, "101 characters"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]}, 400, "messages[1].role must be one of"),
+    ({"messages": [{"content": "no role"}]}, 400, "messages[0].role"),
+    ({"best_of": "50"}, 400, "best_of"),
 ])
 def test_limits_name_the_parameter(change, status, named):
     body = {"model": "m", "prompt": "hi", "max_tokens": 8, **change}
@@ -58,8 +72,23 @@ def test_prompt_logprobs_are_refused_only_where_they_are_unsafe():
     ({"messages": [{"role": "system", "content": "s" * 49}, {"role": "user", "content": [{"type": "text", "text": "u" * 50}]}]},
      {"messages": [{"role": "system", "content": "s" * 50}, {"role": "user", "content": [{"type": "text", "text": "u" * 50}]}]},
      413, "101 characters"),
+    ({"prompt": ["a", "b", "c"]}, {"prompt": ["a", "b", "c", "d"]}, 400, "prompt holds 4 prompts"),
+    ({"prompt": [[1], [2], [3]]}, {"prompt": [[1], [2], [3], [4]]}, 400, "prompt holds 4 prompts"),
+    ({"best_of": 2}, {"best_of": 3}, 400, "best_of"),
+    ({"logprobs": 2}, {"logprobs": 3}, 400, "logprobs must"),
+    ({"logprobs": 0}, {"logprobs": -1}, 400, "logprobs must"),  # -1: the whole vocabulary
+    ({"prompt_logprobs": 2}, {"prompt_logprobs": 3}, 400, "prompt_logprobs must"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2},
+     {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 3}, 400, "top_logprobs must"),
+    ({"stop": ["a", "b"]}, {"stop": ["a", "b", "c"]}, 400, "stop holds 3"),
+    ({"stop": "abcde"}, {"stop": "abcdef"}, 400, "stop sequence is 6 characters"),
+    ({"stop_token_ids": [1, 2]}, {"stop_token_ids": [1, 2, 3]}, 400, "stop_token_ids holds 3"),
+    ({"min_tokens": 8}, {"min_tokens": 9}, 400, "min_tokens must be between 0 and 8"),  # at most the request's max_tokens
+    ({"max_tokens": None, "min_tokens": 64}, {"max_tokens": None, "min_tokens": 65}, 400, "min_tokens"),
 ], ids=["max_tokens-max", "max_tokens-min", "max_completion_tokens-first", "n-max", "n-min", "temperature-min",
-        "temperature-max", "top_p-max", "top_p-above-0", "prompt-chars", "prompt-list-chars", "chat-chars"])
+        "temperature-max", "top_p-max", "top_p-above-0", "prompt-chars", "prompt-list-chars", "chat-chars",
+        "prompts", "token-prompts", "best_of", "logprobs-max", "logprobs-min", "prompt_logprobs", "top_logprobs",
+        "stop-count", "stop-chars", "stop_token_ids", "min_tokens", "min_tokens-no-max_tokens"])
 def test_requests_within_limits_pass(at_limit, beyond, status, named):
     """Exactly at each limit passes; one step beyond it is refused, naming the parameter."""
     body = {"model": "m", "prompt": "hi", "max_tokens": 8}
@@ -70,13 +99,29 @@ def test_requests_within_limits_pass(at_limit, beyond, status, named):
 
 
 def test_a_request_at_every_limit_at_once_and_one_with_defaults_pass():
-    at_every_limit = {"prompt": "x" * 100, "max_tokens": 64, "n": 2, "temperature": 0, "top_p": 1}
+    at_every_limit = {"prompt": "x" * 100, "max_tokens": 64, "n": 2, "temperature": 0, "top_p": 1, "best_of": 2,
+                      "logprobs": 2, "prompt_logprobs": 2, "stop": ["abcde", "x"], "stop_token_ids": [1, 2], "min_tokens": 64}
     assert request_params(at_every_limit)["prompt_chars"] == LIMITS.max_prompt_chars
     assert check_limits(request_params(at_every_limit), LIMITS) is None
     assert check_limits(request_params({**at_every_limit, "temperature": 2}), LIMITS) is None
     defaults = request_params({"messages": [{"role": "user", "content": "hi"}]})
     assert defaults["max_tokens"] is None and defaults["n"] == 1  # unset: the engine's defaults, within limits
     assert check_limits(defaults, LIMITS) is None
+
+
+def test_an_omitted_max_tokens_gets_the_smallest_cap():
+    assert default_max_tokens(LIMITS, None) == 64  # chat names no default: the endpoint's limit
+    assert default_max_tokens(LIMITS, 32) == 32  # a role's cap is smaller
+    assert default_max_tokens(LIMITS, 32, 16) == 16  # completions' protocol default is smaller still
+    assert default_max_tokens(LIMITS, 1000) == 64
+
+
+@pytest.mark.parametrize("model_id", ["m:..", "m:.", "m:", "m:../../etc", "m:a/b", "m:.hidden", "m:a:b", "m:a\n"])
+def test_adapter_names_are_plain_folder_names(model_id):
+    with pytest.raises(InvalidRequest, match="plain folder name") as error:
+        adapter_name(model_id)
+    assert error.value.status == 400
+    assert adapter_name("m:tenant-a_support.v2") == "tenant-a_support.v2" and adapter_name("m") is None
 
 
 def test_label_probabilities_are_a_softmax():
@@ -116,6 +161,10 @@ def test_local_lora_loader_reads_adapters_in_place(tmp_path):
     assert asyncio.run(loader.load_model_from_config("base:support", None)) is loaded  # cached: one id per adapter
     with pytest.raises(ValueError, match="no LoRA adapter 'missing'"):
         asyncio.run(loader.load_model_from_config("base:missing", None))
+    (tmp_path.parent / "outside").mkdir(exist_ok=True)
+    (tmp_path.parent / "outside" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="outside"):  # an adapter id may not reach beside the adapters folder
+        asyncio.run(loader.load_model_from_config("base:../outside", None))
 
 
 def test_the_pipelines_local_key_is_stored_as_a_digest(monkeypatch):

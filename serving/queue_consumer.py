@@ -11,9 +11,9 @@ MULTI/EXEC transaction, so an entry is acknowledged exactly when its result exis
 
 At-least-once: an entry read but not acknowledged (the consumer died, the endpoint was down) stays
 pending in the group, and after `claim_idle_ms` any live consumer takes it over with XAUTOCLAIM and
-answers it. A poison entry (malformed, rejected by the endpoint with a 4xx, or delivered more than
-`max_deliveries` times) goes to the dead-letter stream with the reason, is acknowledged, and is
-never retried forever. An endpoint that refuses the consumer's own API key (401, or 403 on the
+answers it. A poison entry (malformed or not UTF-8, rejected by the endpoint with a 4xx, answered
+with a 200 whose body is not a chat completion, or delivered more than `max_deliveries` times) goes
+to the dead-letter stream with the reason, is acknowledged, and is never retried forever. An endpoint that refuses the consumer's own API key (401, or 403 on the
 consumer's own model) stops the consumer instead: no request is at fault, so none is dead-lettered,
 and every entry stays pending for a consumer with a working key. A 403 for a model a request names
 itself is that request's fault: it is dead-lettered.
@@ -71,17 +71,46 @@ class PoisonMessage(Exception):
     """An entry that can never be answered: dead-letter it."""
 
 
+def redis_client(url: str) -> redis.Redis:
+    """A client that reads any bytes: bytes that are not UTF-8 become lone surrogates instead of a
+    decoding error that would fail the whole read (every entry in it, again on every retry), and
+    are written back unchanged, so a dead letter holds the entry's original bytes."""
+    return redis.Redis.from_url(url, decode_responses=True, encoding_errors="surrogateescape")
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def not_utf8(fields: dict) -> list[str]:
+    """Names of the entry's fields whose name or value was not UTF-8 (read by `redis_client`)."""
+    def bad(text) -> bool:
+        return isinstance(text, str) and any("\udc80" <= char <= "\udcff" for char in text)
+    return [_printable(name) for name, value in fields.items() if bad(name) or bad(value)]
+
+
+def completion_content(completion) -> str:
+    """The answer text of a chat completion body, or PoisonMessage saying what the body lacks."""
+    try:
+        content = completion["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise PoisonMessage(f"endpoint answered 200 without choices[0].message.content: {json.dumps(completion)[:300]}") from None
+    if content is not None and not isinstance(content, str):
+        raise PoisonMessage(f"endpoint answered 200 with a content that is not text: {json.dumps(content)[:300]}")
+    return content or ""
+
+
 class CredentialsRefused(Exception):
     """The endpoint refused this consumer's API key: no entry can be answered until the key is fixed.
     Not a RuntimeError, so `handle` lets it through: the entry stays pending and the consumer stops."""
 
 
 class QueueConsumer:
-    def __init__(self, settings: ConsumerSettings, name: str | None = None):
+    def __init__(self, settings: ConsumerSettings, name: str | None = None, client: redis.Redis | None = None):
         self.settings = settings
         self.name = name or settings.consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.api_key = settings.key()
-        self.redis = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        self.redis = client or redis_client(settings.redis_url)
         self.http = requests.Session()
         self.last_error: dict[str, str] = {}  # entry id -> why its last delivery failed (for the dead letter)
         self.counts = {"answered": 0, "dead_lettered": 0, "failed_attempts": 0}
@@ -108,7 +137,10 @@ class QueueConsumer:
         if 400 <= reply.status_code < 500 and reply.status_code not in (408, 429):
             raise PoisonMessage(f"endpoint rejected the request: {reply.status_code} {reply.text[:500]}")
         reply.raise_for_status()  # 5xx, 408, 429: transient, the entry stays pending and is retried
-        return reply.json()
+        try:
+            return reply.json()
+        except ValueError:
+            raise PoisonMessage(f"endpoint answered {reply.status_code} with a body that is not JSON: {reply.text[:300]!r}") from None
 
     def handle(self, entry_id: str, fields: dict, deliveries: int) -> None:
         settings = self.settings
@@ -119,7 +151,11 @@ class QueueConsumer:
             if deliveries > settings.max_deliveries:
                 last = self.last_error.get(entry_id, "unknown (failed in another consumer)")
                 raise PoisonMessage(f"delivered {deliveries} times (max_deliveries={settings.max_deliveries}); last error: {last}")
+            undecodable = not_utf8(fields)
+            if undecodable:
+                raise PoisonMessage(f"malformed request: field(s) {undecodable} are not UTF-8")
             completion = self.answer(fields)
+            content = completion_content(completion)
         except PoisonMessage as poison:
             self._write_and_ack(settings.dead_letter_stream, entry_id,
                                 {**fields, **envelope, "reason": str(poison), "deliveries": deliveries})
@@ -130,9 +166,8 @@ class QueueConsumer:
             self.last_error[entry_id] = repr(error)[:500]
             self.counts["failed_attempts"] += 1
             return
-        content = completion["choices"][0]["message"]["content"] if completion.get("choices") else ""
         self._write_and_ack(settings.result_stream, entry_id,
-                            {**envelope, "status": "ok", "content": content or "", "response": json.dumps(completion)})
+                            {**envelope, "status": "ok", "content": content, "response": json.dumps(completion)})
         self.counts["answered"] += 1
 
     def _write_and_ack(self, stream: str, entry_id: str, fields: dict) -> None:

@@ -80,6 +80,19 @@ def test_malformed_requests_are_dead_lettered_not_lost(redis_server):
     assert client.xpending(settings["request_stream"], "g")["pending"] == 0  # acknowledged: not retried forever
 
 
+def test_an_entry_that_is_not_utf8_is_dead_lettered_and_the_next_one_answered_in_the_same_read(redis_server):
+    settings = settings_for(redis_server, base_url=f"http://127.0.0.1:{free_port()}")  # nothing answers the good one
+    consumer = QueueConsumer(ConsumerSettings.model_validate(settings))
+    raw = redis.Redis.from_url(redis_server)  # bytes in and out
+    body = json.dumps({"messages": [{"role": "user", "content": "caf"}]}).encode().replace(b"caf", b"caf\xe9")
+    raw.xadd(settings["request_stream"], {"request_id": "latin-1", "body": body})
+    send(raw, settings, 1)
+    assert consumer.step() == 2  # a strict decoder failed this read: no entry was handled, on every retry
+    [dead] = raw.xrange(settings["dead_letter_stream"])
+    assert dead[1][b"body"] == body and b"not UTF-8" in dead[1][b"reason"]
+    assert consumer.counts == {"answered": 0, "dead_lettered": 1, "failed_attempts": 1}  # the good one stays pending
+
+
 def test_a_request_failing_every_delivery_is_dead_lettered_after_max_deliveries(redis_server):
     # Nothing listens on a fresh free port: every call to the "endpoint" fails.
     settings = settings_for(redis_server, base_url=f"http://127.0.0.1:{free_port()}", claim_idle_ms=20, max_deliveries=3)

@@ -120,8 +120,12 @@ class AuditLog:
                 if os.pread(fd, 1, size - 1) != b"\n":
                     raise AuditError(f"{self.path} ends with an incomplete line; run "
                                      f"`python -m cluster.audit verify {self.path}` before appending")
-                last = json.loads(_last_line(fd, size))
-                seq, prev_hash = last["seq"] + 1, last["hash"]
+                try:
+                    last = json.loads(_last_line(fd, size))
+                    seq, prev_hash = last["seq"] + 1, last["hash"]
+                except (ValueError, KeyError, TypeError):  # not JSON, or no chain fields: nothing to chain to
+                    raise AuditError(f"{self.path}: the last entry is unreadable; run "
+                                     f"`python -m cluster.audit verify {self.path}`") from None
             entry = {"seq": seq, "time": datetime.now(timezone.utc).isoformat(), **event, "prev_hash": prev_hash}
             entry["hash"] = entry_hash(entry, self._key)
             os.write(fd, _canonical(entry) + b"\n")

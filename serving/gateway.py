@@ -7,6 +7,8 @@ ray.serve.llm's) and adds:
   the last streamed chunk) writes the request's audit entry and its Prometheus metrics;
 - per-route authorization (403, every decision audited) and request limits (400/413) before
   anything reaches the engine; `/v1/models` lists only what the caller may use;
+- fail closed on the audit log: a request that cannot be audited is answered 503, the cause logged;
+- error answers that name the problem (ray.serve.llm's name internal exception classes);
 - `POST /v1/classify`: label probabilities by label scoring through vLLM's prompt log-probs;
 - `GET /health`: fails (503) when an engine's own health check fails, not only when a process dies.
 """
@@ -15,32 +17,43 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Optional
 
-from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi import HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray.llm._internal.common.utils.cloud_utils import is_remote_path
 from ray.llm._internal.common.utils.lora_utils import get_base_model_id, get_lora_id
 from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, OpenAIHTTPException,
 )
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, OpenAiIngress, init
+from ray.llm._internal.serve.utils.server_utils import get_response_for_error
 from ray.util import metrics
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from vllm.entrypoints.generate.base.protocol import StreamOptions
 
 from cluster.contracts import ARTIFACT_FILE, EndpointSettings, ModelArtifact
 from cluster.prompting import label_probabilities, label_token_ids, prompt_ids
-from cluster.audit import AuditLog
-from cluster.security import AccessController, Authenticator, AuthError, RateLimiter
+from cluster.audit import AuditError, AuditLog
+from cluster.security import AccessController, Authenticator, AuthError, Decision, RateLimiter
+from cluster.storage import path_inside
 from cluster.text import Preprocessor
-from serving.limits import InvalidRequest, check_limits, prompt_text, request_params
+from serving.limits import (
+    InvalidRequest, adapter_name, check_limits, default_max_tokens, prompt_text, request_params,
+)
 
 HEALTH_ROUTE = "/health"
 HEALTH_TIMEOUT_S = 10
+AUDIT_DOWN = "the audit log cannot be written, so requests are refused until it can (the gateway log says why)"
+# Serve writes this logger to the replica's log file.
+logger = logging.getLogger("ray.serve")
 
 
 class ClassifyRequest(BaseModel):
@@ -62,6 +75,48 @@ def error_response(status: int, message: str, headers: Optional[dict] = None) ->
     """An OpenAI-shaped error body, which the openai client turns into its typed exceptions."""
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
                                    "code": status}}, status_code=status, headers=headers)
+
+
+# ray.serve.llm words an error "Message: <m> (Request ID: <id>), Internal exception: <module.Class>: <m>,
+# original exception: <str>", and an engine's error reaches the gateway already worded so.
+_RAY_WORDING = re.compile(r"^Message: (?P<message>.*?)(?: \(Request ID: [^)]*\))?, Internal exception: ", re.S)
+
+
+def client_message(error: Exception) -> str:
+    """What a client is told about an exception: the problem in words, never internal class names."""
+    if isinstance(error, OpenAIHTTPException):
+        text = error.message
+    elif isinstance(error, HTTPException):
+        text = str(error.detail)
+    elif isinstance(error, ValidationError):
+        text = "; ".join(f"{'.'.join(map(str, item['loc'])) or 'body'}: {item['msg']}" for item in error.errors())
+    else:
+        text = str(error)
+    wording = _RAY_WORDING.match(text)
+    return wording.group("message") if wording else text
+
+
+def error_answer(request: Request, error: Exception) -> JSONResponse:
+    """The answer to an exception from a route: ray.serve.llm's status (4xx for client errors) and
+    log line (with the traceback), and a message naming the problem; a 500 names only the request."""
+    request_id = getattr(request.state, "request_id", None) or request.headers.get("x-request-id")
+    if isinstance(error, InvalidRequest):
+        status = error.status
+    else:
+        status = get_response_for_error(error, request_id).error.code
+    if status == 500:
+        return error_response(500, f"internal server error (request id {request_id})")
+    return error_response(status, client_message(error))
+
+
+async def answer_errors(request: Request, call_next) -> Response:
+    """Middleware turning route exceptions into `error_answer`s (in place of ray.serve.llm's)."""
+    try:
+        return await call_next(request)
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:  # noqa: BLE001 - every exception becomes an answer
+        return error_answer(request, error)
 
 
 class GatewayMetrics:
@@ -162,6 +217,14 @@ class Gateway(OpenAiIngress):
 
     # ----- security, audit and metrics helpers -----
 
+    def write_audit(self, entry: dict) -> None:
+        """Append to the audit log, failing closed: what cannot be audited is not served (503)."""
+        try:
+            self.audit.append(entry)
+        except (OSError, AuditError) as error:
+            logger.error("audit log %s cannot be written, refusing requests: %s", self.audit.path, error)
+            raise OpenAIHTTPException(503, AUDIT_DOWN, type="ServiceUnavailable") from None
+
     def finish(self, record: dict, response: Response) -> Response:
         """Write the audit entry and metrics once the response's last byte is sent."""
         def close():
@@ -172,11 +235,14 @@ class Gateway(OpenAiIngress):
             if "_limit" in record and tokens:
                 self.limiter.record_tokens(record["_key"], record["_limit"], tokens)
             self.metrics.observe(record)
-            self.audit.append(self._audit_entry(record))
+            self.write_audit(self._audit_entry(record))
 
         iterator = getattr(response, "body_iterator", None)
         if iterator is None:
-            close()
+            try:
+                close()
+            except OpenAIHTTPException as error:  # the audit log is down: not answered, 503
+                return error_response(error.status_code, error.message)
             return response
 
         async def measured():
@@ -184,7 +250,10 @@ class Gateway(OpenAiIngress):
                 async for chunk in iterator:
                     yield chunk
             finally:
-                close()
+                try:
+                    close()
+                except OpenAIHTTPException:
+                    pass  # the body is sent already; write_audit logged why its entry is missing
         response.body_iterator = measured()
         return response
 
@@ -194,32 +263,42 @@ class Gateway(OpenAiIngress):
             entry["prompt"] = record["prompt"]
         return entry
 
-    def authorize(self, request: Request, route: str, model_id: str, params: dict, raise_denied: bool = True) -> bool:
-        """Ask the access controller, audit the decision, and answer 403 when denied."""
+    def audit_decision(self, request: Request, route: str, model_id: Optional[str], decision: Decision) -> None:
         principal = request.state.principal
-        decision = self.access.decide(principal, route, model_id, params)
-        self.audit.append({"event": "decision", "route": route, "model": model_id, "subject": principal.subject,
-                           "key_id": principal.key_id, "tenant": principal.tenant, "allowed": decision.allowed,
-                           "reason": decision.reason, "detail": decision.detail})
-        if not decision.allowed and raise_denied:
+        self.write_audit({"event": "decision", "route": route, "model": model_id, "subject": principal.subject,
+                          "key_id": principal.key_id, "tenant": principal.tenant, "allowed": decision.allowed,
+                          "reason": decision.reason, "detail": decision.detail})
+
+    def authorize(self, request: Request, route: str, model_id: str, params: dict) -> None:
+        """Ask the access controller, audit the decision, and answer 403 when denied."""
+        decision = self.access.decide(request.state.principal, route, model_id, params)
+        self.audit_decision(request, route, model_id, decision)
+        if not decision.allowed:
             raise OpenAIHTTPException(403, f"access denied: {decision.reason}", type="PermissionDenied")
-        return decision.allowed
+
+    async def admit(self, request: Request, requested: Optional[str], params: dict) -> str:
+        """The model id a request may use: 404 for an unknown base model, 400 for an adapter name that
+        is not a plain folder name, 403 when denied, then 404 for a missing local adapter (after the
+        decision, so a caller cannot probe which adapters exist; the engine would answer 500)."""
+        model_id = request.state.record["model"] = await self._get_model_id(requested)
+        adapter = adapter_name(model_id)
+        self.authorize(request, request.url.path, model_id, params)
+        if adapter is not None and self._local_adapters() and adapter not in self._adapter_names():
+            raise OpenAIHTTPException(404, f"model {model_id!r} does not exist", type="NotFound")
+        return model_id
 
     # ----- OpenAI routes -----
 
     async def _generate(self, body, request: Request, call_method: str) -> Response:
         record = request.state.record
-        model_id = await self._get_model_id(body.model)
-        record["model"] = model_id
         raw = body.model_dump()
         params = request_params(raw)
-        self.authorize(request, request.url.path, model_id, params)
-        try:
-            check_limits(params, self.settings.limits, prompt_logprobs=not self.adapters_dir)
-        except InvalidRequest as error:
-            raise OpenAIHTTPException(error.status, str(error), type="InvalidRequest") from None
-        if params["max_tokens"] is None:  # the engine's default is "the rest of the context": cap it
-            body.max_tokens = self.settings.limits.max_tokens
+        if params["max_tokens"] is None or not {"max_tokens", "max_completion_tokens"} & body.model_fields_set:
+            # Left out (or null): the role's cap applies too, so leaving it out never buys more than naming it.
+            cap = self.settings.security.param_limits_for(request.state.principal).max_tokens
+            body.max_tokens = params["max_tokens"] = default_max_tokens(self.settings.limits, cap, body.max_tokens)
+        model_id = await self.admit(request, body.model, params)
+        check_limits(params, self.settings.limits, prompt_logprobs=not self.adapters_dir)
         if call_method == "chat":
             self._prompt_as_trained(body, model_id)
         if self.settings.security.audit.log_prompts:
@@ -270,16 +349,21 @@ class Gateway(OpenAiIngress):
         return await self._generate(body, request, "completions")
 
     async def models(self, request: Request) -> ModelList:
-        """The served models (base and adapters) that this caller may use."""
-        listed = [await self.model(model_id) for model_id in self._all_model_ids()]
-        return ModelList(data=[card for card in listed if card is not None
-                               and self.authorize(request, "/v1/models", card.id, {}, raise_denied=False)])
+        """The served models (base and adapters) that this caller may use; one audit entry per listing."""
+        cards = [card for card in [await self.model(model_id) for model_id in self._all_model_ids()] if card is not None]
+        visible = self.access.visible_models(request.state.principal, [card.id for card in cards])
+        self.audit_decision(request, "/v1/models", None, Decision(
+            True, f"listed {len(visible)} of {len(cards)} models", f"listed: {', '.join(visible) or '(none)'}"))
+        return ModelList(data=[card for card in cards if card.id in visible])
 
     async def model_data(self, model: str, request: Request) -> ModelCard:
         self.authorize(request, "/v1/models", model, {})
         return await super().model_data(model)
 
     # ----- LoRA adapters in a storage folder -----
+
+    def _local_adapters(self) -> bool:
+        return bool(self.adapters_dir) and not is_remote_path(self.adapters_dir)
 
     def _adapter_names(self) -> list[str]:
         if not self.adapters_dir:
@@ -319,8 +403,8 @@ class Gateway(OpenAiIngress):
     def _artifact_or_none(self, model_id: str) -> Optional[ModelArtifact]:
         """An adapter's own lakeforge_model.json when its folder has one, else the base model's."""
         artifact = None
-        if model_id != get_base_model_id(model_id) and self.adapters_dir and not is_remote_path(self.adapters_dir):
-            artifact = self._read_artifact(Path(self.adapters_dir) / get_lora_id(model_id))
+        if model_id != get_base_model_id(model_id) and self._local_adapters():
+            artifact = self._read_artifact(path_inside(self.adapters_dir, get_lora_id(model_id)))
         return artifact or self.base_artifact
 
     def artifact(self, model_id: str) -> ModelArtifact:
@@ -359,11 +443,9 @@ class Gateway(OpenAiIngress):
 
     async def classify(self, body: ClassifyRequest, request: Request) -> Response:
         record = request.state.record
-        model_id = await self._get_model_id(body.model)
-        record["model"] = model_id
         texts = [body.text] if body.text is not None else body.texts
         params = {"texts": len(texts), "prompt_chars": sum(map(len, texts))}
-        self.authorize(request, request.url.path, model_id, params)
+        model_id = await self.admit(request, body.model, params)
         limits = self.settings.limits
         if not 1 <= len(texts) <= limits.max_classify_texts:
             raise OpenAIHTTPException(400, f"texts must hold 1 to {limits.max_classify_texts} items (got {len(texts)})", type="InvalidRequest")
@@ -398,14 +480,24 @@ class Gateway(OpenAiIngress):
             try:
                 await asyncio.wait_for(handle.options(stream=False).check_health.remote(), HEALTH_TIMEOUT_S)
             except Exception as error:  # noqa: BLE001 - any failure means the engine cannot answer
-                return error_response(503, f"engine of {model_id!r} is unhealthy: {type(error).__name__}: {error}")
+                # The cause goes to the log only: this route is open to unauthenticated callers.
+                logger.warning("engine of %r failed its health check: %r", model_id, error)
+                return error_response(503, f"engine of {model_id!r} is unhealthy")
         return JSONResponse({"status": "ok", "models": list(self._default_serve_handles)})
 
 
 def gateway_app():
-    """ray.serve.llm's FastAPI app (its error handling, request ids, HTTP metrics) with `guard`
-    added last, so it runs first; a fresh app per build, as routes are bound to it."""
+    """ray.serve.llm's FastAPI app (request ids, HTTP metrics) with its error handling replaced by
+    `answer_errors` and `guard` added last, so it runs first; a fresh app per build, as routes are
+    bound to it."""
     app = init()
+    ray_handlers = [index for index, middleware in enumerate(app.user_middleware)
+                    if getattr(middleware.kwargs.get("dispatch"), "__name__", "") == "_handle_application_exceptions"]
+    if len(ray_handlers) != 1:
+        raise RuntimeError("ray.serve.llm's exception middleware not found: update serving.gateway.gateway_app "
+                           "for this Ray version")
+    app.user_middleware[ray_handlers[0]] = Middleware(BaseHTTPMiddleware, dispatch=answer_errors)  # same place: innermost
+    app.add_exception_handler(Exception, error_answer)  # last resort, for exceptions raised in middleware
     app.middleware("http")(guard)
     return app
 

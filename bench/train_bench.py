@@ -32,8 +32,8 @@ from cluster.prompting import pad_token_id
 from cluster.ray_cluster import connect
 from jobs import data
 from jobs.config import RunConfig
-from jobs.finetune import run_finetune
-from jobs.train_loop import answer_loss, collate
+from jobs.finetune import label_first_token_ids, run_finetune
+from jobs.train_loop import answer_loss, collate, prepare_model
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_FILE = REPO / "bench" / "results" / "training.json"
@@ -54,21 +54,24 @@ def plain_pytorch_tokens_per_s(cfg: RunConfig, base_dir: Path, data_dir: Path) -
     torch.manual_seed(train.seed)
     torch.set_num_threads(int(train.cpus_per_worker * train.num_workers))
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
+    # The job's own freezing (trainable_layers, freeze_embeddings, LoRA): the same parameters train.
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), train.model_dump()).train()
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay)
     global_batch = train.micro_batch_size * train.gradient_accumulation_steps * train.num_workers
     rows = pd.read_parquet(data_dir / "train").head(global_batch * train.max_steps)
     micro_batches = [rows.iloc[i: i + train.micro_batch_size] for i in range(0, len(rows), train.micro_batch_size)]
     accumulation = global_batch // train.micro_batch_size
+    label_ids = label_first_token_ids(cfg, base_dir)
     tokens, started = 0, time.perf_counter()
     first_step = None  # (tokens, seconds) when the first optimizer step is done
     for index, frame in enumerate(micro_batches):
         batch = collate({"input_ids": frame["input_ids"].to_numpy(), "prompt_len": frame["prompt_len"].to_numpy()},
                         pad_token_id(tokenizer))
-        (answer_loss(model, batch) / accumulation).backward()
+        (answer_loss(model, batch, label_ids, train.label_loss_weight) / accumulation).backward()
         tokens += int(batch["attention_mask"].sum())
         if (index + 1) % accumulation == 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.gradient_clipping)
+            torch.nn.utils.clip_grad_norm_(trainable, train.gradient_clipping)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             first_step = first_step or (tokens, time.perf_counter() - started)
@@ -172,7 +175,9 @@ def memory_bench(base_dir: Path, data_dir: Path) -> dict:
     memory = {}
     for name, overrides in {
         "zero1_full": ["train.zero_stage=1"], "zero2_full": ["train.zero_stage=2"],
-        "zero3_full": ["train.zero_stage=3"], "zero2_lora": ["train.zero_stage=2", "train.method=lora", "train.learning_rate=2e-4"],
+        "zero3_full": ["train.zero_stage=3"],
+        "zero2_lora": ["train.zero_stage=2", "train.method=lora", "train.trainable_layers=null", "train.freeze_embeddings=false",
+                       "train.learning_rate=2e-4"],
     }.items():
         record = run_finetune(bench_config(2, *overrides), base_dir, data_dir)
         memory[name] = {"peak_rss_gib_max_worker": record["peak_memory_gib_max_worker"], "tokens_per_s": record["tokens_per_s"]}

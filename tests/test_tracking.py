@@ -12,7 +12,7 @@ def test_a_run_records_what_reproduces_it_and_its_metrics(tmp_path):
 
     from jobs.tracking import MetricLogger, start_run
 
-    cfg = load_config(RunConfig, SHIPPED_CONFIG, [f"storage_root={tmp_path}", "train.method=lora"])
+    cfg = load_config(RunConfig, SHIPPED_CONFIG, [f"storage_root={tmp_path}", "train.method=lora", "train.trainable_layers=null", "train.freeze_embeddings=false"])
     manifest = {"identity": {"source_sha256": "abc"}, "counts": {"kept": 10}}
     uri, run_id = start_run(cfg, manifest)
     assert uri == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"

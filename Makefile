@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.lakeforge-installed
 EXTRA  ?= cpu
 PYTHON ?= python3
 
-.PHONY: setup redis tcmalloc demo demo-smoke test bench down clean
+.PHONY: setup redis tcmalloc demo demo-smoke test test-slow bench down clean
 
 setup: $(STAMP)
 
@@ -35,7 +35,11 @@ redis:
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 
 test: setup redis
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+
+# The drills that do not fit every CI run (tests marked slow): run before a release and by others.
+test-slow: setup redis
+	$(PY) -m pytest -m slow
 
 # The serving bench preloads tcmalloc into vLLM's CPU engine (Debian package).
 tcmalloc:

@@ -34,7 +34,7 @@ OLD_SYSTEM_PROMPT = "Classify the sentiment of the customer's message. Answer wi
 LEVERS = {
     "baseline": ("the demo's settings of 2026-11-26: model chat template + long system prompt, lr 5e-5, ZeRO-2, "
                  "every layer trained, natural class mix",
-                 ["data.template=model", f'data.system_prompt="{OLD_SYSTEM_PROMPT}"', "data.balance.strategy=none",
+                 ["data.template=model", f'data.system_prompt="{OLD_SYSTEM_PROMPT}"', "train.balance_classes=false",
                   "train.zero_stage=2", "train.trainable_layers=null", "train.freeze_embeddings=false",
                   "train.label_loss_weight=0", "train.learning_rate=5e-5", "train.micro_batch_size=8",
                   "train.gradient_accumulation_steps=2"]),
@@ -45,7 +45,7 @@ LEVERS = {
                                                                "train.gradient_accumulation_steps=1"]),
     "freeze": ("only the top 10 of 30 layers trained, embeddings frozen", ["train.trainable_layers=10", "train.freeze_embeddings=true"]),
     "label_loss": ("plus a cross-entropy over the label words", ["train.label_loss_weight=1.0"]),
-    "balance": ("class-balanced train split (undersampled)", ["data.balance.strategy=undersample"]),
+    "balance": ("class-balanced training stream", ["train.balance_classes=true"]),
 }
 
 

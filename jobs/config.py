@@ -208,6 +208,11 @@ class TrainSection(StrictModel):
         description="Full fine-tuning only: train the top N transformer layers (and the final norm) and keep every layer "
         "below fixed; a model with N layers or fewer trains them all. The same recipe fits models of any depth; "
         "exclusive with freeze_layers. None: no layer is frozen by this setting.")
+    balance_classes: bool = Field(
+        default=False,
+        description="Classification: train on a class-balanced stream (every class cut to the smallest class's rows, "
+        "rows chosen by a hash of their key). The shards stay whole: the baseline and evaluation see every row. "
+        "Not with further tasks (their mixture sets the shares).")
     label_loss_weight: float = Field(
         default=0.0, ge=0,
         description="Classification: weight of an extra cross-entropy over the label words only, at each answer's first "
@@ -408,6 +413,8 @@ class RunConfig(StrictModel):
         names = [self.primary_task.name, *(task.name for task in self.tasks)]
         if len(set(names)) != len(names):
             raise ValueError(f"task names (primary_task.name and tasks[].name) must be distinct, got {names}")
+        if self.train.balance_classes and (self.tasks or self.data.task != "classification"):
+            raise ValueError("train.balance_classes needs a single classification task (a task mixture sets its own shares)")
         return self
 
     def mixture(self) -> list[tuple[str, float]]:

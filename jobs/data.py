@@ -55,7 +55,7 @@ def dedup_key(text: str) -> str:
     return hashlib.blake2b(text.lower().encode("utf-8"), digest_size=16).hexdigest()
 
 
-def split_position(key: str, seed: int) -> float:
+def split_position(key: str, seed: int | str) -> float:
     """A uniform number in [0, 1) fixed by the row's content and the seed (not by file order)."""
     digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
@@ -1000,6 +1000,16 @@ def prepare_run_inputs(cfg: RunConfig) -> tuple[Path, Path, dict]:
         prepare(task.data, base_dir, dirs[task.name])
     data_dir = dirs[cfg.primary_task.name]
     return base_dir, data_dir, prepare(cfg.data, base_dir, data_dir)
+
+
+def balanced_sample(split: ray.data.Dataset, label_rows: dict[str, int], seed: int) -> ray.data.Dataset:
+    """The split's rows with every class cut to the smallest class's size, for the training stream:
+    each row is kept with probability smallest / its class's rows, decided by a hash of its key
+    (deterministic, independent of the split's own hash, in shard order). The shards stay whole, so
+    the baseline and evaluation still see every row."""
+    smallest = min(label_rows.values())
+    keep = {label: smallest / rows for label, rows in label_rows.items()}
+    return split.filter(lambda row: split_position(row["key"], f"balance-{seed}") < keep[row["label"]])
 
 
 def mixture_counts(weights: list[float], rows: list[int], examples: int) -> list[int]:

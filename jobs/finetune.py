@@ -107,6 +107,11 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
     train_split = data.split_dataset(data_dir, "train")
     validation_split = data.split_dataset(data_dir, "validation").limit(train.max_validation_examples)
     mixture = None
+    if train.balance_classes:
+        label_rows = manifests[cfg.primary_task.name]["splits"]["train"]["labels"]
+        train_split = data.balanced_sample(train_split, label_rows, train.seed)
+        print(f"[finetune] class-balanced training stream: about {min(label_rows.values())} rows of each of "
+              f"{len(label_rows)} labels (train split {label_rows})")
     if cfg.tasks:
         # Exactly the examples max_steps optimizer steps consume, each task its weighted share;
         # validation: up to max_validation_examples of every task, tagged with its task id.

@@ -15,7 +15,7 @@ from jobs.balance import BalanceSettings
 from jobs.config import DataSection, RunConfig, SourceSection, TaskSection
 from jobs.data import (
     Templater, _band_keys, _csv_rows, _rebalance_class, _jsonl_rows, _parquet_rows, assign_splits,
-    _swap_in, dedup_key, fingerprint_source, near_duplicate_clusters, physical_records, pinned_test_rows, prepare,
+    _swap_in, balanced_sample, dedup_key, fingerprint_source, near_duplicate_clusters, physical_records, pinned_test_rows, prepare,
     read_test_keys, source_files, split_position, task_data_dirs, validate_record,
 )
 from jobs.train_loop import collate
@@ -337,3 +337,18 @@ def test_a_task_named_dot_dot_never_reaches_the_run_folder(tmp_path):
     with pytest.raises(ValueError, match="leads outside"):  # before any Ray work or deletion
         prepare(DataSection(), tmp_path, run.run_dir / "task_data" / "..")
     assert (run.run_dir / "model").is_dir()
+
+
+def test_balanced_sample_cuts_every_class_to_the_smallest_and_is_deterministic(ray_cluster):
+    import ray
+
+    rows = [{"key": dedup_key(f"{label} {i}"), "label": label} for label, n in (("neg", 3000), ("neu", 2000), ("pos", 600))
+            for i in range(n)]
+    split = ray.data.from_items(rows)
+    sample = balanced_sample(split, {"neg": 3000, "neu": 2000, "pos": 600}, seed=0).to_pandas()
+    sizes = sample["label"].value_counts().to_dict()
+    assert sizes["pos"] == 600 and all(abs(sizes[label] - 600) < 75 for label in ("neg", "neu"))
+    again = balanced_sample(split, {"neg": 3000, "neu": 2000, "pos": 600}, seed=0).to_pandas()
+    assert again["key"].tolist() == sample["key"].tolist()
+    other = balanced_sample(split, {"neg": 3000, "neu": 2000, "pos": 600}, seed=1).to_pandas()
+    assert set(other["key"]) != set(sample["key"])

@@ -16,6 +16,7 @@ from jobs.train_loop import collate
 from tests.conftest import SHIPPED_CONFIG, tiny_run_config
 
 QA_TASK = "tasks=[{name: qa, weight: 1, data: {task: instruction, source: %s, system_prompt: '', near_dedup: {enabled: false}}}]"
+NO_BALANCE = "train.balance_classes=false"  # the shipped recipe balances its one task's classes; a mixture sets shares
 
 
 def test_a_config_without_tasks_is_the_single_task_run():
@@ -24,7 +25,7 @@ def test_a_config_without_tasks_is_the_single_task_run():
 
 
 def test_tasks_are_validated_and_named_in_errors():
-    cfg = load_config(RunConfig, SHIPPED_CONFIG, ["primary_task={name: tweets, weight: 3}", QA_TASK % "qa.jsonl"])
+    cfg = load_config(RunConfig, SHIPPED_CONFIG, ["primary_task={name: tweets, weight: 3}", QA_TASK % "qa.jsonl", NO_BALANCE])
     assert cfg.mixture() == [("tweets", 3.0), ("qa", 1.0)] and cfg.tasks[0].data.task == "instruction"
     for override, named in [
         ("tasks=[{name: primary, weight: 1, data: {}}]", "task names (primary_task.name and tasks[].name) must be distinct"),
@@ -94,7 +95,7 @@ def test_a_two_task_run_mixes_by_weight_and_validates_each_task(ray_cluster, tmp
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i + 1}?", "response": f"{2 * i + 1}."}) + "\n"
                           for i in range(60)))
-    cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv, "primary_task={name: tweets, weight: 3}", QA_TASK % qa,
+    cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv, "primary_task={name: tweets, weight: 3}", QA_TASK % qa, NO_BALANCE,
                           "train.keep_checkpoints=3")
     base_dir, data_dir, _ = data.prepare_run_inputs(cfg)
     assert data.task_data_dirs(cfg)["qa"].joinpath(data.MANIFEST).is_file()

@@ -145,6 +145,7 @@ def _assert_trained_and_exported(cfg, base_dir: Path, record: dict) -> None:
     assert not (export / ADAPTER_DIR).exists() or cfg.train.method == "lora"
 
 
+@pytest.mark.slow
 def test_a_time_budget_ends_training_at_the_step_that_crosses_it(ray_cluster, tmp_path, tiny_model_dir, small_csv):
     """train.max_train_seconds: every rank stops at the same step, which is validated, checkpointed
     and exported like a last step; a constant schedule keeps the peak rate after warm-up."""
@@ -156,6 +157,7 @@ def test_a_time_budget_ends_training_at_the_step_that_crosses_it(ray_cluster, tm
     assert Path(record["model_dir"], "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_zero1_sgd_cosine_offload_with_frozen_embeddings_lowers_loss_and_exports(ray_cluster, tmp_path, tiny_model_dir, small_csv):
     _assert_trained_and_exported(*_train(
         tmp_path, tiny_model_dir, small_csv, "train.zero_stage=1", "train.optimizer=sgd", "train.learning_rate=0.1",
@@ -221,6 +223,7 @@ def test_full_and_lora_exports_reload_in_vllm_as_the_trained_model(zero3_run, lo
     assert [o["tokens"] for o in served["lora_adapter"]] == [o["tokens"] for o in served["lora_merged"]]
 
 
+@pytest.mark.slow
 def test_a_worker_failure_resumes_from_the_last_checkpoint_exactly(reference_run, tmp_path, tiny_model_dir, small_csv):
     """A worker raises at step 5; Ray Train restarts the group, which resumes from the step-4
     checkpoint (weights, optimizer, scheduler, RNG, data position) and ends where an
@@ -390,6 +393,7 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
     assert registry.current() == current_before
 
 
+@pytest.mark.slow
 def test_packed_training_matches_padded_training(reference_run, tmp_path, tiny_model_dir, small_csv):
     """Packing changes how the same examples are laid out, not what is learned: on the same data and
     steps the losses follow the padded run's, over the same real tokens."""
@@ -406,6 +410,7 @@ def test_packed_training_matches_padded_training(reference_run, tmp_path, tiny_m
     assert packed["final"]["non_padding_share"] > padded["final"]["non_padding_share"]  # ...in fewer computed slots
 
 
+@pytest.mark.slow
 def test_checkpoints_go_to_s3_and_a_run_restarts_by_hand_from_one(ray_cluster, s3_server, tmp_path, tiny_model_dir, small_csv):
     """Every rank's checkpoint shards land on the loopback S3 server; a second run named with
     train.resume_from=s3://... continues from that step, not from 0."""

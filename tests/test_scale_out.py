@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_two_node_cluster_runs_one_worker_per_node(tmp_path, tiny_model_dir, small_csv):

@@ -64,9 +64,13 @@ def test_data_preparation_accounts_for_every_row_and_is_cached(ray_cluster, tmp_
     assert sum(len(frame) for frame in splits.values()) == counts["kept"]
     keys = {name: set(frame["text"].str.lower()) for name, frame in splits.items()}
     assert not keys["test"] & keys["train"] and not keys["test"] & keys["validation"]
-    for label in cfg.data.labels:  # stratified: each class's test share is its configured share
-        in_class = {name: (frame["label"] == label).sum() for name, frame in splits.items()}
-        assert in_class["test"] == round(sum(in_class.values()) * cfg.data.test_fraction)
+    # Each row's split is a function of its own key alone: its position (a hash of key and seed)
+    # against the fractions.
+    test_fraction, validation_fraction = cfg.data.test_fraction, cfg.data.validation_fraction
+    for name, frame in splits.items():
+        assert (frame["position"] == [data.split_position(key, cfg.data.split_seed) for key in frame["key"]]).all()
+        assert data.assign_splits(frame["position"].to_numpy(), validation_fraction, test_fraction).tolist() == [name] * len(frame)
+    assert set(splits["train"]["label"]) == set(splits["test"]["label"]) == set(cfg.data.labels)
     # Loss-mask inputs are consistent: the prompt is shorter than the example.
     train = splits["train"]
     assert (train["prompt_len"] < train["num_tokens"]).all()

@@ -59,8 +59,7 @@ def pandas_prepare(cfg: DataSection, model_dir: Path, out_dir: Path) -> dict:
     final = data._mark_near(marked, {key: keys[0] for keys in clusters for key in keys[1:]})
 
     kept = final[final["status"] == "ok"]
-    split = pd.concat([data._split_group(group, cfg.split_seed, cfg.validation_fraction, cfg.test_fraction)
-                       for _, group in kept.groupby("stratum")]).assign(augmented=False)
+    split = data._assign_split(kept, cfg.split_seed, cfg.validation_fraction, cfg.test_fraction).assign(augmented=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in data.SPLITS:
         split[split["split"] == name].sort_values("position")[data.SHARD_COLUMNS].to_parquet(out_dir / f"{name}.parquet")

@@ -174,7 +174,9 @@ def test_instruction_and_chat_tasks_template_every_answer(ray_cluster, tmp_path,
     rows = [{"question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(30)]
     rows += [{"question": "no answer"}, {"question": "typed", "answer": 4}]
     instruction.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    cfg = DataSection(task="instruction", system_prompt="", near_dedup={"enabled": False}, sources=[
+    # Each row's split is a hash draw: with a few dozen rows, wide fractions keep every split non-empty.
+    fractions = {"validation_fraction": 0.3, "test_fraction": 0.3}
+    cfg = DataSection(task="instruction", system_prompt="", near_dedup={"enabled": False}, **fractions, sources=[
         {"name": "qa", "path": str(instruction), "columns": {"prompt": "question", "response": "answer"}}])
     manifest = data.prepare(cfg, tiny_model_dir, tmp_path / "instruction")
     assert manifest["per_source"]["qa"]["quarantined"] == {"missing_field": 1, "wrong_type": 1}
@@ -189,7 +191,7 @@ def test_instruction_and_chat_tasks_template_every_answer(ray_cluster, tmp_path,
                       {"role": "assistant", "content": f"Flight {100 + i} is on time."}] for i in range(20)]
     conversations += [[{"role": "user", "content": "no answer yet"}], [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]]
     pq.write_table(pa.table({"conversation": conversations}), chats)
-    cfg = DataSection(task="chat", near_dedup={"enabled": False},
+    cfg = DataSection(task="chat", near_dedup={"enabled": False}, **fractions,
                       sources=[{"name": "chats", "path": str(chats), "columns": {"messages": "conversation"}}])
     manifest = data.prepare(cfg, tiny_model_dir, tmp_path / "chat")
     assert manifest["per_source"]["chats"]["quarantined"] == {"bad_messages": 1, "empty_text": 1}

@@ -170,10 +170,12 @@ def test_zero1_sgd_cosine_offload_with_frozen_embeddings_lowers_loss_and_exports
         "train.lr_schedule=cosine", "train.offload_optimizer=true", "train.freeze_embeddings=true"))
 
 
+@pytest.mark.slow
 def test_lora_on_zero3_lowers_loss_and_exports_adapter_and_merged_model(lora_zero3_run):
     _assert_trained_and_exported(*lora_zero3_run)
 
 
+@pytest.mark.slow
 def test_full_and_lora_exports_reload_in_vllm_as_the_trained_model(zero3_run, lora_zero3_run, tmp_path):
     """The ZeRO-3 full export, the merged LoRA export and the adapter served on the base model, each
     loaded by vLLM's offline engine, give the trained model's greedy tokens and log-probabilities."""

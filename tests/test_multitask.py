@@ -86,6 +86,7 @@ def test_mixture_dataset_has_the_exact_shares_and_a_reproducible_order(ray_clust
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_two_task_run_mixes_by_weight_and_validates_each_task(ray_cluster, tmp_path, tiny_model_dir, small_csv):
     from mlflow.tracking import MlflowClient
 

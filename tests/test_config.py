@@ -124,3 +124,17 @@ def test_a_run_folder_outside_storage_root_is_refused(tmp_path):
     for name in ("..", "../elsewhere", ""):
         with pytest.raises(ValueError, match="leads outside"):
             cfg.model_copy(update={"name": name}).run_dir  # unvalidated, as a bypassed validator would leave it
+
+
+def test_shipped_test_keys_are_well_formed_and_split_to_test():
+    """The pinned test rows the demo and the GPU config score: 600 keys, each one a row the split
+    function sends to test under the configs' own seed and fractions."""
+    from jobs.data import assign_splits, read_test_keys, split_position
+
+    pinned = [load_config(RunConfig, path) for path in RUN_CONFIGS]
+    pinned = [cfg for cfg in pinned if cfg.eval.test_keys]
+    assert {cfg.name for cfg in pinned} >= {"airline_sentiment", "airline_sentiment_gpu"}
+    for cfg in pinned:
+        keys = read_test_keys(Path(__file__).resolve().parents[1] / cfg.eval.test_keys)
+        positions = [split_position(key, cfg.data.split_seed) for key in keys]
+        assert len(keys) == 600 and set(assign_splits(positions, cfg.data.validation_fraction, cfg.data.test_fraction)) == {"test"}

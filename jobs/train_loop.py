@@ -324,10 +324,11 @@ def _validate(engine, shard, micro_batch_size: int, collate_fn, device, num_task
 
 
 def _first_answer_positions(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, column) of each row's first answer target: where its answer's first token is predicted."""
+    """(rows, columns) where each answer's first token is predicted: the start of every run of answer
+    targets, so each example of a packed row counts, not only the row's first."""
     answer = targets != -100
-    rows = answer.any(dim=1).nonzero().squeeze(1)
-    return rows, answer[rows].int().argmax(dim=1)
+    starts = answer & ~torch.nn.functional.pad(answer[:, :-1], (1, 0), value=False)
+    return starts.nonzero(as_tuple=True)
 
 
 def _save_checkpoint(engine, zero_stage: int, tokenizer, folder: Path, rank: int, device, position: dict) -> None:

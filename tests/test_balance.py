@@ -6,8 +6,9 @@ import pyarrow.csv as pacsv
 import pytest
 
 from cluster.config import ConfigError, StrictModel, load_config
-from jobs.balance import AugmentSettings, BalanceSettings, augment, rebalance
-from jobs.data import resolve_source
+from jobs.config import AugmentSettings, BalanceSettings
+from jobs.data.balance import augment, rebalance
+from jobs.data.sources import resolve_source
 
 PROTECTED = re.compile(r"<[^<>\s]+>|@\w+|\S*://\S*")
 WORDS = "the flight was late again and the crew did not help me with my bags at the gate today".split()

@@ -50,7 +50,7 @@ def test_config_rejects_ambiguous_or_missing_sources(tmp_path):
 
 
 def test_bad_inputs_are_named(ray_cluster, tmp_path, tweets, model_dir):
-    from jobs.batch_infer import run_batch_inference
+    from jobs.inference.run import run_batch_inference
 
     tweets.to_parquet(tmp_path / "in.parquet")
     with pytest.raises(FileNotFoundError, match="not a Hugging Face model folder"):
@@ -68,7 +68,7 @@ def test_bad_inputs_are_named(ray_cluster, tmp_path, tweets, model_dir):
 
 
 def test_sql_source_reads_the_same_rows_with_the_same_ids(ray_cluster, tmp_path, tweets):
-    from jobs.batch_infer import ROW_ID, read_table
+    from jobs.inference.tables import ROW_ID, read_table
 
     database = tmp_path / "crm.sqlite"
     with sqlite3.connect(database) as connection:
@@ -85,9 +85,10 @@ def test_sql_source_reads_the_same_rows_with_the_same_ids(ray_cluster, tmp_path,
 def test_every_row_is_labelled_once_as_the_evaluation_scores_it_and_a_rerun_resumes(ray_cluster, tmp_path, tweets, model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jobs.batch_infer import ROW_ID, run_batch_inference
-    from jobs.data import Templater
-    from jobs.evaluate import score_labels
+    from jobs.inference.run import run_batch_inference
+    from jobs.inference.tables import ROW_ID
+    from jobs.data.templating import Templater
+    from jobs.evaluation.scoring import score_labels
 
     tweets.to_parquet(tmp_path / "in.parquet")
     cfg = config(model_dir, tmp_path / "out", parquet=str(tmp_path / "in.parquet"))

@@ -129,7 +129,7 @@ def test_a_run_folder_outside_storage_root_is_refused(tmp_path):
 def test_shipped_test_keys_are_well_formed_and_split_to_test():
     """The pinned test rows the demo and the GPU config score: 600 keys, each one a row the split
     function sends to test under the configs' own seed and fractions."""
-    from jobs.data import assign_splits, read_test_keys, split_position
+    from jobs.data.split import assign_splits, read_test_keys, split_position
 
     pinned = [load_config(RunConfig, path) for path in RUN_CONFIGS]
     pinned = [cfg for cfg in pinned if cfg.eval.test_keys]

@@ -11,14 +11,16 @@ from pydantic import ValidationError
 
 from cluster.prompting import chat_messages
 from cluster.text import clean_text, decode_text
-from jobs.balance import BalanceSettings
+from jobs.config import BalanceSettings
 from jobs.config import DataSection, RunConfig, SourceSection, TaskSection
-from jobs.data import (
-    Templater, _band_keys, _csv_rows, _rebalance_class, _jsonl_rows, _parquet_rows, assign_splits,
-    _swap_in, balanced_sample, dedup_key, fingerprint_source, near_duplicate_clusters, physical_records, pinned_test_rows, prepare,
-    read_test_keys, source_files, split_position, task_data_dirs, validate_record,
-)
-from jobs.train_loop import collate
+from jobs.data.balance import balanced_sample, rebalance_class
+from jobs.data.cleaning import validate_record
+from jobs.data.dedup import band_keys, dedup_key, near_duplicate_clusters
+from jobs.data.prepare import _swap_in, prepare, task_data_dirs
+from jobs.data.sources import _csv_rows, _jsonl_rows, _parquet_rows, fingerprint_source, physical_records, source_files
+from jobs.data.split import assign_splits, pinned_test_rows, read_test_keys, split_position
+from jobs.data.templating import Templater
+from jobs.train.batches import collate
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -179,7 +181,7 @@ def test_chat_template_masks_every_assistant_turn(tiny_model_dir):
 
 def _bands(texts: list[str], strata: list[str] | None = None) -> pd.DataFrame:
     batch = pd.DataFrame({"text": texts, "key": [dedup_key(t) for t in texts], "stratum": strata or ["negative"] * len(texts)})
-    return _band_keys(batch, threshold=0.7, num_perm=128, width=5, seed=1)
+    return band_keys(batch, threshold=0.7, num_perm=128, width=5, seed=1)
 
 
 def _candidate_groups(bands: pd.DataFrame) -> set[frozenset]:
@@ -243,12 +245,12 @@ def test_rebalance_class_reaches_the_run_wide_target_and_rewrites_copies():
     texts = [f"great flight number {i} thanks to the crew" for i in range(4)]
     group = pd.DataFrame({"text": texts, "label": "positive", "source": "s", "source_row": [7, 8, 9, 10],
                           "messages": [messages(t) for t in texts]})
-    out = _rebalance_class(group, BalanceSettings(strategy="oversample"), target=10)
+    out = rebalance_class(group, BalanceSettings(strategy="oversample"), target=10)
     assert len(out) == 10 and out["augmented"].sum() == 6
     assert set(out["source_row"]) == {7, 8, 9, 10}  # copies point back at their original's source row
     for text, conversation in zip(out["text"], out["messages"]):
         assert json.loads(conversation)[0]["content"] == text
-    assert len(_rebalance_class(group, BalanceSettings(strategy="undersample"), target=3)) == 3
+    assert len(rebalance_class(group, BalanceSettings(strategy="undersample"), target=3)) == 3
 
 
 def test_the_compact_template_is_short_and_serving_renders_the_same_prompt(tiny_model_dir):

@@ -12,7 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import data
+from jobs.data.dedup import DUPLICATE_STATUSES
+from jobs.data.prepare import DUPLICATES, QUARANTINE, REPORT_HTML, REPORT_JSON, prepare
+from jobs.data.split import SPLITS
 from jobs.config import DataSection
 
 pytestmark = pytest.mark.integration
@@ -29,11 +31,11 @@ def tweets(small_csv) -> pd.DataFrame:
 
 
 def _quarantine(out: Path) -> pd.DataFrame:
-    return pd.read_parquet(out / data.QUARANTINE).sort_values(["source", "source_row"]).reset_index(drop=True)
+    return pd.read_parquet(out / QUARANTINE).sort_values(["source", "source_row"]).reset_index(drop=True)
 
 
 def _shards(out: Path) -> pd.DataFrame:
-    return pd.concat([pd.read_parquet(out / name) for name in data.SPLITS], ignore_index=True)
+    return pd.concat([pd.read_parquet(out / name) for name in SPLITS], ignore_index=True)
 
 
 def test_every_source_kind_is_read_tagged_and_accounted(s3_server, ray_cluster, tmp_path, tiny_model_dir, tweets):
@@ -72,7 +74,7 @@ def test_every_source_kind_is_read_tagged_and_accounted(s3_server, ray_cluster, 
         {"name": "s3_jsonl", "path": "s3://lake/h.jsonl"},
     ])
     out = tmp_path / "out"
-    manifest = data.prepare(cfg, tiny_model_dir, out)
+    manifest = prepare(cfg, tiny_model_dir, out)
 
     per_source = manifest["per_source"]
     expected_read = {name: 25 for name in per_source} | {"jsonl": 28, "s3_jsonl": 26}
@@ -123,12 +125,12 @@ def test_a_corrupted_tweet_file_loses_no_row_and_reports_it(ray_cluster, tmp_pat
     planted = _corrupted_tweets(small_csv, corrupted)
     records = len(corrupted.read_bytes().rstrip(b"\n").split(b"\n")) - 1
     out = tmp_path / "out"
-    manifest = data.prepare(DataSection(source=str(corrupted)), tiny_model_dir, out)
+    manifest = prepare(DataSection(source=str(corrupted)), tiny_model_dir, out)
 
     counts = manifest["counts"]
     # Three physical lines became one record: reported, never silently merged.
     assert counts["rows_read"] == records - 2 and manifest["per_source"]["corrupted"]["physical_records"] == records
-    warnings = json.loads((out / data.REPORT_JSON).read_text())["warnings"]
+    warnings = json.loads((out / REPORT_JSON).read_text())["warnings"]
     assert len(warnings) == 1 and f"{records} lines after the header parsed into {records - 2} records" in warnings[0]
     assert counts["rows_read"] == (counts["kept"] + sum(counts["quarantined"].values()) + sum(counts["filtered"].values())
                                    + counts["exact_duplicates"] + counts["near_duplicates"])
@@ -141,15 +143,15 @@ def test_a_corrupted_tweet_file_loses_no_row_and_reports_it(ray_cluster, tmp_pat
 
     # The planted near-duplicate (one word and the punctuation changed) is removed in favour of the
     # original, and near-dedup removes few of the real, distinct tweets.
-    duplicates = pd.read_parquet(out / data.DUPLICATES)
+    duplicates = pd.read_parquet(out / DUPLICATES)
     near = duplicates[duplicates["status"] == "near_duplicate"]
     texts = set(near["text"])
     original = _ORIGINAL.replace("@united", "<HANDLE>")  # rows are written redacted, duplicates too
     assert (original in texts) != (original.replace("three", "four") + "!" in texts)
     assert len(near) == counts["near_duplicates"] and counts["near_duplicates"] <= 0.03 * records
-    assert set(duplicates["status"]) <= set(data.DUPLICATE_STATUSES)
+    assert set(duplicates["status"]) <= set(DUPLICATE_STATUSES)
 
-    report = json.loads((out / data.REPORT_JSON).read_text())
+    report = json.loads((out / REPORT_JSON).read_text())
     assert report["per_source"] == manifest["per_source"]
     assert set(report["quarantine_examples"]) == {*counts["quarantined"], *counts["filtered"]}
     assert report["near_duplicate_clusters"]["rows_removed"] == counts["near_duplicates"]
@@ -159,11 +161,11 @@ def test_a_corrupted_tweet_file_loses_no_row_and_reports_it(ray_cluster, tmp_pat
     # leaves the previous shards and manifest in place.
     before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
     with pytest.raises(ValueError, match="the validation split is empty"):
-        data.prepare(DataSection(source=str(corrupted), validation_fraction=1e-6), tiny_model_dir, out)
+        prepare(DataSection(source=str(corrupted), validation_fraction=1e-6), tiny_model_dir, out)
     assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
     assert len(_shards(out)) == counts["kept"]
 
-    page = (out / data.REPORT_HTML).read_text()
+    page = (out / REPORT_HTML).read_text()
     for section in ("Warnings", "Counts at every stage", "Per source", "Quarantine and filters", "Duplicates",
                     "Token lengths", "Labels", "<img"):
         assert section in page
@@ -178,7 +180,7 @@ def test_instruction_and_chat_tasks_template_every_answer(ray_cluster, tmp_path,
     fractions = {"validation_fraction": 0.3, "test_fraction": 0.3}
     cfg = DataSection(task="instruction", system_prompt="", near_dedup={"enabled": False}, **fractions, sources=[
         {"name": "qa", "path": str(instruction), "columns": {"prompt": "question", "response": "answer"}}])
-    manifest = data.prepare(cfg, tiny_model_dir, tmp_path / "instruction")
+    manifest = prepare(cfg, tiny_model_dir, tmp_path / "instruction")
     assert manifest["per_source"]["qa"]["quarantined"] == {"missing_field": 1, "wrong_type": 1}
     shards = _shards(tmp_path / "instruction")
     assert len(shards) == 30 and (shards["label_id"] == -1).all()
@@ -193,7 +195,7 @@ def test_instruction_and_chat_tasks_template_every_answer(ray_cluster, tmp_path,
     pq.write_table(pa.table({"conversation": conversations}), chats)
     cfg = DataSection(task="chat", near_dedup={"enabled": False}, **fractions,
                       sources=[{"name": "chats", "path": str(chats), "columns": {"messages": "conversation"}}])
-    manifest = data.prepare(cfg, tiny_model_dir, tmp_path / "chat")
+    manifest = prepare(cfg, tiny_model_dir, tmp_path / "chat")
     assert manifest["per_source"]["chats"]["quarantined"] == {"bad_messages": 1, "empty_text": 1}
     shards = _shards(tmp_path / "chat")
     assert len(shards) == 20
@@ -208,16 +210,16 @@ def test_an_empty_sql_source_is_a_clear_error(ray_cluster, tmp_path, tiny_model_
         connection.execute("CREATE TABLE tweets (text TEXT, sentiment TEXT)")
     cfg = DataSection(sources=[{"name": "warehouse", "path": str(database), "table": "tweets"}])
     with pytest.raises(ValueError, match="'warehouse'.*has no rows"):
-        data.prepare(cfg, tiny_model_dir, tmp_path / "out")
+        prepare(cfg, tiny_model_dir, tmp_path / "out")
     with pytest.raises(ValueError, match="'warehouse'.*no such table"):
-        data.prepare(DataSection(sources=[{"name": "warehouse", "path": str(database), "table": "missing"}]),
+        prepare(DataSection(sources=[{"name": "warehouse", "path": str(database), "table": "missing"}]),
                      tiny_model_dir, tmp_path / "out")
 
 
 def test_rebalancing_oversamples_the_train_split_only_with_augmented_copies(ray_cluster, tmp_path, tiny_model_dir, small_csv):
     # Two tokenizer actors in both templating passes (staging and the copies): the pool, not one actor.
     cfg = DataSection(source=str(small_csv), balance={"strategy": "oversample", "seed": 5}, tokenizer_actors=2)
-    manifest = data.prepare(cfg, tiny_model_dir, tmp_path / "balanced")  # raises if the accounting does not add up
+    manifest = prepare(cfg, tiny_model_dir, tmp_path / "balanced")  # raises if the accounting does not add up
     splits = manifest["splits"]
     train_labels = splits["train"]["labels"]
     assert set(train_labels) == set(cfg.labels) and len(set(train_labels.values())) == 1  # every class at the majority's size

@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 import torch
 
-from jobs.evaluate import classification_metrics, score_labels
+from jobs.evaluation.metrics import classification_metrics
+from jobs.evaluation.scoring import score_labels
 
 
 def brute_force_log_likelihood(model, prompt: list[int], label: list[int]) -> float:
@@ -47,7 +48,7 @@ def test_classification_metrics_count_unpredicted_classes_as_zero():
 
 
 def test_bootstrap_intervals_contain_the_estimate_and_separate_clearly_different_systems():
-    from jobs.evaluate import bootstrap_intervals
+    from jobs.evaluation.metrics import bootstrap_intervals
 
     rng = np.random.default_rng(1)
     y = rng.integers(0, 3, size=400)
@@ -73,7 +74,7 @@ def test_weighted_averages_match_scikit_learn():
 
 
 def test_expected_calibration_error_by_hand():
-    from jobs.evaluate import calibration
+    from jobs.evaluation.metrics import calibration
 
     # Bin [0.9, 1.0): two predictions at 0.95, one right -> |0.5 - 0.95| = 0.45 over 2/4 of the rows.
     # Bin [0.6, 0.7): two predictions at 0.6, both right -> |1.0 - 0.6| = 0.4 over 2/4 of the rows.
@@ -85,7 +86,7 @@ def test_expected_calibration_error_by_hand():
 
 
 def _bootstrap_of(y, systems: dict) -> dict:
-    from jobs.evaluate import bootstrap_intervals
+    from jobs.evaluation.metrics import bootstrap_intervals
 
     return bootstrap_intervals(y, systems, ["a", "b", "c"], resamples=200)
 
@@ -98,7 +99,7 @@ def labelled_rows():
 
 
 def test_gate_promotes_a_clearly_better_model_over_the_current_version(labelled_rows):
-    from jobs.evaluate import promotion_gate
+    from jobs.evaluation.gate import promotion_gate
 
     y, better, worse = labelled_rows
     gate = promotion_gate(_bootstrap_of(y, {"fine_tuned": better, "previous_version": worse, "base_zero_shot": worse}),
@@ -111,7 +112,7 @@ def test_gate_promotes_a_clearly_better_model_over_the_current_version(labelled_
 
 
 def test_gate_rejects_a_worse_or_indistinguishable_model(labelled_rows):
-    from jobs.evaluate import promotion_gate
+    from jobs.evaluation.gate import promotion_gate
 
     y, better, worse = labelled_rows
     assert not promotion_gate(_bootstrap_of(y, {"fine_tuned": worse, "previous_version": better}), "macro_f1", 0.0)["deployable"]
@@ -126,7 +127,7 @@ def test_gate_rejects_a_worse_or_indistinguishable_model(labelled_rows):
 def test_error_analysis_lists_the_most_confident_mistakes_first():
     import pandas as pd
 
-    from jobs.evaluate import error_analysis
+    from jobs.evaluation.analysis import error_analysis
 
     frame = pd.DataFrame({
         "text": ["w1", "ok", "w2", "w3"], "label_id": [0, 1, 2, 2], "pred_id": [1, 1, 0, 1],
@@ -144,7 +145,7 @@ def test_slice_metrics_match_scikit_learn_on_each_slice():
     import pyarrow as pa
     from sklearn.metrics import f1_score
 
-    from jobs.evaluate import slice_metrics
+    from jobs.evaluation.analysis import slice_metrics
 
     texts = ["flight delay again", "thanks", "delay delay " + "word " * 20, "great crew on this flight today ok"]
     # Arrow-backed strings, as Ray Data's to_pandas() returns them.
@@ -161,7 +162,7 @@ def test_slice_metrics_match_scikit_learn_on_each_slice():
 def test_answer_perplexity_is_per_answer_token():
     import pandas as pd
 
-    from jobs.evaluate import answer_perplexity
+    from jobs.evaluation.metrics import answer_perplexity
 
     # Two answers: one token at log p = -1, two tokens at log p total -3 -> exp(4 / 3).
     frame = pd.DataFrame({"gold_logprob": [-1.0, -3.0], "answer_tokens": [1, 2]})
@@ -171,7 +172,7 @@ def test_answer_perplexity_is_per_answer_token():
 def test_generation_exact_match_ignores_case_and_final_punctuation():
     import pandas as pd
 
-    from jobs.evaluate import generation_metrics
+    from jobs.evaluation.metrics import generation_metrics
 
     frame = pd.DataFrame({"label": ["negative", "neutral", "positive", "positive"],
                           "generated": [" Negative.", "The sentiment is neutral", None, "positive!"]})
@@ -182,7 +183,7 @@ def test_generation_exact_match_ignores_case_and_final_punctuation():
 def test_label_scorer_batched_answers_equal_one_by_one_generation(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from jobs.evaluate import LabelScorer
+    from jobs.evaluation.scoring import LabelScorer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     texts = ["short", "a much longer message that forces left padding in the batch", "mid length text"]
@@ -201,7 +202,7 @@ def test_label_scorer_batched_answers_equal_one_by_one_generation(tiny_model_dir
 def test_the_baseline_chooses_its_regularization_on_validation_and_reads_character_ngrams():
     from sklearn.metrics import f1_score
 
-    from jobs.evaluate import BASELINE_C_GRID, tfidf_baseline
+    from jobs.evaluation.baseline import BASELINE_C_GRID, tfidf_baseline
 
     rng = np.random.default_rng(0)
     words = {0: ["awful", "delayed", "lost", "rude"], 1: ["when", "which", "gate", "schedule"],

@@ -1,4 +1,4 @@
-"""jobs.explain on a model that provably learned a separable toy task: each text is filler words plus
+"""The explanations (jobs.explain, jobs/evaluation/explanations.py) on a model that provably learned a separable toy task: each text is filler words plus
 one signal word ("great" -> positive, "awful" -> negative), so a faithful explanation must single out
 the signal word, and deleting it must hurt the prediction more than deleting a random word."""
 
@@ -45,8 +45,8 @@ def toy_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
     from transformers import AutoModelForCausalLM
 
     from cluster.contracts import ModelArtifact
-    from jobs.data import Templater
-    from jobs.model import TINY
+    from jobs.data.templating import Templater
+    from jobs.base_models import TINY
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -80,7 +80,7 @@ def toy_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def toy_model(toy_model_dir):
-    from jobs.explain import LabelModel
+    from jobs.evaluation.explanations import LabelModel
 
     return LabelModel(toy_model_dir, threads=2)
 
@@ -88,7 +88,7 @@ def toy_model(toy_model_dir):
 @pytest.fixture(scope="module")
 def explanations(ray_cluster, toy_model, toy_model_dir, tmp_path_factory) -> dict:
     """The job run as the pipeline runs it: a run folder with the model and its predictions."""
-    from jobs.explain import explain
+    from jobs.evaluation.explanations import explain
 
     cfg = RunConfig(name="toy", storage_root=str(tmp_path_factory.mktemp("runs")), explain=SETTINGS,
                     eval=EvalSection(terms=["great", "seat"]))
@@ -114,8 +114,8 @@ def test_toy_model_learned_the_task(toy_model):
 def test_differentiable_label_probabilities_match_score_labels(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jobs.evaluate import score_labels
-    from jobs.explain import embedding_label_probabilities
+    from jobs.evaluation.scoring import score_labels
+    from jobs.evaluation.explanations import embedding_label_probabilities
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -142,7 +142,7 @@ def test_integrated_gradients_are_complete_and_single_out_the_signal_word(toy_mo
 
 
 def test_rows_are_stratified_by_prediction_include_mistakes_and_are_deterministic():
-    from jobs.explain import pick_rows
+    from jobs.evaluation.explanations import pick_rows
 
     predictions = pd.DataFrame({"text": [f"text {i}" for i in range(30)], "label": "x",
                                 "label_id": [0] * 27 + [1] * 3, "pred_id": [0] * 25 + [1] * 5})
@@ -198,7 +198,7 @@ def test_dependence_curves_have_a_probability_per_grid_point_and_label(explanati
 
 @pytest.mark.integration
 def test_html_highlights_words_and_escapes_text(explanations):
-    from jobs.report import explanations_html
+    from jobs.evaluation.report import explanations_html
 
     tampered = copy.deepcopy(explanations)
     tampered["examples"][0]["integrated_gradients"]["words"][0] = '<b>"fly" & co</b>'

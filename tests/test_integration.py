@@ -18,11 +18,11 @@ VLLM_MAX_TOKENS = 6
 
 def _train(tmp_path: Path, tiny_model_dir: Path, small_csv: Path, *overrides: str) -> tuple:
     """(config, base model folder, training record) of one tiny run with the given overrides."""
-    from jobs import data
-    from jobs.finetune import run_finetune
+    from jobs.data.prepare import prepare_run_inputs
+    from jobs.train.run import run_finetune
 
     cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv, *overrides)
-    base_dir, data_dir, _ = data.prepare_run_inputs(cfg)
+    base_dir, data_dir, _ = prepare_run_inputs(cfg)
     return cfg, base_dir, run_finetune(cfg, base_dir, data_dir)
 
 
@@ -50,10 +50,11 @@ def reference_run(ray_cluster, tmp_path_factory, tiny_model_dir, small_csv):
 
 
 def test_data_preparation_accounts_for_every_row_and_is_cached(ray_cluster, tmp_path, tiny_model_dir, small_csv):
-    from jobs import data
+    from jobs.data.prepare import MANIFEST, prepare_run_inputs
+    from jobs.data.split import SPLITS, assign_splits, split_position
 
     cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv)
-    base_dir, data_dir, manifest = data.prepare_run_inputs(cfg)
+    base_dir, data_dir, manifest = prepare_run_inputs(cfg)
     counts = manifest["counts"]
     assert counts["rows_read"] == len(small_csv.read_bytes().strip().split(b"\n")) - 1
     assert counts["quarantined"] == {"empty_text": 1, "unknown_label": 1}
@@ -62,7 +63,7 @@ def test_data_preparation_accounts_for_every_row_and_is_cached(ray_cluster, tmp_
                                    + counts["duplicates_removed"])
     assert manifest["per_source"]["tweets_small"]["rows_read"] == counts["rows_read"]
 
-    splits = {name: pd.read_parquet(data_dir / name) for name in data.SPLITS}
+    splits = {name: pd.read_parquet(data_dir / name) for name in SPLITS}
     assert sum(len(frame) for frame in splits.values()) == counts["kept"]
     keys = {name: set(frame["text"].str.lower()) for name, frame in splits.items()}
     assert not keys["test"] & keys["train"] and not keys["test"] & keys["validation"]
@@ -70,24 +71,24 @@ def test_data_preparation_accounts_for_every_row_and_is_cached(ray_cluster, tmp_
     # against the fractions.
     test_fraction, validation_fraction = cfg.data.test_fraction, cfg.data.validation_fraction
     for name, frame in splits.items():
-        assert (frame["position"] == [data.split_position(key, cfg.data.split_seed) for key in frame["key"]]).all()
-        assert data.assign_splits(frame["position"].to_numpy(), validation_fraction, test_fraction).tolist() == [name] * len(frame)
+        assert (frame["position"] == [split_position(key, cfg.data.split_seed) for key in frame["key"]]).all()
+        assert assign_splits(frame["position"].to_numpy(), validation_fraction, test_fraction).tolist() == [name] * len(frame)
     assert set(splits["train"]["label"]) == set(splits["test"]["label"]) == set(cfg.data.labels)
     # Loss-mask inputs are consistent: the prompt is shorter than the example.
     train = splits["train"]
     assert (train["prompt_len"] < train["num_tokens"]).all()
 
-    stamp = (data_dir / data.MANIFEST).stat().st_mtime_ns
-    assert data.prepare_run_inputs(cfg)[2] == manifest
+    stamp = (data_dir / MANIFEST).stat().st_mtime_ns
+    assert prepare_run_inputs(cfg)[2] == manifest
     more_actors = tiny_run_config(tmp_path, tiny_model_dir, small_csv, "data.tokenizer_actors=3")
-    assert data.prepare_run_inputs(more_actors)[2] == manifest  # how many actors tokenize does not change the shards
-    assert (data_dir / data.MANIFEST).stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert prepare_run_inputs(more_actors)[2] == manifest  # how many actors tokenize does not change the shards
+    assert (data_dir / MANIFEST).stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
 def test_zero3_training_lowers_loss_and_exports_weights_that_reload(zero3_run):
     from transformers import AutoModelForCausalLM
 
-    from jobs.train_loop import PROBE_FILE, PROBE_IDS
+    from jobs.train.export import PROBE_FILE, PROBE_IDS
 
     cfg, base_dir, record = zero3_run
 
@@ -130,8 +131,8 @@ def _assert_trained_and_exported(cfg, base_dir: Path, record: dict) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from jobs.finetune import ADAPTER_DIR
-    from jobs.train_loop import PROBE_IDS
+    from jobs.train.export import ADAPTER_DIR
+    from jobs.train.export import PROBE_IDS
 
     history = record["history"]
     assert history[-1]["val_loss"] < history[0]["val_loss"]
@@ -185,8 +186,8 @@ def test_full_and_lora_exports_reload_in_vllm_as_the_trained_model(zero3_run, lo
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jobs.finetune import ADAPTER_DIR
-    from jobs.train_loop import PROBE_FILE, PROBE_IDS
+    from jobs.train.export import ADAPTER_DIR
+    from jobs.train.export import PROBE_FILE, PROBE_IDS
     from tests.conftest import REPO
 
     records = {"full": zero3_run[2], "lora": lora_zero3_run[2]}
@@ -236,7 +237,7 @@ def test_a_worker_failure_resumes_from_the_last_checkpoint_exactly(reference_run
     """A worker raises at step 5; Ray Train restarts the group, which resumes from the step-4
     checkpoint (weights, optimizer, scheduler, RNG, data position) and ends where an
     uninterrupted run with the same seed ends."""
-    from jobs.train_loop import FAULT_MARKER
+    from jobs.train.worker import FAULT_MARKER
 
     uninterrupted = reference_run[2]
     failing_cfg, _, resumed = _train(tmp_path, tiny_model_dir, small_csv, "train.eval_every=2", "train.keep_checkpoints=1",
@@ -326,8 +327,8 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
     # export on the same validation rows.
     from sklearn.metrics import f1_score
 
-    from jobs.data import split_dataset
-    from jobs.evaluate import score_labels
+    from jobs.data.split import split_dataset
+    from jobs.evaluation.scoring import score_labels
 
     rows = split_dataset(cfg.run_dir / "data", "validation").limit(cfg.train.max_validation_examples).to_pandas()
     export = Path(summary["model_dir"])
@@ -387,11 +388,12 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
     # Retraining to the same weights is no improvement: against the registered version as the
     # previous one, the gate's paired interval is [0, 0] and the version is not deployable.
     from cluster.registry import ModelRegistry
-    from jobs import data, evaluate
+    from jobs.data.prepare import prepare_run_inputs
+    from jobs.evaluation.run import run_evaluation
 
-    base_dir, data_dir, _ = data.prepare_run_inputs(cfg)
-    report, _ = evaluate.run_evaluation(cfg, base_dir, data_dir, finetuned_dir=Path(summary["model_dir"]),
-                                        previous_dir=version_dir)
+    base_dir, data_dir, _ = prepare_run_inputs(cfg)
+    report, _ = run_evaluation(cfg, base_dir, data_dir, finetuned_dir=Path(summary["model_dir"]),
+                               previous_dir=version_dir)
     assert report["gate"]["reference"] == "previous_version"
     assert report["gate"]["difference_interval"] == [0.0, 0.0] and not report["gate"]["deployable"]
     assert report["previous_version"]["accuracy"] == report["fine_tuned"]["accuracy"]
@@ -424,13 +426,13 @@ def test_checkpoints_go_to_s3_and_a_run_restarts_by_hand_from_one(ray_cluster, s
     train.resume_from=s3://... continues from that step, not from 0."""
     import boto3
 
-    from jobs import data
-    from jobs.finetune import run_finetune
+    from jobs.data.prepare import prepare_run_inputs
+    from jobs.train.run import run_finetune
 
     boto3.client("s3").create_bucket(Bucket="lakeforge-ckpt")
     settings = ("train.eval_every=2", "tracking.enabled=false", "train.checkpoint_storage=s3://lakeforge-ckpt/runs")
     first_cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv, *settings, "train.max_steps=4")
-    base_dir, data_dir, _ = data.prepare_run_inputs(first_cfg)
+    base_dir, data_dir, _ = prepare_run_inputs(first_cfg)
     first = run_finetune(first_cfg, base_dir, data_dir)
 
     keys = [item["Key"] for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket="lakeforge-ckpt")

@@ -11,8 +11,8 @@ import pytest
 
 from cluster.config import ConfigError, load_config
 from jobs.config import RunConfig
-from jobs.data import mixture_counts
-from jobs.train_loop import collate
+from jobs.data.mixtures import mixture_counts
+from jobs.train.batches import collate
 from tests.conftest import SHIPPED_CONFIG, tiny_run_config
 
 QA_TASK = "tasks=[{name: qa, weight: 1, data: {task: instruction, source: %s, system_prompt: '', near_dedup: {enabled: false}}}]"
@@ -66,7 +66,7 @@ def test_collate_tags_every_token_and_example_with_its_task():
 def test_mixture_dataset_has_the_exact_shares_and_a_reproducible_order(ray_cluster):
     import ray
 
-    from jobs.data import mixture_dataset
+    from jobs.data.mixtures import mixture_dataset
 
     def frame(name, n):
         return ray.data.from_pandas(pd.DataFrame({"source": name, "position": np.arange(n), "text": [f"{name} {i}" for i in range(n)]}))
@@ -90,16 +90,16 @@ def test_mixture_dataset_has_the_exact_shares_and_a_reproducible_order(ray_clust
 def test_a_two_task_run_mixes_by_weight_and_validates_each_task(ray_cluster, tmp_path, tiny_model_dir, small_csv):
     from mlflow.tracking import MlflowClient
 
-    from jobs import data
-    from jobs.finetune import run_finetune
+    from jobs.data.prepare import MANIFEST, prepare_run_inputs, task_data_dirs
+    from jobs.train.run import run_finetune
 
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i + 1}?", "response": f"{2 * i + 1}."}) + "\n"
                           for i in range(60)))
     cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv, "primary_task={name: tweets, weight: 3}", QA_TASK % qa, NO_BALANCE,
                           "train.keep_checkpoints=3")
-    base_dir, data_dir, _ = data.prepare_run_inputs(cfg)
-    assert data.task_data_dirs(cfg)["qa"].joinpath(data.MANIFEST).is_file()
+    base_dir, data_dir, _ = prepare_run_inputs(cfg)
+    assert task_data_dirs(cfg)["qa"].joinpath(MANIFEST).is_file()
     record = run_finetune(cfg, base_dir, data_dir)
 
     train = cfg.train

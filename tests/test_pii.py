@@ -7,7 +7,7 @@ import pytest
 
 from cluster.config import ConfigError, load_config
 from cluster.text import clean_text
-from jobs.data import resolve_source
+from jobs.data.sources import resolve_source
 from cluster.pii import PII_TYPES, PiiSettings, Redactor
 
 SALT = "test-salt-0123"

@@ -1,8 +1,10 @@
 import numpy as np
 import pandas as pd
 
-from jobs import evaluate
-from jobs.report import write_report
+from jobs.evaluation.analysis import error_analysis, slice_metrics
+from jobs.evaluation.gate import promotion_gate
+from jobs.evaluation.metrics import bootstrap_intervals, classification_metrics
+from jobs.evaluation.report import write_report
 
 
 def test_report_shows_every_system_the_gate_and_escaped_examples(tmp_path):
@@ -17,11 +19,11 @@ def test_report_shows_every_system_the_gate_and_escaped_examples(tmp_path):
                                             "confidence": rng.uniform(0.4, 1.0, 120)})
     report = {"test_examples": 120, "labels": labels, "models": {"fine_tuned": "/models/candidate"}}
     for system, frame in predictions.items():
-        report[system] = evaluate.classification_metrics(frame["label_id"], frame["pred_id"], labels, frame["confidence"])
-    report["bootstrap"] = evaluate.bootstrap_intervals(y, {k: f["pred_id"].to_numpy() for k, f in predictions.items()}, labels, resamples=50)
-    report["slices"] = evaluate.slice_metrics(predictions, labels, ["delay"])
-    report["errors"] = evaluate.error_analysis(predictions["fine_tuned"], labels, worst=5)
-    report["gate"] = evaluate.promotion_gate(report["bootstrap"], "macro_f1", 0.0)
+        report[system] = classification_metrics(frame["label_id"], frame["pred_id"], labels, frame["confidence"])
+    report["bootstrap"] = bootstrap_intervals(y, {k: f["pred_id"].to_numpy() for k, f in predictions.items()}, labels, resamples=50)
+    report["slices"] = slice_metrics(predictions, labels, ["delay"])
+    report["errors"] = error_analysis(predictions["fine_tuned"], labels, worst=5)
+    report["gate"] = promotion_gate(report["bootstrap"], "macro_f1", 0.0)
 
     curve = [{"step": 20, "examples_seen": 640, "train_tokens": 40000.0, "val_loss": 0.31, "val_macro_f1": 0.52},
              {"step": 40, "examples_seen": 1280, "train_tokens": 80000.0, "val_loss": 0.25, "val_macro_f1": 0.61}]

@@ -222,11 +222,11 @@ def test_malformed_bodies_and_classify_misuse_then_the_replica_still_answers(ser
 
 
 def transformers_label_probabilities(model_dir: Path, adapter_dir: Path | None, texts: list[str]) -> torch.Tensor:
-    """The evaluation's own label scoring (jobs.evaluate.score_labels) on the same folder."""
+    """The evaluation's own label scoring (jobs.evaluation.scoring.score_labels) on the same folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cluster.prompting import chat_messages
-    from jobs.evaluate import score_labels
+    from jobs.evaluation.scoring import score_labels
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

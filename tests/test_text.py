@@ -13,7 +13,7 @@ from cluster.contracts import ModelArtifact, TextPreprocessing
 from cluster.pii import PiiSettings
 from cluster.text import HASH_SALT_ENV, Preprocessor
 from jobs.config import RunConfig
-from jobs.data import _clean_batch
+from jobs.data.cleaning import clean_batch
 from tests.conftest import SHIPPED_CONFIG
 
 # Broken encoding as it arrives in a request (mojibake, an HTML entity, stray spaces) and PII.
@@ -26,7 +26,7 @@ def data_job_texts(cfg, texts: list[str]) -> list[str]:
     """What the data job writes as the example text of each raw classification row."""
     staged = pd.DataFrame({"record": [json.dumps({"text": text, "label": "negative"}) for text in texts],
                            "status": ["ok"] * len(texts), "raw": texts})
-    return _clean_batch(staged, cfg).text.tolist()
+    return clean_batch(staged, cfg).text.tolist()
 
 
 def test_serving_preprocessing_is_the_data_jobs():

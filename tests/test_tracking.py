@@ -10,7 +10,7 @@ from tests.conftest import SHIPPED_CONFIG
 def test_a_run_records_what_reproduces_it_and_its_metrics(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from jobs.tracking import MetricLogger, start_run
+    from jobs.train.tracking import MetricLogger, start_run
 
     cfg = load_config(RunConfig, SHIPPED_CONFIG, [f"storage_root={tmp_path}", "train.method=lora", "train.trainable_layers=null", "train.freeze_embeddings=false"])
     manifest = {"identity": {"source_sha256": "abc"}, "counts": {"kept": 10}}
@@ -35,19 +35,20 @@ def test_a_run_records_what_reproduces_it_and_its_metrics(tmp_path):
 
 
 def test_code_version_names_the_commit_and_hashes_the_source(tmp_path, monkeypatch):
-    from jobs import tracking
+    from jobs.train import tracking
+    from jobs.train.tracking import code_version
 
-    version = tracking.code_version()
+    version = code_version()
     assert len(version["source_sha256"]) == 64 and len(version["git_commit"]) == 40  # this checkout
 
     # A job's working-dir copy has no .git: the source hash alone still tells two versions apart.
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / "a.py").write_text("x = 1\n")
     monkeypatch.setattr(tracking, "REPO", tmp_path)
-    first = tracking.code_version()
+    first = code_version()
     assert "git_commit" not in first
     (tmp_path / "jobs" / "a.py").write_text("x = 2\n")
-    assert tracking.code_version()["source_sha256"] != first["source_sha256"]
+    assert code_version()["source_sha256"] != first["source_sha256"]
 
 
 @pytest.mark.parametrize("uri", [None, "sqlite"])
@@ -56,7 +57,7 @@ def test_metric_logger_without_a_run_logs_nothing(tmp_path, monkeypatch, uri):
     import mlflow
     import mlflow.tracking
 
-    from jobs.tracking import MetricLogger
+    from jobs.train.tracking import MetricLogger
 
     touched = []
 

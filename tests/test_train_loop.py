@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.train_loop import answer_loss, collate, deepspeed_config
+from jobs.train.batches import collate
+from jobs.train.engine import deepspeed_config
+from jobs.train.losses import answer_loss
 from jobs.config import TrainSection
 
 
@@ -80,7 +82,7 @@ def test_global_batch_size_sets_accumulation_for_any_worker_count():
 
 
 def test_precision_auto_is_fp32_on_cpu():
-    from jobs.train_loop import resolve_precision
+    from jobs.train.engine import resolve_precision
 
     assert resolve_precision("auto", use_gpu=False) == "fp32"
     assert resolve_precision("bf16", use_gpu=True) == "bf16"
@@ -89,7 +91,7 @@ def test_precision_auto_is_fp32_on_cpu():
 def test_prepare_model_trains_only_what_the_method_says(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from jobs.train_loop import prepare_model
+    from jobs.train.engine import prepare_model
 
     def trainable(model) -> set[str]:
         return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
@@ -120,8 +122,8 @@ def test_prepare_model_trains_only_what_the_method_says(tiny_model_dir):
 def test_export_check_rejects_weights_that_do_not_reproduce_the_trained_logits(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from jobs.finetune import verify_export
-    from jobs.train_loop import PROBE_IDS
+    from jobs.train.export import verify_export
+    from jobs.train.export import PROBE_IDS
 
     with torch.no_grad():
         logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=PROBE_IDS).logits[0, -1]

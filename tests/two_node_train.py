@@ -20,8 +20,8 @@ def main(out_dir: Path, model_dir: Path, csv: Path) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from jobs import data
-    from jobs.finetune import run_finetune
+    from jobs.data.prepare import prepare_run_inputs
+    from jobs.train.run import run_finetune
     from tests.conftest import tiny_run_config
 
     os.environ.pop("RAY_ADDRESS", None)
@@ -31,7 +31,7 @@ def main(out_dir: Path, model_dir: Path, csv: Path) -> None:
     try:
         cfg = tiny_run_config(out_dir, model_dir, csv, "train.max_steps=2", "train.eval_every=2", "train.warmup_steps=1",
                               "tracking.enabled=false", "train.worker_resources={trainer: 1}", "train.placement_strategy=SPREAD")
-        base_dir, data_dir, _ = data.prepare_run_inputs(cfg)
+        base_dir, data_dir, _ = prepare_run_inputs(cfg)
         record = run_finetune(cfg, base_dir, data_dir)
         nodes = {"cluster": sorted(node["NodeID"] for node in ray.nodes() if node["Alive"]),
                  "workers": record["final"]["worker_nodes"], "step": record["final"]["step"]}

@@ -7,20 +7,21 @@ DeepSpeed picks its accelerator from the machine.
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from cluster.prompting import pad_token_id, use_template
-from jobs.tracking import MetricLogger
-
+from jobs.train.batches import Collate
+from jobs.train.engine import deepspeed_config, prepare_model, resolve_precision
+from jobs.train.export import HF_EXPORT_DIR, PROBE_FILE, PROBE_IDS
+from jobs.train.flops import measure_peak_flops, peak_memory_gib, train_flops_per_token
+from jobs.train.losses import answer_logits, answer_loss, first_answer_positions
+from jobs.train.tracking import MetricLogger
 
 def say(message: str) -> None:
     """One console line from a training worker.
@@ -30,255 +31,16 @@ def say(message: str) -> None:
     """
     print(message, file=sys.__stdout__, flush=True)
 
-HF_EXPORT_DIR = "hf_model"
+
 DEEPSPEED_TAG = "deepspeed"
 FAULT_MARKER = "fault_injected"
-PROBE_FILE = "probe_logits.pt"
 LEARNING_CURVE_FILE = "learning_curve.jsonl"  # in the run folder: one line per validation, by rank 0
-# A fixed input whose logits are saved beside each export: reloading the export must reproduce them.
-PROBE_IDS = torch.arange(1, 33).unsqueeze(0)
-
-
-def resolve_precision(requested: str, use_gpu: bool) -> str:
-    """'auto' -> fp32 on CPU; on GPU bf16 where supported (Ampere and newer), else fp16."""
-    if requested != "auto":
-        return requested
-    if not use_gpu:
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def deepspeed_config(train: dict, world_size: int, precision: str) -> dict:
-    """DeepSpeed config from the typed train section, with the expert overrides merged last."""
-    if train["optimizer"] == "adamw":
-        # torch_adam: PyTorch's AdamW instead of DeepSpeed's compiled CPU/fused Adam ops, which
-        # would need a JIT build on every fresh node (also with offload: slower, but no build).
-        optimizer = {"type": "AdamW", "params": {
-            "lr": train["learning_rate"], "weight_decay": train["weight_decay"],
-            "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}}
-    else:  # DeepSpeed takes any torch.optim class by name
-        optimizer = {"type": "SGD", "params": {
-            "lr": train["learning_rate"], "momentum": train["momentum"], "weight_decay": train["weight_decay"]}}
-    if train["lr_schedule"] == "linear":
-        scheduler = {"type": "WarmupDecayLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": train["learning_rate"], "warmup_num_steps": train["warmup_steps"],
-            "total_num_steps": train["max_steps"], "warmup_type": "linear"}}
-    elif train["lr_schedule"] == "constant":
-        # DeepSpeed's WarmupLR needs at least one warm-up step (its step 0 is at warmup_min_lr either way).
-        scheduler = {"type": "WarmupLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": train["learning_rate"],
-            "warmup_num_steps": max(train["warmup_steps"], 1), "warmup_type": "linear"}}
-    else:  # ratios of the optimizer's own lr
-        scheduler = {"type": "WarmupCosineLR", "params": {
-            "warmup_min_ratio": 0.0, "warmup_num_steps": train["warmup_steps"], "total_num_steps": train["max_steps"],
-            "cos_min_ratio": 0.0, "warmup_type": "linear"}}
-    zero = {"stage": train["zero_stage"]}
-    if train["offload_optimizer"]:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train["use_gpu"]}
-    if train["offload_parameters"]:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": train["use_gpu"]}
-    if train["zero_stage"] == 3:
-        # Lets rank 0 gather full weights for the Hugging Face export.
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    config = {
-        "train_micro_batch_size_per_gpu": train["micro_batch_size"],
-        "gradient_accumulation_steps": train["gradient_accumulation_steps"],
-        "train_batch_size": train["micro_batch_size"] * train["gradient_accumulation_steps"] * world_size,
-        "gradient_clipping": train["gradient_clipping"],
-        "zero_optimization": zero,
-        "optimizer": optimizer,
-        "scheduler": scheduler,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},  # dynamic loss scaling by default
-        # ZeRO lists Adam-family optimizers as tested; SGD's state (momentum) partitions the same way.
-        "zero_allow_untested_optimizer": train["optimizer"] == "sgd",
-        "steps_per_print": 10**9,  # our own per-step lines replace DeepSpeed's
-        "wall_clock_breakdown": False,
-    }
-    return _deep_merge(config, train["deepspeed_overrides"])
-
-
-def prepare_model(model, train: dict):
-    """Apply the training method: LoRA adapters on a frozen base, or full fine-tuning with
-    optional frozen embeddings / first layers. Returns the model to train."""
-    if train["method"] == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = train["lora"]
-        return get_peft_model(model, LoraConfig(
-            r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-            target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
-    if train["freeze_embeddings"]:
-        model.get_input_embeddings().requires_grad_(False)  # a tied LM head is the same tensor
-    layers = model.model.layers
-    if train["freeze_layers"] > len(layers):
-        raise ValueError(f"freeze_layers={train['freeze_layers']} but the model has {len(layers)} layers")
-    frozen = max(len(layers) - train["trainable_layers"], 0) if train.get("trainable_layers") else train["freeze_layers"]
-    for layer in layers[:frozen]:
-        layer.requires_grad_(False)
-    return model
-
-
-def _deep_merge(base: dict, override: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def collate(batch: dict[str, np.ndarray], pad_id: int, packed_length: int | None = None) -> dict[str, torch.Tensor]:
-    """Rows for one micro-batch, with the loss only on the answer tokens: where `loss_mask` is 1 when
-    the shards have one (every assistant turn of a chat), else after `prompt_len`.
-
-    Padding (packed_length None): one example per row, padded to the longest. Packing: the examples
-    share as few rows of at most packed_length tokens (or the longest example's length, if more) as
-    they fit in, balanced so that little padding is left, with position ids restarting
-    at 0 for each example. `attention_mask` marks real tokens either way; for packed rows
-    `answer_loss` gives the model the position ids instead, from which transformers builds a
-    block-diagonal causal mask (no attention across examples).
-
-    Multi-task batches (a `task_id` column) also get `task_ids`, each token's task (-1 on
-    padding), for per-task validation loss, and `example_tasks`, each example's task.
-    """
-    # np.array copies: Arrow hands read-only arrays, which torch would share (and warn about).
-    examples = [torch.from_numpy(np.array(ids, dtype=np.int64)) for ids in batch["input_ids"]]
-    masks = batch.get("loss_mask")
-    rows = [[index] for index in range(len(examples))]
-    if packed_length is not None:
-        # Longest first into the emptiest row, with the fewest rows that keep each within the limit:
-        # the rows come out nearly equal, so padding them to the longest wastes little.
-        order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
-        limit = max(packed_length, len(examples[order[0]]))
-        count = -(-sum(len(ids) for ids in examples) // packed_length)
-        while True:
-            rows, loads = [[] for _ in range(count)], [0] * count
-            for index in order:
-                row = loads.index(min(loads))
-                rows[row].append(index)
-                loads[row] += len(examples[index])
-            if max(loads) <= limit:
-                break
-            count += 1
-    width = max(sum(len(examples[i]) for i in row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    # Padding after the last example continues as one more "example" (0, 1, ...): it attends only
-    # to itself, carries no loss, and a row holding one example keeps positions 0..width-1.
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    task_ids = torch.full((len(rows), width), -1, dtype=torch.long)
-    tasks = batch.get("task_id")
-    for r, row in enumerate(rows):
-        start = 0
-        for index in row:
-            ids, end = examples[index], start + len(examples[index])
-            input_ids[r, start:end] = ids
-            attention_mask[r, start:end] = 1
-            if masks is not None:
-                answer = torch.as_tensor(np.asarray(masks[index], dtype=bool))
-                labels[r, start:end] = torch.where(answer, ids, -100)
-            else:
-                prompt_len = int(batch["prompt_len"][index])
-                labels[r, start + prompt_len: end] = ids[prompt_len:]
-            position_ids[r, start:end] = torch.arange(len(ids))
-            if tasks is not None:
-                task_ids[r, start:end] = int(tasks[index])
-            start = end
-        position_ids[r, start:] = torch.arange(width - start)
-    rows_out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    if tasks is not None:
-        rows_out |= {"task_ids": task_ids, "example_tasks": torch.as_tensor(np.asarray(tasks, dtype=np.int64))}
-    return rows_out if packed_length is None else {**rows_out, "position_ids": position_ids}
-
-
-class Collate(NumpyBatchCollateFn):
-    """`collate` as the callable class Ray Data's `iter_torch_batches` takes (a plain function is deprecated)."""
-
-    def __init__(self, pad_id: int, packed_length: int | None = None):
-        super().__init__()
-        self.pad_id, self.packed_length = pad_id, packed_length
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return collate(batch, self.pad_id, self.packed_length)
-
-
-def answer_loss(engine, batch: dict[str, torch.Tensor], label_ids: list[int] | None = None,
-                label_weight: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens; with `label_weight`, plus that weight times a
-    cross-entropy over the label words only at each answer's first token (a verbalizer objective:
-    the gradient goes to telling the labels apart, not to the rest of the vocabulary, while the
-    full-vocabulary term keeps the label the model's free answer, so chat and classify agree)."""
-    logits, targets, _ = _answer_logits(engine, batch)
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-    if label_weight and label_ids:
-        rows, first = _first_answer_positions(targets)
-        gold = targets[rows, first]
-        ids = torch.tensor(label_ids, device=gold.device)
-        is_label = gold.unsqueeze(1) == ids  # rows whose answer is a label (all of them in classification)
-        if is_label.any():
-            keep = is_label.any(dim=1)
-            label_logits = logits[rows, first][keep][:, ids].float()
-            loss = loss + label_weight * torch.nn.functional.cross_entropy(label_logits, is_label[keep].int().argmax(dim=1))
-    return loss
-
-
-def _answer_logits(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits at the positions that predict an answer token, their targets, and those positions.
-
-    The LM head over a 49k vocabulary is about a fifth of a small model's compute; the answer is a
-    few tokens of each example, so only the positions that predict one get logits.
-    """
-    targets = batch["labels"][:, 1:]  # position t predicts token t+1
-    keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
-    if "position_ids" in batch:
-        # Packed rows: transformers' masking_utils derives one causal block per example from the
-        # position-id resets, but only when no 2D mask and no KV cache are given.
-        inputs = {"position_ids": batch["position_ids"], "use_cache": False}
-    else:
-        inputs = {"attention_mask": batch["attention_mask"]}
-    logits = engine(input_ids=batch["input_ids"], logits_to_keep=keep, **inputs).logits
-    return logits, targets[:, keep], keep
 
 
 def _all_reduce(values: list[float], device, op=torch.distributed.ReduceOp.SUM) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor, op=op)
     return tensor.tolist()
-
-
-def measure_peak_flops(device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.5) -> float:
-    """Dense matmul FLOP/s this worker reaches: the MFU denominator when none is configured."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    torch.matmul(a, b)  # warm-up (kernel selection, thread pool start)
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.matmul(a, b)
-        calls += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * size**3 * calls / (time.perf_counter() - start)
-
-
-def train_flops_per_token(model, method: str) -> float:
-    """Model FLOPs per trained token: forward 2N over the non-embedding parameters N (the LM head
-    runs only at answer positions, so it is left out); backward 2N more for the activations, and
-    2N for the weight gradients in full fine-tuning only."""
-    embeddings = model.get_input_embeddings().weight.numel()
-    non_embedding = sum(parameter.numel() for parameter in model.parameters()) - embeddings
-    return (4 if method == "lora" else 6) * non_embedding
-
-
-def peak_memory_gib(device) -> float:
-    """Peak memory of this worker: allocated GPU memory, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _validate(engine, shard, micro_batch_size: int, collate_fn, device, num_tasks: int = 1,
@@ -293,7 +55,7 @@ def _validate(engine, shard, micro_batch_size: int, collate_fn, device, num_task
     with torch.no_grad():
         for batch in shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=collate_fn):
             batch = {key: value.to(device) for key, value in batch.items()}
-            logits, targets, keep = _answer_logits(engine, batch)
+            logits, targets, keep = answer_logits(engine, batch)
             losses = torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none").cpu().double()
             answer = targets.flatten().cpu() != -100
@@ -301,7 +63,7 @@ def _validate(engine, shard, micro_batch_size: int, collate_fn, device, num_task
             loss_sums.index_add_(0, task_ids[answer], losses[answer])
             tokens.index_add_(0, task_ids[answer], torch.ones(int(answer.sum()), dtype=torch.float64))
             if label_ids:
-                rows, first = _first_answer_positions(targets)
+                rows, first = first_answer_positions(targets)
                 gold_tokens = targets[rows, first].tolist()
                 scores = logits[rows, first][:, label_ids].argmax(dim=-1).tolist()
                 for token, choice in zip(gold_tokens, scores):
@@ -321,14 +83,6 @@ def _validate(engine, shard, micro_batch_size: int, collate_fn, device, num_task
         macro_f1 = float(f1_score(gold, predicted, labels=list(range(len(label_ids))), average="macro",
                                   zero_division=0)) if gold else None
     return sum(loss_sums) / max(sum(tokens), 1), [loss / max(n, 1) for loss, n in zip(loss_sums, tokens)], macro_f1
-
-
-def _first_answer_positions(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, columns) where each answer's first token is predicted: the start of every run of answer
-    targets, so each example of a packed row counts, not only the row's first."""
-    answer = targets != -100
-    starts = answer & ~torch.nn.functional.pad(answer[:, :-1], (1, 0), value=False)
-    return starts.nonzero(as_tuple=True)
 
 
 def _save_checkpoint(engine, zero_stage: int, tokenizer, folder: Path, rank: int, device, position: dict) -> None:

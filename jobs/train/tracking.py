@@ -17,7 +17,7 @@ from pathlib import Path
 from jobs.config import RunConfig
 
 SOURCE_PACKAGES = ("cluster", "jobs", "serving")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tracking_uri(cfg: RunConfig) -> str:

@@ -5,19 +5,22 @@ lightly perturbed so they are not exact duplicates) or under-sample the large on
 per-class target. Apply it to the TRAIN split only, after the split: rebalancing validation or test
 rows would change what the scores measure, and copies of a row on both sides of a split leak it.
 
-Pure pandas/numpy, deterministic for a seed; the data job calls `rebalance` on the train split.
+Deterministic for a seed; the data job calls `rebalance_class` on each class of the train split.
+`balanced_sample` is the other way, at training time: the shards stay whole and the training
+stream takes an equal share of each class.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, model_validator
+import ray
 
-from cluster.config import StrictModel
+from jobs.config import AugmentSettings, BalanceSettings
+from jobs.data.split import split_position
 
 # Never dropped or moved: PII placeholders (<URL>, <EMAIL_1a2b3c4d5e>), @handles, URLs, and
 # negations, whose loss or move could flip the label ("not happy" -> "happy").
@@ -25,54 +28,6 @@ _PROTECTED = re.compile(
     r"<[^<>\s]+>|@\w|://|n't\b"
     r"|^(?:not|no|never|nor|none|nothing|nobody|cannot|without|dont|cant|wont|didnt|doesnt|isnt|arent|wasnt"
     r"|werent|havent|hasnt|couldnt|shouldnt|wouldnt)\W*$", re.IGNORECASE)
-
-
-class AugmentSettings(StrictModel):
-    """Perturbation of over-sampled copies; no synonyms, only word order and omission."""
-
-    enabled: bool = Field(True, description="Perturb over-sampled copies so they are not exact duplicates.")
-    word_dropout: float = Field(0.1, ge=0.0, le=0.5, description=(
-        "Probability of dropping each unprotected word of a copy (placeholders, @handles, URLs and "
-        "negations are never dropped)."))
-    swap_probability: float = Field(0.1, ge=0.0, le=0.5, description=(
-        "Probability of swapping each unprotected word with the next unprotected word of a copy."))
-
-    @model_validator(mode="after")
-    def _does_something(self) -> "AugmentSettings":
-        if self.enabled and self.word_dropout == 0 and self.swap_probability == 0:
-            raise ValueError("augmentation is enabled but word_dropout and swap_probability are both 0")
-        return self
-
-
-class BalanceSettings(StrictModel):
-    """Class rebalancing of the train split (`data.balance`)."""
-
-    strategy: Literal["none", "oversample", "undersample"] = Field("none", description=(
-        "'oversample' copies rows of classes below the target size, 'undersample' drops rows of "
-        "classes above it, 'none' leaves the split as it is."))
-    target: Literal["majority", "minority"] | None = Field(None, description=(
-        "Reference class size: the largest ('majority') or smallest ('minority') class; default "
-        "majority when over-sampling and minority when under-sampling."))
-    ratio: float = Field(1.0, gt=0.0, le=100.0, description=(
-        "Target size = round(ratio x reference size). Over-sampling raises smaller classes to it, "
-        "under-sampling cuts larger ones to it; e.g. oversample with ratio 0.5 lifts every class to "
-        "at least half the majority."))
-    seed: int = Field(0, description="Seed of the sampling and augmentation; the same seed gives the same rows.")
-    augmentation: AugmentSettings = Field(default_factory=AugmentSettings,
-                                          description="Perturbation of over-sampled copies.")
-
-    @model_validator(mode="after")
-    def _changes_something(self) -> "BalanceSettings":
-        reference = self.reference
-        if self.strategy == "oversample" and reference == "minority" and self.ratio <= 1:
-            raise ValueError("oversample to ratio <= 1 of the minority class would never add a row")
-        if self.strategy == "undersample" and reference == "majority" and self.ratio >= 1:
-            raise ValueError("undersample to ratio >= 1 of the majority class would never drop a row")
-        return self
-
-    @property
-    def reference(self) -> str:
-        return self.target or ("majority" if self.strategy == "oversample" else "minority")
 
 
 def target_size(class_sizes: pd.Series, settings: BalanceSettings) -> int:
@@ -143,3 +98,26 @@ def rebalance(frame: pd.DataFrame, settings: BalanceSettings, text_column: str =
     if settings.augmentation.enabled:
         extra[text_column] = [augment(text, settings.augmentation, rng) for text in extra[text_column]]
     return pd.concat([out, extra], ignore_index=True)
+
+
+def rebalance_class(group: pd.DataFrame, settings, target: int) -> pd.DataFrame:
+    """One train class sampled to the run-wide target ; augmented copies get their
+    conversation rewritten, so the Templater re-encodes what they now say."""
+    exact = settings.model_copy(update={"ratio": target / len(group)})  # one class: its size is the reference
+    out = rebalance(group.rename(columns={"source_row": "origin_row"}), exact)
+    out = out.drop(columns=["source_row"]).rename(columns={"origin_row": "source_row"})
+    copies = out["augmented"].to_numpy()
+    out.loc[copies, "messages"] = [
+        json.dumps([turn | {"content": text} if turn["role"] == "user" else turn for turn in json.loads(messages)], ensure_ascii=False)
+        for messages, text in zip(out.loc[copies, "messages"], out.loc[copies, "text"])]
+    return out
+
+
+def balanced_sample(split: ray.data.Dataset, label_rows: dict[str, int], seed: int) -> ray.data.Dataset:
+    """The split's rows with every class cut to the smallest class's size, for the training stream:
+    each row is kept with probability smallest / its class's rows, decided by a hash of its key
+    (deterministic, independent of the split's own hash, in shard order). The shards stay whole, so
+    the baseline and evaluation still see every row."""
+    smallest = min(label_rows.values())
+    keep = {label: smallest / rows for label, rows in label_rows.items()}
+    return split.filter(lambda row: split_position(row["key"], f"balance-{seed}") < keep[row["label"]])

@@ -1,0 +1,12 @@
+"""The evaluation stage: proof that the fine-tuned model is better, and why it answers as it does.
+
+    run            every system on the same held-out rows; writes evaluation.json
+    scoring        LLM label likelihoods (and a sample of free answers)
+    baseline       TF-IDF + logistic regression, one fixed recipe
+    metrics        accuracy/precision/recall/F1, calibration, perplexity, paired bootstrap
+    analysis       worst errors and slices
+    gate           the promotion decision
+    explanations   integrated gradients, SHAP, dependence, faithfulness
+    report         the HTML report page
+
+Imports the data stage's readers, jobs.config, jobs.html and cluster; never training."""

@@ -1,0 +1,97 @@
+"""The model and its DeepSpeed engine settings: precision, the ZeRO config, which weights train
+(full, top layers only, or LoRA adapters)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+def resolve_precision(requested: str, use_gpu: bool) -> str:
+    """'auto' -> fp32 on CPU; on GPU bf16 where supported (Ampere and newer), else fp16."""
+    if requested != "auto":
+        return requested
+    if not use_gpu:
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def deepspeed_config(train: dict, world_size: int, precision: str) -> dict:
+    """DeepSpeed config from the typed train section, with the expert overrides merged last."""
+    if train["optimizer"] == "adamw":
+        # torch_adam: PyTorch's AdamW instead of DeepSpeed's compiled CPU/fused Adam ops, which
+        # would need a JIT build on every fresh node (also with offload: slower, but no build).
+        optimizer = {"type": "AdamW", "params": {
+            "lr": train["learning_rate"], "weight_decay": train["weight_decay"],
+            "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}}
+    else:  # DeepSpeed takes any torch.optim class by name
+        optimizer = {"type": "SGD", "params": {
+            "lr": train["learning_rate"], "momentum": train["momentum"], "weight_decay": train["weight_decay"]}}
+    if train["lr_schedule"] == "linear":
+        scheduler = {"type": "WarmupDecayLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": train["learning_rate"], "warmup_num_steps": train["warmup_steps"],
+            "total_num_steps": train["max_steps"], "warmup_type": "linear"}}
+    elif train["lr_schedule"] == "constant":
+        # DeepSpeed's WarmupLR needs at least one warm-up step (its step 0 is at warmup_min_lr either way).
+        scheduler = {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": train["learning_rate"],
+            "warmup_num_steps": max(train["warmup_steps"], 1), "warmup_type": "linear"}}
+    else:  # ratios of the optimizer's own lr
+        scheduler = {"type": "WarmupCosineLR", "params": {
+            "warmup_min_ratio": 0.0, "warmup_num_steps": train["warmup_steps"], "total_num_steps": train["max_steps"],
+            "cos_min_ratio": 0.0, "warmup_type": "linear"}}
+    zero = {"stage": train["zero_stage"]}
+    if train["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train["use_gpu"]}
+    if train["offload_parameters"]:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": train["use_gpu"]}
+    if train["zero_stage"] == 3:
+        # Lets rank 0 gather full weights for the Hugging Face export.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config = {
+        "train_micro_batch_size_per_gpu": train["micro_batch_size"],
+        "gradient_accumulation_steps": train["gradient_accumulation_steps"],
+        "train_batch_size": train["micro_batch_size"] * train["gradient_accumulation_steps"] * world_size,
+        "gradient_clipping": train["gradient_clipping"],
+        "zero_optimization": zero,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},  # dynamic loss scaling by default
+        # ZeRO lists Adam-family optimizers as tested; SGD's state (momentum) partitions the same way.
+        "zero_allow_untested_optimizer": train["optimizer"] == "sgd",
+        "steps_per_print": 10**9,  # our own per-step lines replace DeepSpeed's
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(config, train["deepspeed_overrides"])
+
+
+def prepare_model(model, train: dict):
+    """Apply the training method: LoRA adapters on a frozen base, or full fine-tuning with
+    optional frozen embeddings / first layers. Returns the model to train."""
+    if train["method"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = train["lora"]
+        return get_peft_model(model, LoraConfig(
+            r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+            target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+    if train["freeze_embeddings"]:
+        model.get_input_embeddings().requires_grad_(False)  # a tied LM head is the same tensor
+    layers = model.model.layers
+    if train["freeze_layers"] > len(layers):
+        raise ValueError(f"freeze_layers={train['freeze_layers']} but the model has {len(layers)} layers")
+    frozen = max(len(layers) - train["trainable_layers"], 0) if train.get("trainable_layers") else train["freeze_layers"]
+    for layer in layers[:frozen]:
+        layer.requires_grad_(False)
+    return model
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

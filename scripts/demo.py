@@ -15,6 +15,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,25 @@ def cold_start(outputs: Path, models: Path) -> dict:
     return {"cold": not warm, "reused": warm}
 
 
+def final_job_status(address: str, submission_id: str) -> str:
+    """The job's terminal status. `ray job submit` returns when its log stream ends, which can be
+    before the job does (seen: it returned 0 with the job RUNNING): wait for the job itself."""
+    reported = None
+    while True:
+        result = subprocess.run([ray_cli(), "job", "status", "--address", address, submission_id],
+                                capture_output=True, text=True, env=job_client_env())
+        found = re.search(r"Status for job '[^']*': (\w+)", result.stdout + result.stderr)
+        if not found:
+            return f"UNKNOWN (ray job status: {(result.stdout + result.stderr).strip()[-300:]})"
+        status = found.group(1)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+        if status != reported:
+            print(f"[demo] job {submission_id} is {status}; waiting for it to end (ray job logs --follow {submission_id})", flush=True)
+            reported = status
+        time.sleep(10)
+
+
 def main(argv: list[str]) -> None:
     # `make demo` passes the moment make started (setup included); run by hand, the script's own start.
     started_wall = float(os.environ.get("LAKEFORGE_DEMO_STARTED") or time.time())
@@ -87,14 +107,17 @@ def main(argv: list[str]) -> None:
     cluster_start_seconds = time.time() - cluster_started
     # The endpoint accepts only keys it is told about: the job adds this one (its digest) as admin.
     api_key = os.environ.get(LOCAL_KEY_ENV) or new_api_key("demo", ["admin"], "lakeforge", key_id="demo")[0]
+    submission_id = f"lakeforge-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     command = [
-        ray_cli(), "job", "submit", "--address", address, "--working-dir", str(REPO),
+        ray_cli(), "job", "submit", "--address", address, "--submission-id", submission_id, "--working-dir", str(REPO),
         "--runtime-env-json", json.dumps({"excludes": WORKING_DIR_EXCLUDES, "env_vars": {LOCAL_KEY_ENV: api_key}}),
         "--", "python", "-m", "jobs.pipeline", "--config", CONFIG, *overrides,
     ]
     print("$", " ".join(command).replace(api_key, "<api key>"), flush=True)  # printed once, at the end, where it is needed
-    if subprocess.run(command, env=job_client_env(), cwd=REPO).returncode != 0:
-        sys.exit("the pipeline job failed: its log is above (also: ray job logs <id>)")
+    returncode = subprocess.run(command, env=job_client_env(), cwd=REPO).returncode
+    status = final_job_status(address, submission_id)
+    if returncode != 0 or status != "SUCCEEDED":
+        sys.exit(f"the pipeline job {submission_id} ended {status}: its log is above (also: ray job logs {submission_id})")
 
     summary_path = cfg.run_dir / "summary.json"
     summary = json.loads(summary_path.read_text())

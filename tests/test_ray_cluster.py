@@ -74,17 +74,21 @@ def test_stopping_the_head_also_ends_what_its_processes_started(tmp_path, monkey
 
     import psutil
 
+    # A port no head uses: the real default (6390) would end a demo running beside the tests.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     fake_raylet = tmp_path / "raylet"  # a process named like the head's raylet, with its GCS address
     fake_raylet.symlink_to(sys.executable)
     spawn = "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"
-    raylet = subprocess.Popen([str(fake_raylet), "-c", spawn, "--gcs-address=127.0.0.1:6390"])
+    raylet = subprocess.Popen([str(fake_raylet), "-c", spawn, f"--gcs-address=127.0.0.1:{port}"])
     bystander = subprocess.Popen(["sleep", "300"])
     try:
         deadline = time.monotonic() + 30
         while not psutil.Process(raylet.pid).children() and time.monotonic() < deadline:
             time.sleep(0.1)
         (engine,) = psutil.Process(raylet.pid).children()
-        monkeypatch.setattr(ray_cluster, "HEAD_PORT", 6390)
+        monkeypatch.setattr(ray_cluster, "HEAD_PORT", port)
         monkeypatch.setattr(ray_cluster, "ray_cli", lambda: "true")  # `ray stop` itself is Ray's business
         ray_cluster.stop_local_head()
         assert ended(engine)  # killed (a zombie until the fake raylet, its parent, reaps it)

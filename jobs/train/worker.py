@@ -11,7 +11,9 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,6 +24,7 @@ from jobs.train.export import HF_EXPORT_DIR, PROBE_FILE, PROBE_IDS
 from jobs.train.flops import measure_peak_flops, peak_memory_gib, train_flops_per_token
 from jobs.train.losses import answer_logits, answer_loss, first_answer_positions
 from jobs.train.tracking import MetricLogger
+
 
 def say(message: str) -> None:
     """One console line from a training worker.
@@ -35,6 +38,269 @@ def say(message: str) -> None:
 DEEPSPEED_TAG = "deepspeed"
 FAULT_MARKER = "fault_injected"
 LEARNING_CURVE_FILE = "learning_curve.jsonl"  # in the run folder: one line per validation, by rank 0
+
+
+@dataclass
+class Worker:
+    """One Ray Train worker's fixed parts, built once per attempt."""
+    config: dict
+    rank: int
+    world_size: int
+    device: Any
+    engine: Any
+    tokenizer: Any
+    precision: str
+    collate_fn: Collate
+    flops_per_token: float
+    peak_flops: float
+    tracker: MetricLogger
+    worker_nodes: list[str]  # Ray node id of every rank, reported with the metrics: placement is checkable
+    train_shard: Any
+    validation_shard: Any
+
+    @property
+    def train(self) -> dict:
+        return self.config["train"]
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.config.get("task_names") or ["primary"]
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.train["micro_batch_size"] * self.train["gradient_accumulation_steps"] * self.world_size
+
+    def mfu(self, tokens_per_s: float) -> float:
+        return tokens_per_s * self.flops_per_token / (self.peak_flops * self.world_size)
+
+
+@dataclass
+class Position:
+    """Where the run stands, saved in every checkpoint: a resumed run continues as if it had never
+    stopped. Tokens are all workers'; seconds count training steps only (not validation or saving).
+    Slots: token positions computed, padding included (packing makes them fewer for the same tokens).
+    Each attempt's first logged window also waits for the data pipeline's first batch and allocates
+    the optimizer state: warmup_* keep those windows apart, for steady_tokens_per_s."""
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    total_tokens: float = 0.0
+    total_slots: float = 0.0
+    compute_seconds: float = 0.0
+    warmup_tokens: float = 0.0
+    warmup_seconds: float = 0.0
+    task_examples: list[float] = field(default_factory=list)  # training examples per task, all workers
+
+    @classmethod
+    def from_checkpoint(cls, state: dict, tasks: int) -> "Position":
+        return cls(**{"task_examples": [0.0] * tasks, **state})  # older checkpoints lack some fields
+
+
+@dataclass
+class Window:
+    """This worker's micro-batches since the last log line."""
+    loss: float = 0.0
+    micro_batches: int = 0
+    tokens: int = 0
+    slots: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        self.loss += loss.detach().item()  # detached: torch warns on a scalar taken from a tensor that requires grad
+        self.micro_batches += 1
+        self.tokens += int(batch["attention_mask"].sum())
+        self.slots += batch["attention_mask"].numel()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Train until max_steps or max_train_seconds; log, validate and checkpoint on schedule."""
+    worker = start_worker(config)
+    train = worker.train
+    position = resume_position(worker)
+    fault_marker = Path(config["storage_dir"]) / FAULT_MARKER
+    resumed_from_step, step_at_window_start = position.step, position.step
+    skip_batches = position.batches_in_epoch
+    last_train_loss = float("nan")
+    first_window, first_batch_seconds = True, None
+    # Training examples per task: all workers' count at the checkpoint resumed from, plus this worker's since.
+    task_examples_before = position.task_examples
+    task_examples = torch.zeros(len(worker.task_names), dtype=torch.float64)
+    window, run_start = Window(), time.perf_counter()
+    out_of_time = False  # max_train_seconds reached (decided together: the slowest rank's clock)
+    while position.step < train["max_steps"] and not out_of_time:
+        # A fresh pass per epoch, in the same order every time (no shuffle): a resumed run skips what it consumed.
+        for batch_index, batch in enumerate(worker.train_shard.iter_torch_batches(batch_size=train["micro_batch_size"], collate_fn=worker.collate_fn)):
+            if first_batch_seconds is None:
+                first_batch_seconds = time.perf_counter() - run_start
+            if batch_index < skip_batches:
+                continue  # consumed before the checkpoint this run resumed from
+            if len(worker.task_names) > 1:
+                task_examples += torch.bincount(batch["example_tasks"], minlength=len(worker.task_names)).double()
+            batch = {key: value.to(worker.device) for key, value in batch.items()}
+            loss = answer_loss(worker.engine, batch, config.get("label_first_token_ids"), train["label_loss_weight"])
+            worker.engine.backward(loss)
+            worker.engine.step()
+            window.add(loss, batch)
+            if worker.engine.global_steps == position.step:
+                continue  # still accumulating gradients
+            position.step = step = worker.engine.global_steps
+            if train["max_train_seconds"]:
+                (trained,) = _all_reduce([position.compute_seconds + time.perf_counter() - window.started], worker.device,
+                                         op=torch.distributed.ReduceOp.MAX)
+                out_of_time = trained >= train["max_train_seconds"]
+            if step == train["fault_at_step"] and worker.rank == worker.world_size - 1 and not fault_marker.exists():
+                fault_marker.touch()  # once per run: the restarted worker group must get past this step
+                raise RuntimeError(f"fault drill: worker {worker.rank} fails at step {step} (train.fault_at_step)")
+            last_step = step >= train["max_steps"] or out_of_time
+
+            if step % train["log_every"] == 0 or last_step:
+                last_train_loss = close_window(worker, window, position, step - step_at_window_start, first_window, run_start)
+                step_at_window_start, window, first_window = step, Window(), False
+
+            if step % train["eval_every"] == 0 or last_step:
+                position.batches_in_epoch = batch_index + 1
+                position.task_examples = [before + now for before, now in zip(
+                    task_examples_before, _all_reduce(task_examples.tolist(), worker.device))]
+                validate_and_checkpoint(worker, position, resumed_from_step, last_train_loss, first_batch_seconds, run_start)
+                window.started = time.perf_counter()  # validation and saving are not training throughput
+            if last_step:
+                break
+        position.epoch += 1
+        skip_batches = 0
+
+
+def start_worker(config: dict) -> Worker:
+    """Seed and threads, the model (with the run's chat template: the export carries it to serving),
+    the DeepSpeed engine, the FLOPs yardsticks and the tracker."""
+    import deepspeed
+    import ray
+    import ray.train
+    import ray.train.torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train = config["train"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(train["seed"])
+    torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
+    tokenizer = use_template(AutoTokenizer.from_pretrained(config["base_model_dir"]), config["template"])
+    precision = resolve_precision(train["precision"], train["use_gpu"])
+    # Weights stay fp32 for fp16 training: DeepSpeed keeps fp32 masters and casts itself.
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(config["base_model_dir"], dtype=dtype), train)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    # Counted before DeepSpeed: ZeRO-3 partitions parameters, leaving each rank's tensors empty.
+    flops_per_token = train_flops_per_token(model, train["method"])
+    trainable_count, total_count = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=trainable, config=deepspeed_config(train, world_size, precision),
+    )
+    peak_flops = train["peak_flops_per_worker"] or measure_peak_flops(device, dtype)
+    tracker = MetricLogger(config["tracking_uri"], config["tracking_run_id"]) if rank == 0 else MetricLogger(None, None)
+    if rank == 0:
+        say(f"[train] method {train['method']}, precision {precision}: "
+            f"{trainable_count:,} of {total_count:,} parameters trainable; "
+            f"{flops_per_token / 1e9:.2f} GFLOP per token, peak {peak_flops / 1e9:.1f} GFLOP/s per worker")
+    worker_nodes = [None] * world_size
+    torch.distributed.all_gather_object(worker_nodes, ray.get_runtime_context().get_node_id())
+    packed_length = train["packed_length"] if train["packing"] else None
+    return Worker(config, rank, world_size, device, engine, tokenizer, precision,
+                  Collate(pad_token_id(tokenizer), packed_length),  # the shards stay one example per row
+                  flops_per_token, peak_flops, tracker, worker_nodes,
+                  ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("validation"))
+
+
+def resume_position(worker: Worker) -> Position:
+    """After a worker or job failure Ray Train hands back the latest reported checkpoint; a run
+    restarted by hand names one. Weights, optimizer, scheduler, step, RNG and the data position all
+    come back; a fresh run starts at zero."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint() or worker.config["resume_checkpoint"]
+    if checkpoint is None:
+        return Position(task_examples=[0.0] * len(worker.task_names))
+    with checkpoint.as_directory() as folder:
+        _, client_state = worker.engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
+        position = Position.from_checkpoint(client_state["position"], len(worker.task_names))
+        torch.set_rng_state(torch.load(Path(folder) / f"rng_rank{worker.rank}.pt"))
+    if worker.rank == 0:
+        say(f"[train] resumed from step {position.step} (epoch {position.epoch}, "
+            f"{position.batches_in_epoch} micro-batches into it)")
+    return position
+
+
+def close_window(worker: Worker, window: Window, position: Position, steps_in_window: int, first: bool,
+                 run_start: float) -> float:
+    """All workers' figures for the steps since the last log line: one log line and tracked metrics,
+    added to the position's totals (the attempt's first window also to its warm-up). Returns the
+    window's mean training loss."""
+    engine, device, step = worker.engine, worker.device, position.step
+    loss_sum, micro, tokens, slots = _all_reduce([window.loss, window.micro_batches, window.tokens, window.slots], device)
+    (memory,) = _all_reduce([peak_memory_gib(device)], device, op=torch.distributed.ReduceOp.MAX)
+    elapsed = time.perf_counter() - window.started
+    mfu = worker.mfu(tokens / elapsed)
+    if worker.rank == 0:
+        say(f"[train] step {step}/{worker.train['max_steps']} epoch {position.epoch} loss {loss_sum / micro:.4f} "
+            f"lr {engine.get_lr()[0]:.2e} tokens/s {tokens / elapsed:.0f} MFU {mfu:.1%} "
+            f"peak mem {memory:.2f} GiB elapsed {time.perf_counter() - run_start:.0f}s")
+        worker.tracker.log({"train_loss": loss_sum / micro, "learning_rate": engine.get_lr()[0],
+                            "tokens_per_s": tokens / elapsed, "step_seconds": elapsed / max(steps_in_window, 1),
+                            "mfu": mfu, "peak_memory_gib_max_worker": memory}, step)
+    position.total_tokens += tokens
+    position.total_slots += slots
+    position.compute_seconds += elapsed
+    if first:
+        position.warmup_tokens += tokens
+        position.warmup_seconds += elapsed
+    return loss_sum / micro
+
+
+def validate_and_checkpoint(worker: Worker, position: Position, resumed_from_step: int, train_loss: float,
+                            first_batch_seconds: float | None, run_start: float) -> None:
+    """Validation loss (and macro-F1) over all workers, a learning-curve line, then a checkpoint
+    reported to Ray Train with the run's metrics."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    train, device, step, task_names = worker.train, worker.device, position.step, worker.task_names
+    label_ids = worker.config.get("label_first_token_ids")
+    val_loss, task_losses, val_macro_f1 = _validate(
+        worker.engine, worker.validation_shard, train["micro_batch_size"], worker.collate_fn, device, len(task_names), label_ids)
+    (memory,) = _all_reduce([peak_memory_gib(device)], device, op=torch.distributed.ReduceOp.MAX)
+    per_task = {}
+    if len(task_names) > 1:
+        per_task = {**{f"val_loss/{name}": loss for name, loss in zip(task_names, task_losses)},
+                    **{f"train_examples/{name}": n for name, n in zip(task_names, position.task_examples)}}
+    examples_seen = step * worker.examples_per_step
+    if worker.rank == 0:
+        by_task = "".join(f" {name} {loss:.4f}" for name, loss in zip(task_names, task_losses)) if per_task else ""
+        f1_text = f" macro-F1 {val_macro_f1:.3f}" if val_macro_f1 is not None else ""
+        say(f"[train] step {step} validation loss {val_loss:.4f}{f1_text}{by_task} ({examples_seen:,} examples seen)")
+        worker.tracker.log({"val_loss": val_loss, **per_task,
+                            **({"val_macro_f1": val_macro_f1} if val_macro_f1 is not None else {})}, step)
+        with (Path(worker.config["storage_dir"]) / LEARNING_CURVE_FILE).open("a") as curve:
+            curve.write(json.dumps({"step": step, "examples_seen": examples_seen,
+                                    "train_tokens": position.total_tokens, "train_seconds": position.compute_seconds,
+                                    "val_loss": val_loss, "val_macro_f1": val_macro_f1}) + "\n")
+    tokens, seconds = position.total_tokens, position.compute_seconds
+    metrics = {
+        "step": step, "epoch": position.epoch, "resumed_from_step": resumed_from_step, "precision": worker.precision,
+        "val_loss": val_loss, "train_loss": train_loss, "val_macro_f1": val_macro_f1, "examples_seen": examples_seen,
+        "train_tokens": tokens, "non_padding_share": tokens / max(position.total_slots, 1), "worker_nodes": worker.worker_nodes,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+        "steady_tokens_per_s": (tokens - position.warmup_tokens) / (seconds - position.warmup_seconds)
+        if seconds > position.warmup_seconds else None,
+        "first_batch_seconds": first_batch_seconds,
+        "train_seconds": time.perf_counter() - run_start, "peak_memory_gib_max_worker": memory,
+        "mfu": worker.mfu(tokens / max(seconds, 1e-9)),
+        **per_task,
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        _save_checkpoint(worker.engine, train["zero_stage"], worker.tokenizer, Path(folder), worker.rank, device, asdict(position))
+        # report() is not a barrier (ray PR #42422): wait until every shard is on disk.
+        torch.distributed.barrier()
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
 
 def _all_reduce(values: list[float], device, op=torch.distributed.ReduceOp.SUM) -> list[float]:
@@ -102,183 +368,3 @@ def _save_checkpoint(engine, zero_stage: int, tokenizer, folder: Path, rank: int
         module.save_pretrained(export, state_dict=state_dict if state_dict is not None else module.state_dict(), safe_serialization=True)
         tokenizer.save_pretrained(export)
         torch.save(probe_logits, folder / PROBE_FILE)
-
-
-def train_loop_per_worker(config: dict) -> None:
-    import deepspeed
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    train = config["train"]
-    task_names = config.get("task_names") or ["primary"]
-    multi_task = len(task_names) > 1
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    examples_per_step = train["micro_batch_size"] * train["gradient_accumulation_steps"] * world_size
-    device = ray.train.torch.get_device()
-    torch.manual_seed(train["seed"])
-    torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
-
-    # With the run's chat template: the checkpoints' export carries it to serving.
-    tokenizer = use_template(AutoTokenizer.from_pretrained(config["base_model_dir"]), config["template"])
-    pad_id = pad_token_id(tokenizer)
-    precision = resolve_precision(train["precision"], train["use_gpu"])
-    # Weights stay fp32 for fp16 training: DeepSpeed keeps fp32 masters and casts itself.
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    model = prepare_model(AutoModelForCausalLM.from_pretrained(config["base_model_dir"], dtype=dtype), train)
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    # Counted before DeepSpeed: ZeRO-3 partitions parameters, leaving each rank's tensors empty.
-    flops_per_token = train_flops_per_token(model, train["method"])
-    trainable_count, total_count = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=trainable, config=deepspeed_config(train, world_size, precision),
-    )
-    peak_flops = train["peak_flops_per_worker"] or measure_peak_flops(device, dtype)
-    tracker = MetricLogger(config["tracking_uri"], config["tracking_run_id"]) if rank == 0 else MetricLogger(None, None)
-    if rank == 0:
-        say(f"[train] method {train['method']}, precision {precision}: "
-            f"{trainable_count:,} of {total_count:,} parameters trainable; "
-            f"{flops_per_token / 1e9:.2f} GFLOP per token, peak {peak_flops / 1e9:.1f} GFLOP/s per worker")
-
-    # Where each rank runs (Ray node ids), reported with the metrics: placement is checkable.
-    worker_nodes = [None] * world_size
-    torch.distributed.all_gather_object(worker_nodes, ray.get_runtime_context().get_node_id())
-    train_shard = ray.train.get_dataset_shard("train")
-    validation_shard = ray.train.get_dataset_shard("validation")
-    packed_length = train["packed_length"] if train["packing"] else None
-    collate_fn = Collate(pad_id, packed_length)  # the shards stay one example per row
-    batches = lambda: train_shard.iter_torch_batches(  # noqa: E731 - a fresh pass per epoch
-        batch_size=train["micro_batch_size"], collate_fn=collate_fn,
-    )
-
-    # Resume: after a worker or job failure Ray Train hands back the latest reported checkpoint;
-    # a run restarted by hand names one. Weights, optimizer, scheduler, step, RNG and the data
-    # position all come back, so the run continues as if it had never stopped.
-    checkpoint = ray.train.get_checkpoint() or config["resume_checkpoint"]
-    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "total_tokens": 0.0, "total_slots": 0.0, "compute_seconds": 0.0,
-                "warmup_tokens": 0.0, "warmup_seconds": 0.0, "task_examples": [0.0] * len(task_names)}
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            _, client_state = engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
-            position = client_state["position"]
-            torch.set_rng_state(torch.load(Path(folder) / f"rng_rank{rank}.pt"))
-        if rank == 0:
-            say(f"[train] resumed from step {position['step']} (epoch {position['epoch']}, "
-                f"{position['batches_in_epoch']} micro-batches into it)")
-
-    fault_marker = Path(config["storage_dir"]) / FAULT_MARKER
-    resumed_from_step = position["step"]
-    step, epoch, step_at_window_start = position["step"], position["epoch"], position["step"]
-    skip_batches = position["batches_in_epoch"]
-    last_train_loss = float("nan")
-    # All workers' tokens; time spent in training steps only.
-    # Slots: token positions computed, padding included (packing makes them fewer for the same tokens).
-    total_tokens, total_slots, compute_seconds = position["total_tokens"], position["total_slots"], position["compute_seconds"]
-    # Each attempt's first logged window also waits for the data pipeline's first batch and
-    # allocates the optimizer state: steady_tokens_per_s leaves those windows out.
-    warmup_tokens, warmup_seconds = position.get("warmup_tokens", 0.0), position.get("warmup_seconds", 0.0)
-    first_window, first_batch_seconds = True, None
-    window_loss, window_micro, window_tokens, window_slots = 0.0, 0, 0, 0
-    # Training examples per task: all workers' count at the checkpoint resumed from, plus this worker's since.
-    task_examples_before = position.get("task_examples", [0.0] * len(task_names))
-    task_examples = torch.zeros(len(task_names), dtype=torch.float64)
-    window_start = run_start = time.perf_counter()
-    out_of_time = False  # max_train_seconds reached (decided together: the slowest rank's clock)
-    while step < train["max_steps"] and not out_of_time:
-        for batch_index, batch in enumerate(batches()):
-            if first_batch_seconds is None:
-                first_batch_seconds = time.perf_counter() - run_start
-            if batch_index < skip_batches:
-                continue  # consumed before the checkpoint this run resumed from (same order: no shuffle)
-            if multi_task:
-                task_examples += torch.bincount(batch["example_tasks"], minlength=len(task_names)).double()
-            batch = {key: value.to(device) for key, value in batch.items()}
-            loss = answer_loss(engine, batch, config.get("label_first_token_ids"), train["label_loss_weight"])
-            engine.backward(loss)
-            engine.step()
-            window_loss += loss.detach().item()  # detached: torch warns on a scalar taken from a tensor that requires grad
-            window_micro += 1
-            window_tokens += int(batch["attention_mask"].sum())
-            window_slots += batch["attention_mask"].numel()
-            if engine.global_steps == step:
-                continue  # still accumulating gradients
-            step = engine.global_steps
-            if train["max_train_seconds"]:
-                (trained,) = _all_reduce([compute_seconds + time.perf_counter() - window_start], device,
-                                         op=torch.distributed.ReduceOp.MAX)
-                out_of_time = trained >= train["max_train_seconds"]
-            if step == train["fault_at_step"] and rank == world_size - 1 and not fault_marker.exists():
-                fault_marker.touch()  # once per run: the restarted worker group must get past this step
-                raise RuntimeError(f"fault drill: worker {rank} fails at step {step} (train.fault_at_step)")
-
-            if step % train["log_every"] == 0 or step == train["max_steps"] or out_of_time:
-                loss_sum, micro, tokens, slots = _all_reduce([window_loss, window_micro, window_tokens, window_slots], device)
-                (memory,) = _all_reduce([peak_memory_gib(device)], device, op=torch.distributed.ReduceOp.MAX)
-                elapsed = time.perf_counter() - window_start
-                steps_in_window = step - step_at_window_start
-                mfu = tokens / elapsed * flops_per_token / (peak_flops * world_size)
-                if rank == 0:
-                    say(f"[train] step {step}/{train['max_steps']} epoch {epoch} loss {loss_sum / micro:.4f} "
-                        f"lr {engine.get_lr()[0]:.2e} tokens/s {tokens / elapsed:.0f} MFU {mfu:.1%} "
-                        f"peak mem {memory:.2f} GiB elapsed {time.perf_counter() - run_start:.0f}s")
-                    tracker.log({"train_loss": loss_sum / micro, "learning_rate": engine.get_lr()[0],
-                                 "tokens_per_s": tokens / elapsed, "step_seconds": elapsed / max(steps_in_window, 1),
-                                 "mfu": mfu, "peak_memory_gib_max_worker": memory}, step)
-                step_at_window_start = step
-                last_train_loss = loss_sum / micro
-                total_tokens += tokens
-                total_slots += slots
-                compute_seconds += elapsed
-                if first_window:
-                    warmup_tokens, warmup_seconds, first_window = warmup_tokens + tokens, warmup_seconds + elapsed, False
-                window_loss, window_micro, window_tokens, window_slots = 0.0, 0, 0, 0
-                window_start = time.perf_counter()
-
-            if step % train["eval_every"] == 0 or step == train["max_steps"] or out_of_time:
-                val_loss, task_losses, val_macro_f1 = _validate(
-                    engine, validation_shard, train["micro_batch_size"], collate_fn, device, len(task_names),
-                    config.get("label_first_token_ids"))
-                (memory,) = _all_reduce([peak_memory_gib(device)], device, op=torch.distributed.ReduceOp.MAX)
-                seen = [before + now for before, now in zip(task_examples_before, _all_reduce(task_examples.tolist(), device))]
-                per_task = {}
-                if multi_task:
-                    per_task = {**{f"val_loss/{name}": loss for name, loss in zip(task_names, task_losses)},
-                                **{f"train_examples/{name}": n for name, n in zip(task_names, seen)}}
-                if rank == 0:
-                    by_task = "".join(f" {name} {loss:.4f}" for name, loss in zip(task_names, task_losses)) if multi_task else ""
-                    f1_text = f" macro-F1 {val_macro_f1:.3f}" if val_macro_f1 is not None else ""
-                    say(f"[train] step {step} validation loss {val_loss:.4f}{f1_text}{by_task} "
-                        f"({step * examples_per_step:,} examples seen)")
-                    tracker.log({"val_loss": val_loss, **per_task,
-                                 **({"val_macro_f1": val_macro_f1} if val_macro_f1 is not None else {})}, step)
-                    with (Path(config["storage_dir"]) / LEARNING_CURVE_FILE).open("a") as curve:
-                        curve.write(json.dumps({"step": step, "examples_seen": step * examples_per_step,
-                                                "train_tokens": total_tokens, "train_seconds": compute_seconds,
-                                                "val_loss": val_loss, "val_macro_f1": val_macro_f1}) + "\n")
-                metrics = {
-                    "step": step, "epoch": epoch, "resumed_from_step": resumed_from_step, "precision": precision, "val_loss": val_loss, "train_loss": last_train_loss,
-                    "val_macro_f1": val_macro_f1, "examples_seen": step * examples_per_step,
-                    "train_tokens": total_tokens, "non_padding_share": total_tokens / max(total_slots, 1), "worker_nodes": worker_nodes,
-                    "tokens_per_s": total_tokens / max(compute_seconds, 1e-9),
-                    "steady_tokens_per_s": (total_tokens - warmup_tokens) / (compute_seconds - warmup_seconds)
-                    if compute_seconds > warmup_seconds else None,
-                    "first_batch_seconds": first_batch_seconds,
-                    "train_seconds": time.perf_counter() - run_start, "peak_memory_gib_max_worker": memory,
-                    "mfu": total_tokens / max(compute_seconds, 1e-9) * flops_per_token / (peak_flops * world_size),
-                    **per_task,
-                }
-                with tempfile.TemporaryDirectory() as folder:
-                    position = {"step": step, "epoch": epoch, "batches_in_epoch": batch_index + 1,
-                                "total_tokens": total_tokens, "total_slots": total_slots, "compute_seconds": compute_seconds,
-                                "warmup_tokens": warmup_tokens, "warmup_seconds": warmup_seconds, "task_examples": seen}
-                    _save_checkpoint(engine, train["zero_stage"], tokenizer, Path(folder), rank, device, position)
-                    # report() is not a barrier (ray PR #42422): wait until every shard is on disk.
-                    torch.distributed.barrier()
-                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
-                window_start = time.perf_counter()  # validation and saving are not training throughput
-            if step >= train["max_steps"] or out_of_time:
-                break
-        epoch += 1
-        skip_batches = 0

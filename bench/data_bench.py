@@ -47,7 +47,8 @@ def pandas_prepare(cfg: DataSection, model_dir: Path, out_dir: Path) -> dict:
             read += len(frames[-1])
             if read == cfg.limit_rows:
                 break
-    templater = Templater(str(model_dir), cfg.system_prompt, cfg.labels, cfg.min_text_tokens, cfg.max_text_tokens, cfg.max_seq_len)
+    templater = Templater(str(model_dir), cfg.system_prompt, cfg.labels, cfg.min_text_tokens, cfg.max_text_tokens, cfg.max_seq_len,
+                          template=cfg.template)  # as the job templates (the compact template by default)
     staged = templater(clean_batch(pd.concat(frames, ignore_index=True), cfg))
 
     valid = staged[staged["status"] == "ok"]

@@ -153,9 +153,10 @@ class DataSection(StrictModel):
         "system message keep theirs; empty: no system message.",
     )
     template: Literal["model", "compact"] = Field(
-        default="model", description="Chat template of training and serving: the base model's own ('model'), or "
+        default="compact", description="Chat template of training and serving: the base model's own ('model'), or "
         "'compact' (each turn on a line, no role markers or default system prompt: about half the tokens per "
-        "classification example); the exported model folder carries it.")
+        "classification example); the exported model folder carries it. Default compact: the recipe spends the "
+        "CPU on examples, not on prompt tokens.")
     limit_rows: int | None = Field(default=None, ge=10, description="Read only the first N rows of each source (quick runs, tests).")
     sample_every: int | None = Field(
         default=None, ge=2, description="Read only every Nth row of each source (by row number): a deterministic sample "
@@ -237,7 +238,9 @@ class TrainSection(StrictModel):
         "{'trainer': 1} that only some node types offer.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         default="PACK", description="How Ray places the workers: PACK fills few nodes, SPREAD puts them on different nodes when it can; STRICT_* insist.")
-    zero_stage: Literal[1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.")
+    zero_stage: Literal[1, 2, 3] = Field(
+        default=1, description="DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters. "
+        "Default 1: a small model's gradients fit every worker, so ZeRO-2's reduce-scatter after each micro-batch is pure cost.")
     offload_optimizer: bool = Field(
         default=False, description="ZeRO-Offload: keep optimizer state (and its step) in CPU memory; for GPU workers short of memory.")
     offload_parameters: bool = Field(
@@ -248,23 +251,31 @@ class TrainSection(StrictModel):
     )
     method: Literal["full", "lora"] = Field(default="full", description="full: train every weight; lora: train low-rank adapters (peft) on a frozen base.")
     lora: LoraSection = Field(default_factory=LoraSection, description="Adapter settings when method is lora.")
-    freeze_embeddings: bool = Field(default=False, description="Full fine-tuning only: keep the token embeddings (and a tied LM head) fixed.")
+    freeze_embeddings: bool = Field(
+        default=True, description="Full fine-tuning only: keep the token embeddings (and a tied LM head) fixed. "
+        "Default true (the recipe's transfer learning, with trainable_layers) when method is full and freeze_layers "
+        "is not set; otherwise false unless set.")
     freeze_layers: int = Field(default=0, ge=0, description="Full fine-tuning only: keep the first N transformer layers fixed (transfer learning).")
     trainable_layers: int | None = Field(
-        default=None, ge=1,
+        default=10, ge=1,
         description="Full fine-tuning only: train the top N transformer layers (and the final norm) and keep every layer "
         "below fixed; a model with N layers or fewer trains them all. The same recipe fits models of any depth; "
-        "exclusive with freeze_layers. None: no layer is frozen by this setting.")
+        "exclusive with freeze_layers. None: no layer is frozen by this setting. Default 10 (the recipe: the "
+        "lower layers keep their pretrained weights, so the backward pass and the optimizer touch a third of a "
+        "30-layer model) when method is full and freeze_layers is not set; otherwise None unless set.")
     balance_classes: bool = Field(
-        default=False,
+        default=True,
         description="Classification: train on a class-balanced stream (every class cut to the smallest class's rows, "
         "rows chosen by a hash of their key). The shards stay whole: the baseline and evaluation see every row. "
-        "Not with further tasks (their mixture sets the shares).")
+        "Not with further tasks (their mixture sets the shares). Default true for a single classification task "
+        "(macro-F1 weighs a minority class like the others: train on equal shares); false, unless set, with "
+        "tasks or another task kind.")
     label_loss_weight: float = Field(
-        default=0.0, ge=0,
+        default=1.0, ge=0,
         description="Classification: weight of an extra cross-entropy over the label words only, at each answer's first "
-        "token (a verbalizer objective), added to the answer-token loss. 0: the answer-token loss alone.")
-    micro_batch_size: int = Field(default=8, ge=1, description="Examples per worker per forward pass.")
+        "token (a verbalizer objective), added to the answer-token loss. 0: the answer-token loss alone. "
+        "Default 1 (the recipe: the gradient goes to telling the labels apart); other task kinds ignore it.")
+    micro_batch_size: int = Field(default=16, ge=1, description="Examples per worker per forward pass (default 16: the recipe's, with ZeRO-1).")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     global_batch_size: int | None = Field(
         default=None, ge=1,
@@ -280,21 +291,26 @@ class TrainSection(StrictModel):
         default=512, ge=16, description="Longest packed row in tokens when packing (an example longer than this gets a row of its own).")
     optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="AdamW, or SGD with momentum.")
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum (ignored by AdamW).")
-    learning_rate: float = Field(default=5e-5, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(
+        default=3e-4, gt=0, description="Peak learning rate (default 3e-4: the recipe's, for a run of minutes that trains the top layers).")
     weight_decay: float = Field(default=0.0, ge=0, description="Decoupled weight decay (AdamW) or L2 penalty (SGD).")
     gradient_clipping: float = Field(default=1.0, ge=0, description="Clip the global gradient norm to this (0: no clipping).")
     lr_schedule: Literal["linear", "cosine", "constant"] = Field(
-        default="linear", description="After linear warm-up, decay to zero at max_steps linearly or along a cosine, or "
-        "stay at the peak (constant: for runs that max_train_seconds ends before max_steps).")
+        default="constant", description="After linear warm-up, decay to zero at max_steps linearly or along a cosine, or "
+        "stay at the peak (constant, the default: for runs that max_train_seconds ends before max_steps). "
+        "linear and cosine need max_steps set (they are sized by it).")
     warmup_steps: int = Field(default=10, ge=0, description="Linear warm-up steps from zero to the peak learning rate.")
-    max_steps: int = Field(default=100, ge=1, description="Optimizer steps to run (the run's length).")
+    max_steps: int = Field(
+        default=100_000, ge=1, description="Optimizer steps to run (the run's length). Default 100000: only a cap, "
+        "since the recipe's run is time-budgeted (max_train_seconds); set it for a run of that many steps.")
     max_train_seconds: float | None = Field(
-        default=None, gt=0, description="Also stop at the first optimizer step after this many seconds of training "
+        default=720, gt=0, description="Also stop at the first optimizer step after this many seconds of training "
         "steps (validations and checkpoints not counted), whatever the machine: that step is validated and "
-        "checkpointed like the last one. None: run max_steps.")
+        "checkpointed like the last one. None: run max_steps. Default 720 (the recipe: 12 minutes of training, "
+        "as many examples as fit) when max_steps is not set; None, unless set, when max_steps is set.")
     log_every: int = Field(default=1, ge=1, description="Steps between training log lines (loss, lr, tokens/s).")
     eval_every: int = Field(default=50, ge=1, description="Steps between validation-loss checks, each followed by a checkpoint.")
-    max_validation_examples: int = Field(default=128, ge=2, description="Validation examples scored at each check (CPU time is the limit).")
+    max_validation_examples: int = Field(default=256, ge=2, description="Validation examples scored at each check (CPU time is the limit).")
     max_failures: int = Field(
         default=2, ge=0,
         description="Worker-group failures Ray Train recovers from by restarting the workers and resuming from the latest checkpoint.")
@@ -318,6 +334,19 @@ class TrainSection(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainSection":
+        given = self.model_fields_set  # what the config set; every other field holds its default
+        # The recipe's defaults that only fit some configs give way to what the config chose (an
+        # explicit conflicting value stays an error below). Set directly: validate_assignment
+        # would re-enter this validator.
+        if self.method != "full" or "freeze_layers" in given:
+            for name, off in (("trainable_layers", None), ("freeze_embeddings", False)):
+                if name not in given:
+                    object.__setattr__(self, name, off)
+        if "max_steps" in given and "max_train_seconds" not in given:
+            object.__setattr__(self, "max_train_seconds", None)
+        if self.lr_schedule != "constant" and "max_steps" not in given:
+            raise ValueError(f"lr_schedule {self.lr_schedule} decays to zero at max_steps: set max_steps (its default "
+                             f"{self.max_steps} only caps a time-budgeted run), or use lr_schedule constant")
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than max_steps ({self.max_steps})")
         if self.precision in ("bf16", "fp16") and not self.use_gpu:
@@ -374,10 +403,14 @@ class EvalSection(StrictModel):
 
 class ExplainSection(StrictModel):
     enabled: bool = Field(default=True, description="Run jobs.explain on the fine-tuned model at the end of the pipeline.")
-    examples: int = Field(default=12, ge=1, description="Test examples explained token by token (integrated gradients and SHAP).")
-    ig_steps: int = Field(default=64, ge=4, description="Integration steps of integrated gradients (more: smaller completeness error).")
+    examples: int = Field(
+        default=6, ge=1, description="Test examples explained token by token (integrated gradients and SHAP). Default 6: "
+        "integrated gradients cost a backward pass per step per example (~0.6 s on one CPU thread); raise it on bigger machines.")
+    ig_steps: int = Field(default=32, ge=4, description="Integration steps of integrated gradients (more: smaller completeness error).")
     shap_max_evals: int = Field(default=200, ge=10, description="Model evaluations SHAP's partition explainer may spend per example.")
-    dependence_examples: int = Field(default=64, ge=4, description="Test examples over which dependence curves and the faithfulness check are averaged.")
+    dependence_examples: int = Field(
+        default=8, ge=4, description="Test examples over which dependence curves and the faithfulness check are averaged "
+        "(default 8, sized for a CPU laptop like examples; raise it on bigger machines).")
     deletion_fraction: float = Field(
         default=0.2, gt=0, lt=1,
         description="Faithfulness check: share of an example's words deleted, top-attributed vs random.")
@@ -397,8 +430,11 @@ class TrackingSection(StrictModel):
 class ServeSection(StrictModel):
     enabled: bool = Field(default=True, description="Deploy the fine-tuned model at the end of the pipeline.")
     import_path: str = Field(default="serving.app:build_app", description="Serve app builder, as a Serve config's import_path names it.")
-    endpoint: EndpointSettings = Field(default_factory=EndpointSettings, description="Engine and HTTP settings of the endpoint.")
-    check_examples: int = Field(default=5, ge=0, description="Test examples sent through the endpoint as a serving check.")
+    endpoint: EndpointSettings = Field(
+        default_factory=EndpointSettings,
+        description="Engine and HTTP settings of the endpoint. Its max_model_len, when not set, is twice data.max_seq_len "
+        "(512 with the defaults): room for the longest trained prompt and as long an answer.")
+    check_examples: int = Field(default=8, ge=0, description="Test examples sent through the endpoint as a serving check.")
     deploy_unpromoted: bool = Field(
         default=False,
         description="Serve the new model even when the promotion gate rejects it and no version is current "
@@ -460,8 +496,12 @@ class RunConfig(StrictModel):
         names = [self.primary_task.name, *(task.name for task in self.tasks)]
         if len(set(names)) != len(names):
             raise ValueError(f"task names (primary_task.name and tasks[].name) must be distinct, got {names}")
+        if "balance_classes" not in self.train.model_fields_set and (self.tasks or self.data.task != "classification"):
+            object.__setattr__(self.train, "balance_classes", False)  # the recipe's default fits one classification task
         if self.train.balance_classes and (self.tasks or self.data.task != "classification"):
             raise ValueError("train.balance_classes needs a single classification task (a task mixture sets its own shares)")
+        if "max_model_len" not in self.serve.endpoint.model_fields_set:
+            object.__setattr__(self.serve.endpoint, "max_model_len", 2 * self.data.max_seq_len)
         return self
 
     def mixture(self) -> list[tuple[str, float]]:

@@ -138,6 +138,78 @@ def tiny_run_config(tmp_path: Path, tiny_model_dir: Path, small_csv: Path, *over
     ])
 
 
+# A new classification dataset of the demo's shape: made-up customer messages in a CSV whose columns
+# and labels are not the demo's. Its config sets only what a new dataset must (README, "Configuration").
+NEW_DATASET_LABELS = ["billing", "delivery", "account"]
+_NEW_DATASET_PARTS = {
+    "billing": (["I was charged twice", "My invoice shows a fee I never agreed to", "The refund you promised never arrived",
+                 "Why did my monthly price go up", "You billed my old card", "The discount code did not apply",
+                 "I need a receipt for last month", "There is a charge I do not recognise"],
+                ["on my statement", "for the premium plan", "after I cancelled", "since the spring",
+                 "even though support said it was fixed", "on the family bundle", "for a trial that should be free",
+                 "when I upgraded"],
+                ["please sort it out.", "can someone explain?", "I want my money back.", "this is the second time.",
+                 "thanks in advance.", "what are my options?", "I have been a customer for years.", "fix it today please."]),
+    "delivery": (["My parcel is still not here", "The courier left the box in the rain", "Tracking has not moved",
+                  "The package arrived damaged", "I got someone else's order", "Half of the items are missing",
+                  "The driver never rang the bell", "My order was sent to the wrong town"],
+                 ["after a whole week", "despite the express option", "and the lid was crushed",
+                  "although the app says delivered", "for the third order in a row", "with no note or card",
+                  "before the weekend", "while I waited at home all day"],
+                 ["where is it now?", "can you resend it?", "please call me.", "I need it for a birthday.",
+                  "very disappointing.", "what happens next?", "I would like a replacement.", "nobody answers the hotline."]),
+    "account": (["I cannot log in", "The password reset link expired", "Someone changed my email address",
+                 "My profile picture keeps disappearing", "Two step verification locks me out",
+                 "I want to delete my account", "The app signs me out constantly", "My username shows as unknown"],
+                ["on the new phone", "since the last update", "from the laptop at work", "after I moved abroad",
+                 "every single morning", "when I use the browser", "in the tablet app", "ever since yesterday"],
+                ["how do I fix this?", "please help me get back in.", "is my data safe?", "nothing works.",
+                 "could you check my settings?", "I am locked out completely.", "my bookings are all in there.",
+                 "the chat bot was no help."]),
+}
+
+
+def new_dataset_rows(rows: int = 120) -> list[tuple[str, str]]:
+    """(message, intent) rows: every label, unequal shares (5:4:3), no two messages alike: each is
+    an opening, a middle and an ending, and two messages of a label share at most one of the three
+    (a Latin square of 8 x 8 parts), so near-dedup keeps them all. At most 64 rows a label."""
+    import random
+
+    chooser = random.Random(1)
+    shares = {label: rows * weight // 12 for label, weight in zip(NEW_DATASET_LABELS, (5, 4, 3))}
+    shares[NEW_DATASET_LABELS[0]] += rows - sum(shares.values())
+    out = []
+    for label, count in shares.items():
+        openings, middles, endings = _NEW_DATASET_PARTS[label]
+        combos = [(o, m, (o + m) % len(endings)) for o in range(len(openings)) for m in range(len(middles))]
+        for o, m, e in chooser.sample(combos, count):
+            out.append((f"{openings[o]} {middles[m]}, {endings[e]}", label))
+    chooser.shuffle(out)
+    return out
+
+
+def write_new_dataset_config(folder: Path, rows: int = 120) -> Path:
+    """A CSV of `new_dataset_rows` and beside it a run config that sets only name, the source, its
+    columns, the labels and the system prompt: the defaults are the recipe. Returns the config's path."""
+    import csv
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "support_messages.csv", "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["message", "intent"])
+        writer.writerows(new_dataset_rows(rows))
+    config = folder / "support_messages.yaml"
+    config.write_text(
+        "name: support_messages\n"
+        "data:\n"
+        f"  source: {folder / 'support_messages.csv'}\n"
+        "  text_column: message\n"
+        "  label_column: intent\n"
+        f"  labels: [{', '.join(NEW_DATASET_LABELS)}]\n"
+        '  system_prompt: "Is this customer message about billing, delivery or account?"\n')
+    return config
+
+
 def free_port() -> int:
     import socket
 

@@ -1,16 +1,18 @@
+import functools
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from cluster.config import ConfigError, load_config
+from cluster.config import ConfigError, load_config, load_config_or_exit
 from cluster.contracts import EndpointSettings
 from cluster.security import ApiKeyRecord, JwtSettings, ModelAccess, RateLimit
 from jobs.config import BatchInferConfig, RunConfig, SourceSection, TaskSection
 from jobs.deploy import DeployConfig
 from serving.queue_consumer import ConsumerSettings
-from tests.conftest import config_models, undescribed_fields
+from tests.conftest import SHIPPED_CONFIG, config_models, undescribed_fields, write_new_dataset_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Every shipped config is validated by the model of what reads it: serve.yaml is Ray's own
@@ -138,3 +140,102 @@ def test_shipped_test_keys_are_well_formed_and_split_to_test():
         keys = read_test_keys(Path(__file__).resolve().parents[1] / cfg.eval.test_keys)
         positions = [split_position(key, cfg.data.split_seed) for key in keys]
         assert len(keys) == 600 and set(assign_splits(positions, cfg.data.validation_fraction, cfg.data.test_fraction)) == {"test"}
+
+
+# The recipe measured on the demo (README, "Does fine-tuning beat the baseline?"): the run config's
+# defaults, so a new dataset gets it without copying anything from configs/airline_sentiment.yaml.
+RECIPE = {
+    "data.template": "compact", "data.validation_fraction": 0.05, "data.test_fraction": 0.10, "data.max_seq_len": 256,
+    "train.zero_stage": 1, "train.trainable_layers": 10, "train.freeze_embeddings": True, "train.freeze_layers": 0,
+    "train.label_loss_weight": 1.0, "train.balance_classes": True, "train.micro_batch_size": 16,
+    "train.gradient_accumulation_steps": 1, "train.learning_rate": 3e-4, "train.lr_schedule": "constant",
+    "train.warmup_steps": 10, "train.max_steps": 100_000, "train.max_train_seconds": 720, "train.eval_every": 50,
+    "train.max_validation_examples": 256, "eval.max_test_examples": 600, "eval.batch_size": 16,
+    "explain.examples": 6, "explain.dependence_examples": 8, "explain.ig_steps": 32, "serve.enabled": True,
+    "serve.check_examples": 8, "serve.endpoint.max_model_len": 512, "serve.endpoint.cpu_kv_cache_gib": 1,
+    "serve.endpoint.port": 8000,
+}
+# What is specific to a dataset: the only keys the shipped demo config sets.
+DATASET_KEYS = {"name", "data.source", "data.text_column", "data.label_column", "data.labels", "data.system_prompt",
+                "data.pii.allow_handles", "eval.test_keys", "serve.endpoint.model_id"}
+
+
+def dotted(cfg, key: str):
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def flat_keys(tree: dict, prefix: str = "") -> set[str]:
+    return {key for name, value in tree.items()
+            for key in (flat_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else {f"{prefix}{name}"})}
+
+
+def test_a_new_dataset_needs_only_its_source_columns_labels_and_prompt(tmp_path):
+    path = write_new_dataset_config(tmp_path)
+    assert flat_keys(yaml.safe_load(path.read_text())) == {
+        "name", "data.source", "data.text_column", "data.label_column", "data.labels", "data.system_prompt"}
+    cfg = load_config_or_exit(RunConfig, ["--config", str(path)])  # as every job reads --config
+    assert {key: dotted(cfg, key) for key in RECIPE} == RECIPE
+    source, = cfg.data.resolved_sources()
+    assert source.kind == "csv" and Path(source.path).is_file()
+    assert cfg.data.column_map(source) == {"text": "message", "label": "intent"}
+    assert cfg.data.labels == ["billing", "delivery", "account"] and cfg.data.task == "classification"
+    # The demo runs the same recipe: its config sets only what is specific to its data.
+    shipped = load_config(RunConfig, SHIPPED_CONFIG)
+    assert flat_keys(yaml.safe_load(SHIPPED_CONFIG.read_text())) <= DATASET_KEYS
+    assert {key: dotted(shipped, key) for key in RECIPE} == RECIPE
+    specific = {"name": True, "data": {"source", "text_column", "label_column", "labels", "system_prompt", "pii"},
+                "eval": {"test_keys"}, "serve": {"endpoint": {"model_id"}}}
+    assert cfg.model_dump(exclude=specific) == shipped.model_dump(exclude=specific)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    # The recipe's layer freezing is for full fine-tuning from the bottom up: LoRA or freeze_layers turn it off.
+    (["train.method=lora"], {"train.trainable_layers": None, "train.freeze_embeddings": False}),
+    (["train.freeze_layers=4"], {"train.freeze_layers": 4, "train.trainable_layers": None, "train.freeze_embeddings": False}),
+    (["train.freeze_layers=4", "train.freeze_embeddings=true"], {"train.trainable_layers": None, "train.freeze_embeddings": True}),
+    (["train.trainable_layers=null"], {"train.trainable_layers": None, "train.freeze_embeddings": True}),
+    (["train.trainable_layers=4"], {"train.trainable_layers": 4, "train.freeze_embeddings": True}),
+    # Class balancing is for one classification task: a mixture or another task kind turns it off.
+    (["tasks=[{name: qa, data: {task: instruction, source: qa.jsonl}}]"], {"train.balance_classes": False}),
+    (["data.task=instruction"], {"train.balance_classes": False}),
+    (["train.balance_classes=false"], {"train.balance_classes": False}),
+    # A config that sets max_steps runs that many steps; the 12-minute budget is the default's.
+    (["train.max_steps=500"], {"train.max_steps": 500, "train.max_train_seconds": None}),
+    (["train.max_steps=500", "train.max_train_seconds=60"], {"train.max_steps": 500, "train.max_train_seconds": 60}),
+    (["train.max_train_seconds=60"], {"train.max_steps": 100_000, "train.max_train_seconds": 60}),
+    (["train.max_steps=500", "train.lr_schedule=cosine"], {"train.lr_schedule": "cosine", "train.max_train_seconds": None}),
+    # The endpoint's context follows the trained length unless set.
+    (["data.max_seq_len=1024"], {"serve.endpoint.max_model_len": 2048}),
+    (["data.max_seq_len=1024", "serve.endpoint.max_model_len=1500"], {"serve.endpoint.max_model_len": 1500}),
+])
+def test_the_recipe_defaults_give_way_to_what_a_config_chooses(tmp_path, overrides, expected):
+    cfg = load_config(RunConfig, write_new_dataset_config(tmp_path), overrides)
+    assert {key: dotted(cfg, key) for key in expected} == expected
+    # Resolved values validate again as given (a config dumped and reloaded, e.g. the summary's).
+    assert RunConfig.model_validate(cfg.model_dump()) == cfg
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["train.method=lora", "train.trainable_layers=10"], "apply to method full"),
+    (["train.method=lora", "train.freeze_embeddings=true"], "apply to method full"),
+    (["train.freeze_layers=4", "train.trainable_layers=10"], "not both"),
+    (["tasks=[{name: qa, data: {task: instruction, source: qa.jsonl}}]", "train.balance_classes=true"],
+     "balance_classes needs a single classification task"),
+    (["data.task=instruction", "train.balance_classes=true"], "balance_classes needs a single classification task"),
+    (["train.lr_schedule=linear"], "decays to zero at max_steps: set max_steps"),
+    (["train.max_steps=5"], "warmup_steps (10) must be smaller than max_steps (5)"),
+])
+def test_a_config_that_sets_what_contradicts_the_recipe_is_refused(tmp_path, overrides, named):
+    with pytest.raises(ConfigError) as error:
+        load_config(RunConfig, write_new_dataset_config(tmp_path), overrides)
+    assert named in str(error.value)
+
+
+def test_the_gpu_config_trains_every_weight_on_the_natural_mix_for_its_steps():
+    """It relied on the defaults of before the recipe became them, and says so explicitly now."""
+    gpu = load_config(RunConfig, REPO / "configs" / "airline_sentiment_gpu.yaml")
+    train = gpu.train
+    assert (train.trainable_layers, train.freeze_embeddings, train.freeze_layers, train.balance_classes) == (None, False, 0, False)
+    assert (train.max_steps, train.max_train_seconds, train.lr_schedule) == (1000, None, "cosine")
+    assert (gpu.explain.examples, gpu.explain.dependence_examples, gpu.explain.ig_steps) == (24, 64, 64)
+    assert gpu.serve.endpoint.max_model_len == 512 and gpu.data.template == "compact"

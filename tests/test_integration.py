@@ -35,7 +35,7 @@ def zero3_run(ray_cluster, tmp_path_factory, tiny_model_dir, small_csv):
 @pytest.fixture(scope="module")
 def lora_zero3_run(ray_cluster, tmp_path_factory, tiny_model_dir, small_csv):
     # LoRA under ZeRO-3: the adapter and the merged export come out of partitioned parameters
-    # (the shipped config covers full fine-tuning on ZeRO-2 in the pipeline test).
+    # (the shipped config covers full fine-tuning on ZeRO-1, the default, in the pipeline test).
     # A high adapter rate that decays (the shipped constant schedule at 1e-2 lets 8 steps wander).
     return _train(tmp_path_factory.mktemp("lora"), tiny_model_dir, small_csv, "train.zero_stage=3", "train.method=lora",
                   "train.trainable_layers=null", "train.freeze_embeddings=false", "train.lr_schedule=linear",
@@ -401,6 +401,61 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
     current_before = registry.current()
     assert registry.register(summary["model_dir"], report["gate"], metrics={}, run="again")["version"] == "v0002"
     assert registry.current() == current_before
+
+
+def test_a_new_dataset_with_only_sources_columns_labels_and_prompt_runs_the_recipe(ray_cluster, tmp_path, tiny_model_dir):
+    """Issue 21, "one recipe, the default": a config for a new classification dataset (a CSV of
+    made-up customer messages, its own columns and labels) that sets nothing but its source,
+    columns, labels and prompt is fine-tuned and evaluated with the recipe's defaults. The overrides
+    only point the run at a temporary folder and the tiny model, and shorten it: no other setting."""
+    from cluster.config import load_config
+    from jobs.config import RunConfig
+    from jobs.pipeline import run_pipeline
+    from tests.conftest import NEW_DATASET_LABELS, new_dataset_rows, write_new_dataset_config
+
+    rows = 120
+    cfg = load_config(RunConfig, write_new_dataset_config(tmp_path / "dataset", rows), [
+        f"storage_root={tmp_path / 'runs'}", f"model.base={tiny_model_dir}",
+        # Seconds instead of the recipe's 12 minutes; nothing served or explained.
+        "train.max_steps=8", "train.warmup_steps=1", "train.eval_every=4", "train.micro_batch_size=4",
+        "serve.enabled=false", "explain.enabled=false", "tracking.enabled=false"])
+    # The recipe is in force: the top 10 layers (every layer of the 2-layer tiny model), frozen
+    # embeddings, ZeRO-1, a class-balanced stream, the label-word loss, the compact template.
+    assert (cfg.train.trainable_layers, cfg.train.freeze_embeddings, cfg.train.zero_stage) == (10, True, 1)
+    assert cfg.train.balance_classes and cfg.train.label_loss_weight == 1.0 and cfg.data.template == "compact"
+
+    summary = run_pipeline(cfg)
+
+    assert json.loads((cfg.run_dir / "summary.json").read_text())["run"] == "support_messages"
+    counts, splits = summary["data"]["counts"], summary["data"]["splits"]
+    assert counts["rows_read"] == rows
+    assert counts["rows_read"] == (counts["kept"] + sum(counts["quarantined"].values()) + sum(counts["filtered"].values())
+                                   + counts["duplicates_removed"])
+    assert counts["kept"] == rows  # distinct, clean, short messages: every one kept
+    assert sum(split["rows"] for split in splits.values()) == counts["kept"]
+    written = {label: sum(split["labels"].get(label, 0) for split in splits.values()) for label in NEW_DATASET_LABELS}
+    assert written == {label: sum(1 for _, row_label in new_dataset_rows(rows) if row_label == label)
+                       for label in NEW_DATASET_LABELS}
+    assert all(split["rows"] > 0 for split in splits.values())
+
+    training = summary["training"]
+    assert [point["step"] for point in training["learning_curve"]] == [4, 8]
+    assert training["examples_seen"] == 8 * 4 * cfg.train.num_workers
+    assert training["settings"]["trainable_layers"] == 10 and training["settings"]["balance_classes"]
+    export = Path(summary["model_dir"])
+    assert (export / "model.safetensors").is_file()
+    artifact = json.loads((export / "lakeforge_model.json").read_text())
+    assert artifact["labels"] == NEW_DATASET_LABELS and artifact["system_prompt"] == cfg.data.system_prompt
+
+    # Every test row scored by every system (fewer than eval.max_test_examples), on the same rows.
+    test_rows = splits["test"]["rows"]
+    assert summary["test_split"]["examples"] == test_rows
+    for system in ("fine_tuned", "base_zero_shot", "baseline_tfidf_logreg"):
+        frame = pd.read_parquet(cfg.run_dir / "predictions" / f"{system}.parquet")
+        assert len(frame) == test_rows and set(frame["label"]) <= set(NEW_DATASET_LABELS), system
+        assert 0 <= summary["test_split"][system]["macro_f1"] <= 1, system
+    assert summary["version"]["version"] == "v0001" and Path(summary["report"]).is_file()
+    assert "serving" not in summary and "explanations" not in summary
 
 
 @pytest.mark.slow

@@ -11,12 +11,11 @@ import pytest
 
 from cluster.config import ConfigError, load_config
 from jobs.config import RunConfig
-from jobs.data.mixtures import mixture_counts
+from jobs.data.mixtures import mixture_counts, mixture_pass
 from jobs.train.batches import collate
 from tests.conftest import SHIPPED_CONFIG, tiny_run_config
 
 QA_TASK = "tasks=[{name: qa, weight: 1, data: {task: instruction, source: %s, system_prompt: '', near_dedup: {enabled: false}}}]"
-NO_BALANCE = "train.balance_classes=false"  # the shipped recipe balances its one task's classes; a mixture sets shares
 
 
 def test_a_config_without_tasks_is_the_single_task_run():
@@ -25,8 +24,12 @@ def test_a_config_without_tasks_is_the_single_task_run():
 
 
 def test_tasks_are_validated_and_named_in_errors():
-    cfg = load_config(RunConfig, SHIPPED_CONFIG, ["primary_task={name: tweets, weight: 3}", QA_TASK % "qa.jsonl", NO_BALANCE])
+    cfg = load_config(RunConfig, SHIPPED_CONFIG, ["primary_task={name: tweets, weight: 3}", QA_TASK % "qa.jsonl"])
     assert cfg.mixture() == [("tweets", 3.0), ("qa", 1.0)] and cfg.tasks[0].data.task == "instruction"
+    # The recipe balances a single task's classes; with a mixture (which sets the shares) that default is off.
+    assert load_config(RunConfig, SHIPPED_CONFIG).train.balance_classes and not cfg.train.balance_classes
+    with pytest.raises(ConfigError, match="balance_classes needs a single classification task"):
+        load_config(RunConfig, SHIPPED_CONFIG, [QA_TASK % "qa.jsonl", "train.balance_classes=true"])
     for override, named in [
         ("tasks=[{name: primary, weight: 1, data: {}}]", "task names (primary_task.name and tasks[].name) must be distinct"),
         ("tasks=[{name: a, weight: 0, data: {}}]", "tasks.0.weight"),
@@ -49,6 +52,37 @@ def test_mixture_counts_are_the_weighted_shares_of_the_budget(weights, rows, exa
         assert abs(count - examples * weight / sum(weights)) < 1
     with pytest.raises(ValueError, match="every task needs training rows"):
         mixture_counts(weights, [0] * len(rows), examples)
+
+
+@pytest.mark.parametrize("weights, rows, expected", [
+    ([3, 1], [500, 40], 667),    # the big task's rows set the pass; the small one is cycled within it
+    ([1, 1], [60, 30000], 60000),
+    ([1, 1, 1], [10, 10, 10], 30),
+    ([0.2, 0.5, 0.3], [7, 1000, 3], 2000),
+    ([5], [9], 9),
+])
+def test_a_mixture_pass_holds_every_row_of_every_task_at_its_weighted_share(weights, rows, expected):
+    """The stream of a mixture run is at most one pass (the training loop repeats it): the recipe's
+    time-budgeted max_steps (100000, a cap) must not build a stream of millions of rows."""
+    examples = mixture_pass(weights, rows)
+    assert examples == expected
+    counts = mixture_counts(weights, rows, examples)
+    assert all(count >= available for count, available in zip(counts, rows))
+    assert any(count == available for count, available in zip(counts, rows))  # no longer than needed
+    with pytest.raises(ValueError, match="every task needs training rows"):
+        mixture_pass(weights, [0] * len(rows))
+
+
+def test_mix_keys_tags_every_copy_of_every_row_once_and_reproducibly():
+    from jobs.data.mixtures import _mix_keys
+
+    batch = pd.DataFrame({"source": "qa", "position": np.arange(4), "text": [f"q{i}" for i in range(4)]})
+    three = _mix_keys(batch, task_id=1, copies=[0, 1, 2], seed=3)
+    assert len(three) == 12 and (three["task_id"] == 1).all() and three["mix_key"].is_unique
+    assert three["text"].tolist() == batch["text"].tolist() * 3
+    # Copy 2 alone keys its rows as it does among the others: a rest drawn after whole passes.
+    assert _mix_keys(batch, 1, [2], 3)["mix_key"].tolist() == three["mix_key"].tolist()[8:]
+    assert _mix_keys(batch, 1, [2], 4)["mix_key"].tolist() != three["mix_key"].tolist()[8:]
 
 
 def test_collate_tags_every_token_and_example_with_its_task():
@@ -96,7 +130,7 @@ def test_a_two_task_run_mixes_by_weight_and_validates_each_task(ray_cluster, tmp
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i + 1}?", "response": f"{2 * i + 1}."}) + "\n"
                           for i in range(60)))
-    cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv, "primary_task={name: tweets, weight: 3}", QA_TASK % qa, NO_BALANCE,
+    cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv, "primary_task={name: tweets, weight: 3}", QA_TASK % qa,
                           "train.keep_checkpoints=3")
     base_dir, data_dir, _ = prepare_run_inputs(cfg)
     assert task_data_dirs(cfg)["qa"].joinpath(MANIFEST).is_file()

@@ -44,7 +44,7 @@ def test_label_word_loss_adds_a_cross_entropy_over_the_label_words_at_the_first_
 
 
 def test_deepspeed_config_follows_the_train_section_and_merges_overrides():
-    train = TrainSection(zero_stage=3, micro_batch_size=4, gradient_accumulation_steps=3, max_steps=50,
+    train = TrainSection(zero_stage=3, micro_batch_size=4, gradient_accumulation_steps=3, max_steps=50, lr_schedule="linear",
                          deepspeed_overrides={"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5})
     config = deepspeed_config(train.model_dump(), world_size=2, precision="fp32")
     assert config["train_batch_size"] == 4 * 3 * 2
@@ -57,7 +57,7 @@ def test_deepspeed_config_follows_the_train_section_and_merges_overrides():
 
 
 def test_deepspeed_config_for_sgd_cosine_offload_and_half_precision():
-    train = TrainSection(zero_stage=3, optimizer="sgd", momentum=0.8, lr_schedule="cosine", offload_optimizer=True,
+    train = TrainSection(zero_stage=3, optimizer="sgd", momentum=0.8, lr_schedule="cosine", max_steps=100, offload_optimizer=True,
                          offload_parameters=True, gradient_clipping=0.0, use_gpu=True, precision="fp16")
     config = deepspeed_config(train.model_dump(), world_size=1, precision="fp16")
     assert config["optimizer"] == {"type": "SGD", "params": {"lr": train.learning_rate, "momentum": 0.8, "weight_decay": 0.0}}
@@ -108,13 +108,18 @@ def test_prepare_model_trains_only_what_the_method_says(tiny_model_dir):
     assert any(".layers.1." in name for name in names) and "model.norm.weight" in names
 
     full = trainable(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
-    assert trainable(prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainSection().model_dump())) == full
+    every_weight = TrainSection(trainable_layers=None, freeze_embeddings=False)
+    assert trainable(prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), every_weight.model_dump())) == full
+    # The recipe's defaults (top 10 layers, embeddings fixed) on a model of 2 layers: every layer trains.
+    recipe = trainable(prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainSection().model_dump()))
+    assert recipe == {name for name in full if "embed_tokens" not in name}
     with pytest.raises(ValueError, match="freeze_layers=5 but the model has 2 layers"):
         prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainSection(freeze_layers=5).model_dump())
     # trainable_layers counts from the top, so one recipe fits models of any depth.
     top = trainable(prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainSection(trainable_layers=1).model_dump()))
     assert any(".layers.1." in name for name in top) and not any(".layers.0." in name for name in top)
-    assert trainable(prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainSection(trainable_layers=10).model_dump())) == full
+    assert trainable(prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                   TrainSection(trainable_layers=10, freeze_embeddings=False).model_dump())) == full
     with pytest.raises(ValueError, match="not both"):
         TrainSection(trainable_layers=2, freeze_layers=1)
 

@@ -14,7 +14,7 @@ from cluster.prompting import label_token_ids
 from cluster.storage import filesystem_for, uri_of
 from jobs.config import RunConfig
 from jobs.data.balance import balanced_sample
-from jobs.data.mixtures import mixture_dataset
+from jobs.data.mixtures import mixture_dataset, mixture_pass
 from jobs.data.prepare import MANIFEST, task_data_dirs
 from jobs.data.split import split_dataset
 from jobs.train.export import EXPORT_TOLERANCE, HF_EXPORT_DIR, PROBE_FILE, export_model, verify_export
@@ -75,21 +75,24 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
         print(f"[finetune] class-balanced training stream: about {min(label_rows.values())} rows of each of "
               f"{len(label_rows)} labels (train split {label_rows})")
     if cfg.tasks:
-        # Exactly the examples max_steps optimizer steps consume, each task its weighted share;
-        # validation: up to max_validation_examples of every task, tagged with its task id.
+        # The examples max_steps optimizer steps consume, or one pass of the mixture when that is
+        # fewer (every task's rows at least once; the training loop repeats the stream), each task
+        # its weighted share; validation: up to max_validation_examples of every task, tagged with its task id.
         rows = [manifests[name]["splits"]["train"]["rows"] for name in task_names]
-        examples = train.max_steps * train.micro_batch_size * train.gradient_accumulation_steps * train.num_workers
+        weights = [weight for _, weight in cfg.mixture()]
+        budget = train.max_steps * train.micro_batch_size * train.gradient_accumulation_steps * train.num_workers
+        examples = min(budget, mixture_pass(weights, rows))
         train_split, counts = mixture_dataset(
-            [split_dataset(folder, "train") for folder in task_dirs.values()], rows,
-            [weight for _, weight in cfg.mixture()], examples, train.seed)
+            [split_dataset(folder, "train") for folder in task_dirs.values()], rows, weights, examples, train.seed)
         primary, *further = [
             split_dataset(folder, "validation").limit(train.max_validation_examples).map_batches(
                 lambda batch, task_id=task_id: batch.assign(task_id=task_id), batch_format="pandas")
             for task_id, folder in enumerate(task_dirs.values())]
         validation_split = primary.union(*further)
         mixture = {"weights": dict(cfg.mixture()), "train_rows": dict(zip(task_names, rows)),
-                   "planned_examples": dict(zip(task_names, counts))}
-        print(f"[finetune] task mixture: {mixture['planned_examples']} examples of {examples}")
+                   "planned_examples": dict(zip(task_names, counts)), "budget_examples": budget}
+        print(f"[finetune] task mixture: {mixture['planned_examples']} examples of {examples}"
+              + (f" (one pass of the mixture, repeated as the run needs: max_steps would consume {budget})" if examples < budget else ""))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": train.model_dump(), "base_model_dir": str(base_dir), "resume_checkpoint": resume,

@@ -254,7 +254,7 @@ def run_endpoint(model_dir: Path, conversations, max_new_tokens: int, settings_f
     return result
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=64, help="held-out tweets turned into chat prompts")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -272,7 +272,11 @@ def main() -> None:
     parser.add_argument("--output", default=str(RESULTS / "serving.json"))
     parser.add_argument("--child-job", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.child_job:
         return vllm_child(args)
 
@@ -290,13 +294,31 @@ def main() -> None:
     print(f"[bench] {len(prompts)} prompts; {flops['forward_flops_per_token'] / 1e9:.3f} GFLOP/token; "
           f"peak fp32 matmul (torch, 2 threads) {peak / 1e9:.1f} GFLOP/s")
 
-    systems = {}
-    systems["transformers"] = run_transformers(model_dir, prompts, args.max_new_tokens, args.batch_size)
-    print(f"[bench] transformers: {systems['transformers']['output_tokens_per_s']:.1f} tokens/s")
-
+    transformers_run = run_transformers(model_dir, prompts, args.max_new_tokens, args.batch_size)
+    print(f"[bench] transformers: {transformers_run['output_tokens_per_s']:.1f} tokens/s")
     # The endpoint gets the same engine arguments (Serve LLM's default token budget differs from LLM's).
     engine_kwargs = {"dtype": "float32", "max_model_len": 1024, "max_num_seqs": args.max_num_seqs,
                      "max_num_batched_tokens": 2048}
+    offline = run_offline_variants(args, model_dir, prompts, engine_kwargs)
+    best = max(offline, key=lambda name: offline[name]["output_tokens_per_s"])
+    endpoints = run_endpoints(args, model_dir, conversations, engine_kwargs, args.endpoint_variants or best)
+    rows = compare(transformers_run, offline, endpoints, flops, peak)
+    ratios = endpoint_ratios(transformers_run, offline[best], endpoints, best)
+    print_table(rows, ratios, best)
+
+    for _, record in rows:
+        record.pop("output_ids", None)
+    result = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model, "prompts": len(prompts),
+              "max_new_tokens": args.max_new_tokens, "engine_kwargs": engine_kwargs, "kv_cache_gib": args.kv_cache_gib,
+              "peak_fp32_matmul_flops": peak, **flops, "transformers": transformers_run,
+              "vllm_offline": offline, "endpoints": endpoints, "ratios": ratios, "args": vars(args)}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2, default=float))
+    print(f"[bench] results: {args.output}")
+
+
+def run_offline_variants(args: argparse.Namespace, model_dir: Path, prompts: list, engine_kwargs: dict) -> dict:
+    """vLLM's offline engine under each CPU setting (allocator preload, core binding)."""
     work = REPO / "outputs" / "serve_bench"
     work.mkdir(parents=True, exist_ok=True)
     offline = {}
@@ -305,32 +327,47 @@ def main() -> None:
         offline[name] = run_vllm_offline(model_dir, prompts, args.max_new_tokens, engine_kwargs, env, work, name)
         print(f"[bench] vLLM offline [{name}]: {offline[name]['output_tokens_per_s']:.1f} tokens/s "
               f"(start-up {offline[name]['startup_seconds']:.0f}s)")
-    best = max(offline, key=lambda name: offline[name]["output_tokens_per_s"])
-    systems["vllm_offline"] = offline[best]
+    return offline
 
+
+def run_endpoints(args: argparse.Namespace, model_dir: Path, conversations: list, engine_kwargs: dict, variants: str) -> dict:
+    """The Serve endpoint under each CPU setting, one deployment at a time, at every concurrency."""
     endpoints = {}
-    for name in (args.endpoint_variants or best).split(","):  # one deployment at a time
+    for name in variants.split(","):
         endpoints[name] = run_endpoint(model_dir, conversations, args.max_new_tokens, {
             "model_id": "bench", "port": args.port, "app_name": "serve-bench", "max_num_seqs": args.max_num_seqs,
             "cpu_kv_cache_gib": args.kv_cache_gib, "engine_env": VARIANTS[name], "max_model_len": engine_kwargs["max_model_len"],
             "engine_overrides": {"max_num_batched_tokens": engine_kwargs["max_num_batched_tokens"]},
         }, [int(c) for c in args.concurrency.split(",")], args.requests_at_1)
+    return endpoints
 
-    reference = systems["transformers"]["output_ids"]
-    rows = [("transformers", systems["transformers"]), *[(f"vllm_offline[{n}]", r) for n, r in offline.items()],
+
+def compare(transformers_run: dict, offline: dict, endpoints: dict, flops: dict, peak: float) -> list[tuple[str, dict]]:
+    """Every measured system as a row, with its share of the compute bound and whether it generated
+    the same tokens as transformers."""
+    reference = transformers_run["output_ids"]
+    rows = [("transformers", transformers_run), *[(f"vllm_offline[{n}]", r) for n, r in offline.items()],
             *[(f"endpoint[{n}]@{c}", r) for n, e in endpoints.items() for c, r in e["levels"].items()]]
-    for name, record in rows:
+    for _, record in rows:
         record["compute_bound_share"] = record["output_tokens_per_s"] * flops["forward_flops_per_token"] / peak
-        if "output_ids" in record and record is not systems["transformers"]:
+        if "output_ids" in record and record is not transformers_run:
             record["same_output_as_transformers"] = float(np.mean([a == b for a, b in zip(record["output_ids"], reference)]))
+    return rows
+
+
+def endpoint_ratios(transformers_run: dict, best_offline: dict, endpoints: dict, best: str) -> dict:
+    """Each endpoint at its highest concurrency over transformers and over the best offline engine."""
     ratios = {"goals": {"over_transformers": 2.0, "over_vllm_offline": 0.85}, "vllm_offline_variant": best}
     for name, endpoint in endpoints.items():
         top = str(max(int(c) for c in endpoint["levels"]))
         at_top = endpoint["levels"][top]["output_tokens_per_s"]
         ratios[f"endpoint[{name}]@{top}"] = {
-            "over_transformers": at_top / systems["transformers"]["output_tokens_per_s"],
-            "over_vllm_offline": at_top / systems["vllm_offline"]["output_tokens_per_s"]}
+            "over_transformers": at_top / transformers_run["output_tokens_per_s"],
+            "over_vllm_offline": at_top / best_offline["output_tokens_per_s"]}
+    return ratios
 
+
+def print_table(rows: list[tuple[str, dict]], ratios: dict, best: str) -> None:
     print(f"\n{'system':46} {'req/s':>7} {'tok/s':>8} {'bound':>6} {'TTFT p50/p99 (s)':>18} {'ITL p50/p99 (ms)':>18}")
     for name, r in rows:
         ttft = f"{r['ttft_s']['p50']:.2f}/{r['ttft_s']['p99']:.2f}" if "ttft_s" in r else "-"
@@ -342,16 +379,6 @@ def main() -> None:
         if name.startswith("endpoint"):
             print(f"{name} / transformers: {ratio['over_transformers']:.2f}x (goal >= 2x); "
                   f"{name} / vLLM offline [{best}]: {ratio['over_vllm_offline']:.2f}x (goal >= 0.85x)")
-
-    for _, record in rows:
-        record.pop("output_ids", None)
-    result = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model, "prompts": len(prompts),
-              "max_new_tokens": args.max_new_tokens, "engine_kwargs": engine_kwargs, "kv_cache_gib": args.kv_cache_gib,
-              "peak_fp32_matmul_flops": peak, **flops, "transformers": systems["transformers"],
-              "vllm_offline": offline, "endpoints": endpoints, "ratios": ratios, "args": vars(args)}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2, default=float))
-    print(f"[bench] results: {args.output}")
 
 
 if __name__ == "__main__":

@@ -81,6 +81,8 @@ def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, ap
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
+    """Data, training, evaluation, explanations, registration, then the endpoint if the gate allows;
+    writes `<run>/summary.json` with every stage's figures and time."""
     started = time.perf_counter()
     stage_seconds = {}
 
@@ -115,8 +117,23 @@ def run_pipeline(cfg: RunConfig) -> dict:
     mark = stage_done("report", mark)
     print(f"[pipeline] registered {cfg.name} {version['version']} "
           f"({'deployable' if version['deployable'] else 'not deployable'}); report: {report_path}")
+    summary = summarize(cfg.name, manifest, training, report, explanations, version, report_path)
+    if cfg.serve.enabled:
+        summary["serving"] = serve_current(cfg, registry, version, report, predictions, stage_seconds)
+    summary["stage_seconds"] = stage_seconds
+    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    summary["config"] = cfg.model_dump()
+    path = cfg.run_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    print(f"[pipeline] summary written to {path}")
+    print(json.dumps(summary["test_split"], indent=2))
+    return summary
+
+
+def summarize(run: str, manifest: dict, training: dict, report: dict, explanations: dict | None, version: dict, report_path: Path) -> dict:
+    """The run's figures in one place: data counts, training, every system's held-out scores."""
     summary = {
-        "run": cfg.name,
+        "run": run,
         "model_dir": training["model_dir"],
         "version": {key: version[key] for key in ("version", "path", "deployable", "gate")},
         "report": str(report_path),
@@ -139,32 +156,31 @@ def run_pipeline(cfg: RunConfig) -> dict:
         summary["explanations"] = {
             "faithfulness": {key: value for key, value in explanations["faithfulness"].items() if key != "per_example"},
             "completeness": explanations["completeness"]}
-    if cfg.serve.enabled:
-        # Serve what the gate allows: the current version (this one if it was promoted).
-        serving = registry.current()
-        if serving is None and cfg.serve.deploy_unpromoted:
-            serving = version
-        if serving is None:
-            summary["serving"] = {"skipped": "no deployable version: " + report["gate"]["reason"]}
-            print(f"[pipeline] not serving: {summary['serving']['skipped']}")
-        else:
-            # The job's own admin key for its check ($LAKEFORGE_API_KEY when the caller wants to reuse it).
-            api_key, endpoint = with_local_key(cfg.serve.endpoint.model_copy(update={"model_dir": serving["path"]}))
-            base_url = deploy(cfg.serve.import_path, endpoint)
-            mark = stage_done("serving_deploy", mark)
-            served_is_new = serving["version"] == version["version"]
-            served_predictions = predictions["fine_tuned" if served_is_new else "previous_version"]
-            summary["serving"] = {"version": serving["version"],
-                                  **check_endpoint(cfg, endpoint, base_url, api_key, served_predictions)}
-            mark = stage_done("serving_check", mark)
-    summary["stage_seconds"] = stage_seconds
-    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
-    summary["config"] = cfg.model_dump()
-    path = cfg.run_dir / "summary.json"
-    path.write_text(json.dumps(summary, indent=2, default=str))
-    print(f"[pipeline] summary written to {path}")
-    print(json.dumps(summary["test_split"], indent=2))
     return summary
+
+
+def serve_current(cfg: RunConfig, registry: ModelRegistry, version: dict, report: dict, predictions: dict,
+                  stage_seconds: dict) -> dict:
+    """Deploy what the gate allows (the current version: this one if it was promoted) and check it
+    through the endpoint; or say why nothing is served."""
+    serving = registry.current()
+    if serving is None and cfg.serve.deploy_unpromoted:
+        serving = version
+    if serving is None:
+        skipped = "no deployable version: " + report["gate"]["reason"]
+        print(f"[pipeline] not serving: {skipped}")
+        return {"skipped": skipped}
+    mark = time.perf_counter()
+    # The job's own admin key for its check ($LAKEFORGE_API_KEY when the caller wants to reuse it).
+    api_key, endpoint = with_local_key(cfg.serve.endpoint.model_copy(update={"model_dir": serving["path"]}))
+    base_url = deploy(cfg.serve.import_path, endpoint)
+    stage_seconds["serving_deploy"] = round(time.perf_counter() - mark, 1)
+    mark = time.perf_counter()
+    served_is_new = serving["version"] == version["version"]
+    served_predictions = predictions["fine_tuned" if served_is_new else "previous_version"]
+    checked = {"version": serving["version"], **check_endpoint(cfg, endpoint, base_url, api_key, served_predictions)}
+    stage_seconds["serving_check"] = round(time.perf_counter() - mark, 1)
+    return checked
 
 
 def main(argv: list[str] | None = None) -> None:

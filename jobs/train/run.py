@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import torch
 
 from cluster.contracts import ModelArtifact, TextPreprocessing
@@ -44,21 +46,117 @@ def read_learning_curve(path: Path) -> list[dict]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+@dataclass
+class Streams:
+    """What the workers train and validate on, and the task mixture when there is one."""
+    train: ray.data.Dataset
+    validation: ray.data.Dataset
+    mixture: dict | None = None
+
+
 def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
     """Train on the prepared shards; returns the training record (best step, losses, wall time)."""
-    import ray.train
-    from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    train = cfg.train
     task_dirs = {**task_data_dirs(cfg), cfg.primary_task.name: data_dir}
-    task_names = list(task_dirs)
     manifests = {name: json.loads((folder / MANIFEST).read_text()) for name, folder in task_dirs.items()}
     uri, run_id = (None, None)
     if cfg.tracking.enabled:
         further = {name: manifest for name, manifest in manifests.items() if name != cfg.primary_task.name}
         uri, run_id = start_run(cfg, manifests[cfg.primary_task.name], task_manifests=further)
         print(f"[finetune] tracking: MLflow run {run_id} at {uri}")
+    streams = training_streams(cfg, task_dirs, manifests)
+    trainer = build_trainer(cfg, base_dir, streams, list(task_dirs), uri, run_id)
+    tracker = MetricLogger(uri, run_id)
+    (cfg.run_dir / FAULT_MARKER).unlink(missing_ok=True)  # a fault drill fires once per run, not once ever
+    if not cfg.train.resume_from:  # a hand restart continues its run's curve
+        (cfg.run_dir / LEARNING_CURVE_FILE).unlink(missing_ok=True)
+    started = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    wall_seconds = time.perf_counter() - started
+
+    best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"])
+    export_dir, export_diff = export_best(cfg, base_dir, best_checkpoint, best_metrics)
+    tracker.log({"best_val_loss": best_metrics["val_loss"], "best_step": best_metrics["step"],
+                 "export_max_abs_logit_diff": export_diff, "wall_seconds": wall_seconds}, best_metrics["step"])
+    tracker.finish()
+    print(f"[finetune] exported step {best_metrics['step']} (val loss {best_metrics['val_loss']:.4f}) to {export_dir}; "
+          f"reload max |logit diff| {export_diff:.2e}")
+    last = result.metrics  # the final report's metrics
+    return {
+        "model_dir": str(export_dir),
+        "best_step": best_metrics["step"],
+        "best_val_loss": best_metrics["val_loss"],
+        "tokens_per_s": last["tokens_per_s"],
+        # Without each attempt's first step (data pipeline start-up, optimizer state allocation).
+        "steady_tokens_per_s": last["steady_tokens_per_s"],
+        "first_batch_seconds": last["first_batch_seconds"],
+        "train_tokens": last["train_tokens"],
+        "examples_seen": last["examples_seen"],
+        "learning_curve": read_learning_curve(cfg.run_dir / LEARNING_CURVE_FILE),
+        "history": [entry for _, entry in sorted(result.best_checkpoints, key=lambda pair: pair[1]["step"])],
+        "wall_seconds": wall_seconds,
+        "export_max_abs_logit_diff": export_diff,
+        "checkpoint_path": best_checkpoint.path,
+        "checkpoint_uri": uri_of(best_checkpoint.filesystem, best_checkpoint.path),  # for train.resume_from
+        "final": {key: last[key] for key in (
+            "step", "train_loss", "val_loss", "resumed_from_step", "non_padding_share", "worker_nodes")},
+        "mfu": last["mfu"],
+        "peak_memory_gib_max_worker": last["peak_memory_gib_max_worker"],
+        "tracking": {"uri": uri, "run_id": run_id},
+        # Multi-task runs: the planned mix, and what the workers really trained on per task up to the
+        # last report; each history entry holds val_loss/<task>.
+        "tasks": None if streams.mixture is None else {
+            **streams.mixture, "train_examples_seen": {name: last[f"train_examples/{name}"] for name in task_dirs}},
+        "settings": cfg.train.model_dump(),
+    }
+
+
+def training_streams(cfg: RunConfig, task_dirs: dict[str, Path], manifests: dict[str, dict]) -> Streams:
+    """The primary task's train split (class-balanced when train.balance_classes) and up to
+    max_validation_examples of its validation split; with further tasks, their weighted mixture."""
+    train, primary = cfg.train, cfg.primary_task.name
+    data_dir = task_dirs[primary]
+    streams = Streams(split_dataset(data_dir, "train"), split_dataset(data_dir, "validation").limit(train.max_validation_examples))
+    if train.balance_classes:
+        label_rows = manifests[primary]["splits"]["train"]["labels"]
+        streams.train = balanced_sample(streams.train, label_rows, train.seed)
+        print(f"[finetune] class-balanced training stream: about {min(label_rows.values())} rows of each of "
+              f"{len(label_rows)} labels (train split {label_rows})")
+    if not cfg.tasks:
+        return streams
+    # The examples max_steps optimizer steps consume, or one pass of the mixture when that is
+    # fewer (every task's rows at least once; the training loop repeats the stream), each task
+    # its weighted share; validation: up to max_validation_examples of every task, tagged with its task id.
+    task_names = list(task_dirs)
+    rows = [manifests[name]["splits"]["train"]["rows"] for name in task_names]
+    weights = [weight for _, weight in cfg.mixture()]
+    budget = train.max_steps * train.micro_batch_size * train.gradient_accumulation_steps * train.num_workers
+    examples = min(budget, mixture_pass(weights, rows))
+    streams.train, counts = mixture_dataset(
+        [split_dataset(folder, "train") for folder in task_dirs.values()], rows, weights, examples, train.seed)
+    first, *further = [
+        split_dataset(folder, "validation").limit(train.max_validation_examples).map_batches(
+            lambda batch, task_id=task_id: batch.assign(task_id=task_id), batch_format="pandas")
+        for task_id, folder in enumerate(task_dirs.values())]
+    streams.validation = first.union(*further)
+    streams.mixture = {"weights": dict(cfg.mixture()), "train_rows": dict(zip(task_names, rows)),
+                       "planned_examples": dict(zip(task_names, counts)), "budget_examples": budget}
+    print(f"[finetune] task mixture: {streams.mixture['planned_examples']} examples of {examples}"
+          + (f" (one pass of the mixture, repeated as the run needs: max_steps would consume {budget})" if examples < budget else ""))
+    return streams
+
+
+def build_trainer(cfg: RunConfig, base_dir: Path, streams: Streams, task_names: list[str], uri: str | None, run_id: str | None):
+    """A TorchTrainer of train.num_workers workers over the streams, checkpointing to
+    train.checkpoint_storage (or the run folder) and keeping the best by validation loss."""
+    import ray.train
+    from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    train = cfg.train
     # Resolved on the driver, which has the S3 settings: the filesystem objects travel to the Train
     # controller and workers (other processes, other nodes).
     storage_fs, storage_path = filesystem_for(train.checkpoint_storage or str(cfg.run_dir / "ray_train"))
@@ -66,34 +164,7 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
     if train.resume_from:
         resume_fs, resume_path = filesystem_for(train.resume_from)
         resume = Checkpoint(resume_path, filesystem=resume_fs)
-    train_split = split_dataset(data_dir, "train")
-    validation_split = split_dataset(data_dir, "validation").limit(train.max_validation_examples)
-    mixture = None
-    if train.balance_classes:
-        label_rows = manifests[cfg.primary_task.name]["splits"]["train"]["labels"]
-        train_split = balanced_sample(train_split, label_rows, train.seed)
-        print(f"[finetune] class-balanced training stream: about {min(label_rows.values())} rows of each of "
-              f"{len(label_rows)} labels (train split {label_rows})")
-    if cfg.tasks:
-        # The examples max_steps optimizer steps consume, or one pass of the mixture when that is
-        # fewer (every task's rows at least once; the training loop repeats the stream), each task
-        # its weighted share; validation: up to max_validation_examples of every task, tagged with its task id.
-        rows = [manifests[name]["splits"]["train"]["rows"] for name in task_names]
-        weights = [weight for _, weight in cfg.mixture()]
-        budget = train.max_steps * train.micro_batch_size * train.gradient_accumulation_steps * train.num_workers
-        examples = min(budget, mixture_pass(weights, rows))
-        train_split, counts = mixture_dataset(
-            [split_dataset(folder, "train") for folder in task_dirs.values()], rows, weights, examples, train.seed)
-        primary, *further = [
-            split_dataset(folder, "validation").limit(train.max_validation_examples).map_batches(
-                lambda batch, task_id=task_id: batch.assign(task_id=task_id), batch_format="pandas")
-            for task_id, folder in enumerate(task_dirs.values())]
-        validation_split = primary.union(*further)
-        mixture = {"weights": dict(cfg.mixture()), "train_rows": dict(zip(task_names, rows)),
-                   "planned_examples": dict(zip(task_names, counts)), "budget_examples": budget}
-        print(f"[finetune] task mixture: {mixture['planned_examples']} examples of {examples}"
-              + (f" (one pass of the mixture, repeated as the run needs: max_steps would consume {budget})" if examples < budget else ""))
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": train.model_dump(), "base_model_dir": str(base_dir), "resume_checkpoint": resume,
                            "tracking_uri": uri, "tracking_run_id": run_id, "storage_dir": str(cfg.run_dir),
@@ -105,7 +176,7 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
             placement_strategy=train.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        datasets={"train": train_split, "validation": validation_split},
+        datasets={"train": streams.train, "validation": streams.validation},
         dataset_config=DataConfig(datasets_to_split=["train", "validation"]),
         run_config=ray.train.RunConfig(
             name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -116,59 +187,20 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
             ),
         ),
     )
-    tracker = MetricLogger(uri, run_id)
-    (cfg.run_dir / FAULT_MARKER).unlink(missing_ok=True)  # a fault drill fires once per run, not once ever
-    if not train.resume_from:  # a hand restart continues its run's curve
-        (cfg.run_dir / LEARNING_CURVE_FILE).unlink(missing_ok=True)
-    started = time.perf_counter()
-    try:
-        result = trainer.fit()
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    wall_seconds = time.perf_counter() - started
 
-    best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"])
+
+def export_best(cfg: RunConfig, base_dir: Path, checkpoint, metrics: dict) -> tuple[Path, float]:
+    """The best checkpoint as `<run>/model`, verified against its probe logits, with the model
+    folder's record of labels, prompt and preprocessing (what serving applies to incoming text)."""
     export_dir = cfg.run_dir / "model"
-    with best_checkpoint.as_directory() as folder:
+    with checkpoint.as_directory() as folder:
         export_model(Path(folder) / HF_EXPORT_DIR, base_dir, export_dir)
         probe_logits = torch.load(Path(folder) / PROBE_FILE)
-    export_diff = verify_export(export_dir, probe_logits, EXPORT_TOLERANCE[best_metrics["precision"]])
+    export_diff = verify_export(export_dir, probe_logits, EXPORT_TOLERANCE[metrics["precision"]])
     ModelArtifact(
         name=cfg.serve.endpoint.model_id, base_model=cfg.model.base, labels=cfg.data.labels,
         system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len,
-        # What jobs.data did to every text before templating: clean_text, then the PII rules.
+        # What the data stage did to every text before templating: clean_text, then the PII rules.
         preprocessing=TextPreprocessing(clean=True, pii=cfg.data.pii if cfg.data.pii.enabled else None),
     ).write(export_dir)
-    tracker.log({"best_val_loss": best_metrics["val_loss"], "best_step": best_metrics["step"],
-                 "export_max_abs_logit_diff": export_diff, "wall_seconds": wall_seconds}, best_metrics["step"])
-    tracker.finish()
-    print(f"[finetune] exported step {best_metrics['step']} (val loss {best_metrics['val_loss']:.4f}) to {export_dir}; "
-          f"reload max |logit diff| {export_diff:.2e}")
-    return {
-        "model_dir": str(export_dir),
-        "best_step": best_metrics["step"],
-        "best_val_loss": best_metrics["val_loss"],
-        "tokens_per_s": result.metrics["tokens_per_s"],
-        # Without each attempt's first step (data pipeline start-up, optimizer state allocation).
-        "steady_tokens_per_s": result.metrics["steady_tokens_per_s"],
-        "first_batch_seconds": result.metrics["first_batch_seconds"],
-        "train_tokens": result.metrics["train_tokens"],
-        "examples_seen": result.metrics["examples_seen"],
-        "learning_curve": read_learning_curve(cfg.run_dir / LEARNING_CURVE_FILE),
-        "history": [metrics for _, metrics in sorted(result.best_checkpoints, key=lambda pair: pair[1]["step"])],
-        "wall_seconds": wall_seconds,
-        "export_max_abs_logit_diff": export_diff,
-        "checkpoint_path": best_checkpoint.path,
-        "checkpoint_uri": uri_of(best_checkpoint.filesystem, best_checkpoint.path),  # for train.resume_from
-        "final": {key: result.metrics[key] for key in (
-            "step", "train_loss", "val_loss", "resumed_from_step", "non_padding_share", "worker_nodes")},
-        "mfu": result.metrics["mfu"],
-        "peak_memory_gib_max_worker": result.metrics["peak_memory_gib_max_worker"],
-        "tracking": {"uri": uri, "run_id": run_id},
-        # Multi-task runs: the planned mix, and what the workers really trained on per task up to the
-        # last report; each history entry holds val_loss/<task>.
-        "tasks": None if mixture is None else {
-            **mixture, "train_examples_seen": {name: result.metrics[f"train_examples/{name}"] for name in task_names}},
-        "settings": train.model_dump(),
-    }
+    return export_dir, export_diff

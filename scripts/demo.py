@@ -114,8 +114,15 @@ def main(argv: list[str]) -> None:
         "--", "python", "-m", "jobs.pipeline", "--config", CONFIG, *overrides,
     ]
     print("$", " ".join(command).replace(api_key, "<api key>"), flush=True)  # printed once, at the end, where it is needed
-    returncode = subprocess.run(command, env=job_client_env(), cwd=REPO).returncode
-    status = final_job_status(address, submission_id)
+    for attempt in range(12):
+        returncode = subprocess.run(command, env=job_client_env(), cwd=REPO).returncode
+        status = final_job_status(address, submission_id)
+        # A head that has just started may refuse jobs until its job agent is up ("No available
+        # agent to submit job"): the job was never created, so the same submission can be retried.
+        if not status.startswith("UNKNOWN") or "does not exist" not in status:
+            break
+        print(f"[demo] the cluster did not take the job yet (attempt {attempt + 1}); retrying in 5 s", flush=True)
+        time.sleep(5)
     if returncode != 0 or status != "SUCCEEDED":
         sys.exit(f"the pipeline job {submission_id} ended {status}: its log is above (also: ray job logs {submission_id})")
 

@@ -204,7 +204,7 @@ def test_html_highlights_words_and_escapes_text(explanations):
     tampered["examples"][0]["integrated_gradients"]["words"][0] = '<b>"fly" & co</b>'
     page = explanations_html(tampered)
     assert page.startswith("<section>") and page.endswith("</section>")
-    assert "&lt;b&gt;&quot;fly&quot; &amp; co&lt;/b&gt;" in page and '<b>"fly"' not in page
+    assert "&lt;b&gt;&#34;fly&#34; &amp; co&lt;/b&gt;" in page and '<b>"fly"' not in page
     assert ">great</span>" in page or ">awful</span>" in page
     assert all(label in page for label in LABELS) and page.count("<img") == 2 + len(explanations["dependence"])
 

@@ -76,10 +76,13 @@ def final_job_status(address: str, submission_id: str) -> str:
     while True:
         result = subprocess.run([ray_cli(), "job", "status", "--address", address, submission_id],
                                 capture_output=True, text=True, env=job_client_env())
-        found = re.search(r"Status for job '[^']*': (\w+)", result.stdout + result.stderr)
+        output = result.stdout + result.stderr
+        # `ray job status` words the three ends as sentences and any other state as "Status for job ...: X".
+        ended = {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}
+        found = re.search(r"Job '[^']*' (succeeded|failed|was stopped)|Status for job '[^']*': (\w+)", output)
         if not found:
-            return f"UNKNOWN (ray job status: {(result.stdout + result.stderr).strip()[-300:]})"
-        status = found.group(1)
+            return f"UNKNOWN (ray job status: {output.strip()[-300:]})"
+        status = ended[found.group(1)] if found.group(1) else found.group(2)
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             return status
         if status != reported:

@@ -75,7 +75,7 @@ def run_variant(name: str, overrides: dict, model_dir: Path, random_init: bool, 
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model = prepare_model(model, train)
-    flops_per_token = train_flops_per_token(model, train["method"])
+    flops_per_token = train_flops_per_token(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
                                            config=deepspeed_config(train, world_size=1, precision=precision))

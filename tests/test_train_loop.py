@@ -124,6 +124,30 @@ def test_prepare_model_trains_only_what_the_method_says(tiny_model_dir):
         TrainSection(trainable_layers=2, freeze_layers=1)
 
 
+def test_flops_per_token_count_only_the_backward_pass_the_trained_weights_need(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from jobs.train.engine import prepare_model
+    from jobs.train.flops import train_flops_per_token
+
+    def model(**settings):
+        return prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainSection(**settings).model_dump())
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    layer = sum(p.numel() for p in base.model.layers[0].parameters())
+    non_embedding = sum(p.numel() for p in base.parameters()) - base.get_input_embeddings().weight.numel()
+    # Every weight trains: forward 2N, activation gradients 2N, weight gradients 2N.
+    assert train_flops_per_token(model(trainable_layers=None, freeze_embeddings=False)) == 6 * non_embedding
+    # The top layer only: no gradient at all through the bottom layer, weight gradients for the top layer and the norm.
+    top = model(trainable_layers=1)
+    trained = sum(p.numel() for p in top.parameters() if p.requires_grad)
+    assert train_flops_per_token(top) == 2 * non_embedding + 2 * (non_embedding - layer) + 2 * trained
+    assert train_flops_per_token(top) < 5 * non_embedding
+    # LoRA: gradients flow through every layer to the adapters, the base weights get none: about 4N.
+    lora = model(method="lora", lora={"rank": 4, "target_modules": ["q_proj", "v_proj"]})
+    assert 4 * non_embedding < train_flops_per_token(lora) < 4.1 * non_embedding
+
+
 def test_export_check_rejects_weights_that_do_not_reproduce_the_trained_logits(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

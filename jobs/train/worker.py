@@ -191,7 +191,7 @@ def start_worker(config: dict) -> Worker:
     model = prepare_model(AutoModelForCausalLM.from_pretrained(config["base_model_dir"], dtype=dtype), train)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     # Counted before DeepSpeed: ZeRO-3 partitions parameters, leaving each rank's tensors empty.
-    flops_per_token = train_flops_per_token(model, train["method"])
+    flops_per_token = train_flops_per_token(model)
     trainable_count, total_count = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=trainable, config=deepspeed_config(train, world_size, precision),

@@ -6,8 +6,13 @@ canonical JSON of the entry without `hash` (sorted keys, no spaces). So an edite
 reordered or truncated line breaks the chain at a line `verify` names.
 
 Several processes (Serve replicas on one node) may append to one file: each append takes an
-exclusive `fcntl.flock`, reads the last entry's hash, writes one line and fsyncs, so the chain
+exclusive `fcntl.flock`, reads the last entry's hash, writes its lines and fsyncs, so the chain
 stays linear. The path must be on a local filesystem (flock does not work on object stores).
+
+`AuditWriter` does the appending on a background thread for async code (the gateway): entries are
+queued in order, and whatever has queued up while one batch was being written goes to disk as the
+next batch, under one lock and one fsync (group commit); a caller awaits its entry's future, so the
+event loop never waits on the disk, yet nothing is answered before its entry is durable.
 
 Threat model: a plain SHA-256 chain catches accidental damage and edits by someone who does not
 rewrite every later line; an attacker who can rewrite the whole file can recompute the chain.
@@ -18,12 +23,16 @@ Neither catches dropping the newest lines (tail truncation); ship the latest has
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import fcntl
 import hashlib
 import hmac
 import json
 import os
 import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -108,9 +117,20 @@ class AuditLog:
 
     def append(self, event: dict) -> dict:
         """Write one entry for `event` and return it (with seq, time, prev_hash, hash)."""
+        return self.append_many([event])[0]
+
+    @staticmethod
+    def check_event(event: dict) -> None:
         clash = [name for name in RESERVED_FIELDS if name in event]
         if clash:
             raise ValueError(f"audit event may not set reserved field(s) {clash}")
+
+    def append_many(self, events: list[dict]) -> list[dict]:
+        """Write one entry per event, in order, under one lock and one fsync; return the entries."""
+        for event in events:
+            self.check_event(event)
+        if not events:
+            return []
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # held across read-last-hash + write: one linear chain
@@ -126,13 +146,130 @@ class AuditLog:
                 except (ValueError, KeyError, TypeError):  # not JSON, or no chain fields: nothing to chain to
                     raise AuditError(f"{self.path}: the last entry is unreadable; run "
                                      f"`python -m cluster.audit verify {self.path}`") from None
-            entry = {"seq": seq, "time": datetime.now(timezone.utc).isoformat(), **event, "prev_hash": prev_hash}
-            entry["hash"] = entry_hash(entry, self._key)
-            os.write(fd, _canonical(entry) + b"\n")
+            entries, lines = [], []
+            for event in events:
+                entry = {"seq": seq, "time": datetime.now(timezone.utc).isoformat(), **event, "prev_hash": prev_hash}
+                entry["hash"] = prev_hash = entry_hash(entry, self._key)
+                entries.append(entry)
+                lines.append(_canonical(entry) + b"\n")
+                seq += 1
+            data = memoryview(b"".join(lines))
+            while data:  # a regular file takes it in one write; a short write is continued, not lost
+                data = data[os.write(fd, data):]
             os.fsync(fd)
-            return entry
+            return entries
         finally:
             os.close(fd)  # also releases the lock
+
+
+class AuditWriter:
+    """Appends to an `AuditLog` on one background thread, in submission order, a batch per fsync.
+
+    `submit` queues an event and returns a future of its entry (its exception when the batch could
+    not be written; async code awaits it with `asyncio.wrap_future`). After a failed batch the writer is `down`
+    (the cause is logged once per failed batch) until a later batch is written; `probe_due` tells a
+    caller whether to try the store again (at most every `retry_s` seconds) or refuse straight away.
+    `flush` waits for everything submitted so far; `close` flushes and stops the thread (further
+    submissions fail). Thread-safe.
+    """
+
+    def __init__(self, log: AuditLog, *, max_batch: int = 512, retry_s: float = 1.0,
+                 on_error: Callable[[Exception], None] | None = None, on_recovery: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.log = log
+        self.max_batch = max_batch
+        self.retry_s = retry_s
+        self.clock = clock
+        self._on_error = on_error
+        self._on_recovery = on_recovery
+        self._cond = threading.Condition()
+        self._pending: list[tuple[dict, concurrent.futures.Future]] = []
+        self._submitted = self._done = 0
+        self._closed = False
+        self.error: Exception | None = None  # the last batch's failure while down, else None
+        self._last_try = float("-inf")
+        self._thread = threading.Thread(target=self._run, name="lakeforge-audit-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def down(self) -> bool:
+        return self.error is not None
+
+    def probe_due(self) -> bool:
+        """Whether a caller should write (and so try the store) now: always while the store works,
+        else once per `retry_s` (the caller that gets True is the probe)."""
+        with self._cond:
+            if self.error is None:
+                return True
+            now = self.clock()
+            if now - self._last_try >= self.retry_s:
+                self._last_try = now
+                return True
+            return False
+
+    def submit(self, event: dict) -> concurrent.futures.Future:
+        AuditLog.check_event(event)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._closed or not self._thread.is_alive():
+                raise AuditError("the audit writer is stopped")
+            self._pending.append((event, future))
+            self._submitted += 1
+            self._cond.notify_all()
+        return future
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted before this call is written (or failed); False on timeout."""
+        with self._cond:
+            target = self._submitted
+            return self._cond.wait_for(lambda: self._done >= target or not self._thread.is_alive(), timeout)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Write what is pending, then stop the thread; idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @staticmethod
+    def _call(callback, *args) -> None:
+        if callback is not None:
+            try:
+                callback(*args)
+            except Exception:  # noqa: BLE001 - a failing callback must not stop the writer
+                pass
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._closed)
+                if not self._pending:
+                    return  # closed and drained
+                batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+            # A waiter that went away (a cancelled request) cancels its future, never its entry:
+            # the event is written all the same, its result just has no one to go to.
+            batch = [(event, future if future.set_running_or_notify_cancel() else None) for event, future in batch]
+            try:
+                entries = self.log.append_many([event for event, _ in batch])
+            except Exception as error:  # noqa: BLE001 - any failure fails the batch; the thread lives on
+                with self._cond:
+                    self.error, self._last_try = error, self.clock()
+                self._call(self._on_error, error)
+                for _, future in batch:
+                    if future is not None:
+                        future.set_exception(error)
+            else:
+                with self._cond:
+                    recovered, self.error = self.error is not None, None
+                if recovered:
+                    self._call(self._on_recovery)
+                for (_, future), entry in zip(batch, entries):
+                    if future is not None:
+                        future.set_result(entry)
+            with self._cond:
+                self._done += len(batch)
+                self._cond.notify_all()
 
 
 @dataclass

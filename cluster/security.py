@@ -33,6 +33,18 @@ Rate limits (`RateLimiter`, 429 with Retry-After): requests and tokens per minut
 sliding 60 s window, keyed by API key id (or JWT subject). A principal gets the most generous limit
 among its roles; a role without an entry is unlimited. Limits are kept in process, so they apply per
 gateway replica: with N replicas a key can reach N times its limit (divide limits by N if that matters).
+
+Failed authentication (`FailedAuthLimiter`, 429 with Retry-After): per client address, the first
+`failed_auth.max_failures` failures in a window of `failed_auth.window_seconds` (the window starts at
+the address's first failure) are answered 401 and audited one by one; later failures in the window
+are answered 429 without an audit entry each, only counted, and one summary entry per address and
+window records how many were refused (written when the window has closed, on the gateway's next
+request or at shutdown). So an attacker without a key causes at most `max_failures` + 1 audit writes
+per address per window. Requests whose credentials are valid are never refused by this limit, even
+from a blocked address (clients behind one NAT or proxy as an attacker keep working), and they do not
+lower the address's failure count. At most `failed_auth.max_addresses` addresses are tracked; beyond
+that the one whose window started first is dropped (its summary written first). The client address is
+the connection's peer; `X-Forwarded-For` is believed only from `trusted_proxies`.
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import re
@@ -47,7 +60,7 @@ import secrets
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +78,7 @@ Classification = Literal["public", "internal", "confidential", "restricted"]
 CLASSIFICATIONS: tuple[str, ...] = ("public", "internal", "confidential", "restricted")
 SCOPES = ("tenant", "any")
 KEY_PREFIX = "lf_"
+ADDRESS_CHARS = 64  # a client address as recorded and counted (an IPv6 address with a zone fits)
 KEY_ID_PATTERN = r"^[A-Za-z0-9-]{1,64}$"  # no "_": it separates the id from the secret in a key
 
 INFERENCE_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/models")
@@ -163,6 +177,20 @@ class ParamLimits(StrictModel):
     n: int | None = Field(default=None, ge=1, description="Largest `n` (completions per request) allowed.")
 
 
+class FailedAuthSettings(StrictModel):
+    """How many failed authentications one client address gets before it is refused (429) unaudited."""
+
+    max_failures: int = Field(default=10, ge=1, le=10_000,
+                              description="Failed authentications per client address and window that are answered 401 and audited "
+                                          "one by one; later ones in the window get 429 with Retry-After, counted in one "
+                                          "summary audit entry per address and window. Valid credentials are never refused.")
+    window_seconds: float = Field(default=300.0, gt=0, le=86_400,
+                                  description="Length of an address's window, from its first failure; the count starts again after it.")
+    max_addresses: int = Field(default=10_000, ge=1, le=10_000_000,
+                               description="Client addresses tracked at once (bounded memory): beyond it the address whose window "
+                                           "started first is forgotten, its summary entry written first.")
+
+
 def _most_generous(limits: list, model: type):
     """Per field, the largest value among `limits`; None (unlimited) wins; no limits at all = unlimited."""
     if not limits:
@@ -206,6 +234,22 @@ class SecuritySettings(StrictModel):
     param_limits: dict[str, ParamLimits] = Field(default_factory=dict, description="Request parameter caps by role; a principal gets "
                                                                                   "the most generous of its roles'.")
     audit: AuditSettings = Field(default_factory=AuditSettings, description="Where the hash-chained audit log goes.")
+    failed_auth: FailedAuthSettings = Field(default_factory=FailedAuthSettings,
+                                            description="Per client address limit on failed authentications (429 after it).")
+    trusted_proxies: list[str] = Field(default_factory=list,
+                                       description="Addresses or CIDR networks of reverse proxies whose X-Forwarded-For header is "
+                                                   "believed (the client is its right-most address not in this list); empty: the "
+                                                   "connection's peer is the client and X-Forwarded-For is ignored.")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, proxies: list[str]) -> list[str]:
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted proxy '{proxy}' is not an IP address or CIDR network") from None
+        return proxies
 
     @field_validator("open_routes")
     @classmethod
@@ -528,6 +572,100 @@ class RateLimiter:
         if tokens > 0 and limit.tokens_per_minute is not None:
             usage.tokens.append((now, tokens))
             usage.token_sum += tokens
+
+
+def client_address(peer: str | None, forwarded_for: str | None, trusted_proxies: Iterable[str]) -> str:
+    """The client's address: the connection's `peer`, or, when the peer is a trusted proxy, the
+    right-most `X-Forwarded-For` address that is not a trusted proxy (a client can put anything to
+    the left of what its proxy appends, so nothing further left is believed)."""
+    networks = [ipaddress.ip_network(proxy, strict=False) for proxy in trusted_proxies]
+
+    def trusted(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in networks)
+
+    client = peer or "unknown"
+    if networks and trusted(client) and forwarded_for:
+        for hop in reversed([part.strip() for part in forwarded_for.split(",") if part.strip()]):
+            client = hop
+            if not trusted(hop):
+                break
+    return client[:ADDRESS_CHARS]  # a header holds whatever a proxy put there: the limiter's keys stay small
+
+
+@dataclass
+class _Failures:
+    started: float  # when the window began (the first failure)
+    failures: int = 0  # failures answered 401 in the window
+    refused: int = 0  # failures answered 429 in the window, not yet audited
+
+
+class FailedAuthLimiter:
+    """Failed authentications per client address in fixed windows (see the module doc); thread-safe.
+
+    `fail(address)` counts one failed authentication: (None, ...) while the address is within its
+    `max_failures` (answer 401 and audit it), else (seconds until its window ends, ...) (answer 429;
+    only counted). Every method also returns the summaries of windows that have closed or been
+    evicted, `{"event": "failed_auth_limited", "client", "failures", "refused", "window_seconds"}`,
+    for the audit log, one per address and window that refused anything; `expired()` returns just
+    those, `drain()` those of every window (at shutdown).
+    """
+
+    def __init__(self, settings: FailedAuthSettings, clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self.clock = clock
+        self._lock = threading.Lock()
+        # By window start, oldest first: windows are equally long, so they also close in this order.
+        self._windows: OrderedDict[str, _Failures] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def _summary(self, address: str, window: _Failures) -> dict:
+        return {"event": "failed_auth_limited", "client": address, "failures": window.failures,
+                "refused": window.refused, "window_seconds": self.settings.window_seconds}
+
+    def _expire(self, now: float) -> list[dict]:
+        """Drop closed windows and those beyond `max_addresses` (oldest first); their summaries."""
+        summaries = []
+        while self._windows:
+            address, window = next(iter(self._windows.items()))
+            if now - window.started < self.settings.window_seconds and len(self._windows) <= self.settings.max_addresses:
+                break
+            del self._windows[address]
+            if window.refused:
+                summaries.append(self._summary(address, window))
+        return summaries
+
+    def fail(self, address: str) -> tuple[float | None, list[dict]]:
+        """Count a failed authentication from `address`: (None or seconds to wait, closed summaries)."""
+        with self._lock:
+            now = self.clock()
+            summaries = self._expire(now)
+            window = self._windows.get(address)
+            if window is None:
+                window = self._windows[address] = _Failures(started=now)
+                summaries += self._expire(now)  # one more address may push the oldest out
+            if window.failures < self.settings.max_failures:
+                window.failures += 1
+                return None, summaries
+            window.refused += 1
+            return max(window.started + self.settings.window_seconds - now, 0.001), summaries
+
+    def expired(self) -> list[dict]:
+        """The summaries of windows that have closed since the last call."""
+        with self._lock:
+            return self._expire(self.clock())
+
+    def drain(self) -> list[dict]:
+        """Forget every window; the summaries of those that refused requests."""
+        with self._lock:
+            summaries = [self._summary(address, window) for address, window in self._windows.items() if window.refused]
+            self._windows.clear()
+            return summaries
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,12 +2,17 @@
 
 `Gateway` subclasses `OpenAiIngress` (the OpenAI layer, streaming, LoRA multiplexing stay
 ray.serve.llm's) and adds:
-- a middleware that authenticates every route outside `security.open_routes` (401), applies the
-  per-key request/token rate limits (429 + Retry-After), and at the end of each response (after
-  the last streamed chunk) writes the request's audit entry and its Prometheus metrics;
+- a middleware that authenticates every route outside `security.open_routes` (401; after
+  `security.failed_auth.max_failures` failures from one client address in a window, 429 without an
+  audit entry each, one summary entry per address and window), applies the per-key request/token
+  rate limits (429 + Retry-After), and at the end of each response (after the last streamed chunk)
+  writes the request's audit entry and its Prometheus metrics;
+- audit writes on a background thread (`cluster.audit.AuditWriter`), batched one fsync per batch:
+  a request awaits its entry without blocking the event loop;
 - per-route authorization (403, every decision audited) and request limits (400/413) before
   anything reaches the engine; `/v1/models` lists only what the caller may use;
 - fail closed on the audit log: a request that cannot be audited is answered 503, the cause logged;
+  while the log is down, requests are refused (503) at once, one per second trying it again;
 - error answers that name the problem (ray.serve.llm's name internal exception classes);
 - `POST /v1/classify`: label probabilities by label scoring through vLLM's prompt log-probs;
 - `GET /health`: fails (503) when an engine's own health check fails, not only when a process dies.
@@ -21,6 +26,7 @@ import logging
 import math
 import re
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -41,8 +47,10 @@ from vllm.entrypoints.generate.base.protocol import StreamOptions
 
 from cluster.contracts import ARTIFACT_FILE, EndpointSettings, ModelArtifact
 from cluster.prompting import label_probabilities, label_token_ids, prompt_ids
-from cluster.audit import AuditError, AuditLog
-from cluster.security import AccessController, Authenticator, AuthError, Decision, RateLimiter
+from cluster.audit import AuditError, AuditLog, AuditWriter
+from cluster.security import (
+    AccessController, Authenticator, AuthError, Decision, FailedAuthLimiter, RateLimiter, client_address,
+)
 from cluster.storage import path_inside
 from cluster.text import Preprocessor
 from serving.limits import (
@@ -51,6 +59,8 @@ from serving.limits import (
 
 HEALTH_ROUTE = "/health"
 HEALTH_TIMEOUT_S = 10
+AUDIT_RETRY_S = 1.0  # while the audit log is down, how often a request tries it again (the others get 503 at once)
+SHUTDOWN_FLUSH_S = 30.0  # how long shutdown waits for pending audit entries
 AUDIT_DOWN = "the audit log cannot be written, so requests are refused until it can (the gateway log says why)"
 # Serve writes this logger to the replica's log file.
 logger = logging.getLogger("ray.serve")
@@ -158,21 +168,54 @@ def _usage(payload: dict, record: dict) -> None:
 _replica_gateway: "Gateway | None" = None
 
 
+def _audit_failed(path: Path, error: Exception) -> None:  # on the audit writer's thread, once per failed batch
+    logger.error("audit log %s cannot be written, refusing requests until it can: %s", path, error)
+
+
+def _audit_recovered(path: Path) -> None:
+    logger.warning("audit log %s can be written again; serving requests", path)
+
+
+def _summary_lost(path: Path, summary: dict, error: BaseException) -> None:
+    logger.error("audit log %s: failed-authentication summary not written (%s): %s", path, error, json.dumps(summary))
+
+
+def _summary_written(path: Path, summary: dict, future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        _summary_lost(path, summary, future.exception())
+
+
 async def guard(request: Request, call_next):
-    """Authenticate, rate-limit, then audit and measure the whole response (added last: runs first)."""
+    """Authenticate, rate-limit, then audit and measure the whole response (added last: runs first).
+
+    A failed authentication is counted per client address before anything is written: past the
+    address's `failed_auth.max_failures` in its window it is answered 429, unaudited (the window's
+    summary entry counts it)."""
     gateway = _replica_gateway
     security = gateway.settings.security
     route = request.url.path
     if route in security.open_routes:
         return await call_next(request)
-    record = {"event": "request", "route": route, "method": request.method, "subject": None, "key_id": None,
-              "tenant": None, "model": None, "status": None, "prompt_tokens": 0, "completion_tokens": 0,
-              "_started": time.perf_counter()}
+    client = client_address(request.client.host if request.client else None,
+                            request.headers.get("x-forwarded-for"), security.trusted_proxies)
+    record = {"event": "request", "route": route, "method": request.method, "client": client, "subject": None,
+              "key_id": None, "tenant": None, "model": None, "status": None, "prompt_tokens": 0,
+              "completion_tokens": 0, "_started": time.perf_counter()}
     request.state.record = record
+    gateway.audit_summaries(gateway.failed_auth.expired())
+    if not gateway.audit_writer.probe_due():  # the log is down and was tried just now: refuse at once
+        return await gateway.finish(record, error_response(503, AUDIT_DOWN), audit=False)
     try:
         principal = gateway.authenticator.authenticate(request.headers.get("authorization"))
     except AuthError as error:
-        return gateway.finish(record, error_response(401, str(error), {"WWW-Authenticate": "Bearer"}))
+        wait, summaries = gateway.failed_auth.fail(client)
+        gateway.audit_summaries(summaries)
+        if wait is not None:
+            seconds = max(1, math.ceil(wait))
+            return await gateway.finish(record, error_response(
+                429, f"too many failed authentications from this address; retry in {seconds}s",
+                {"Retry-After": str(seconds)}), audit=False)
+        return await gateway.finish(record, error_response(401, str(error), {"WWW-Authenticate": "Bearer"}))
     record.update(subject=principal.subject, key_id=principal.key_id, tenant=principal.tenant,
                   _key=principal.key_id or principal.subject)
     request.state.principal = principal
@@ -180,10 +223,10 @@ async def guard(request: Request, call_next):
     retry_after = gateway.limiter.check(record["_key"], limit)
     if retry_after is not None:
         seconds = max(1, math.ceil(retry_after))
-        return gateway.finish(record, error_response(
+        return await gateway.finish(record, error_response(
             429, f"rate limit of role(s) {', '.join(principal.roles)} reached; retry in {seconds}s",
             {"Retry-After": str(seconds)}))
-    return gateway.finish(record, await call_next(request))
+    return await gateway.finish(record, await call_next(request))
 
 
 class Gateway(OpenAiIngress):
@@ -200,7 +243,11 @@ class Gateway(OpenAiIngress):
         self.authenticator = Authenticator(security)
         self.access = AccessController(security)
         self.limiter = RateLimiter()
+        self.failed_auth = FailedAuthLimiter(security.failed_auth)
         self.audit = AuditLog.from_settings(security.audit)
+        # The callbacks name the path, not the gateway: the writer's thread must not keep it alive.
+        self.audit_writer = AuditWriter(self.audit, retry_s=AUDIT_RETRY_S, on_error=partial(_audit_failed, self.audit.path),
+                                        on_recovery=partial(_audit_recovered, self.audit.path))
         self.metrics = GatewayMetrics()
         # The engine's tokenizer and chat template, so /v1/classify scores the evaluation's tokens.
         self.tokenizer = AutoTokenizer.from_pretrained(self.settings.model_dir)
@@ -217,17 +264,46 @@ class Gateway(OpenAiIngress):
 
     # ----- security, audit and metrics helpers -----
 
-    def write_audit(self, entry: dict) -> None:
-        """Append to the audit log, failing closed: what cannot be audited is not served (503)."""
+    async def write_audit(self, entry: dict) -> None:
+        """Append to the audit log on the writer's thread and wait for it without blocking the event
+        loop, failing closed: what cannot be audited is not served (503)."""
         try:
-            self.audit.append(entry)
-        except (OSError, AuditError) as error:
+            future = self.audit_writer.submit(entry)
+        except AuditError as error:  # the writer is stopped (shutting down)
             logger.error("audit log %s cannot be written, refusing requests: %s", self.audit.path, error)
             raise OpenAIHTTPException(503, AUDIT_DOWN, type="ServiceUnavailable") from None
+        try:
+            await asyncio.wrap_future(future)
+        except Exception:  # noqa: BLE001 - the writer logged the cause; any failure means not audited
+            raise OpenAIHTTPException(503, AUDIT_DOWN, type="ServiceUnavailable") from None
 
-    def finish(self, record: dict, response: Response) -> Response:
-        """Write the audit entry and metrics once the response's last byte is sent."""
-        def close():
+    def audit_summaries(self, summaries: list[dict]) -> None:
+        """Queue failed-authentication summaries; no request waits for them (a failure is logged)."""
+        for summary in summaries:
+            try:
+                self.audit_writer.submit(summary).add_done_callback(partial(_summary_written, self.audit.path, summary))
+            except AuditError as error:
+                _summary_lost(self.audit.path, summary, error)
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every audit entry queued so far is written; False if `timeout` ran out first."""
+        return self.audit_writer.flush(timeout)
+
+    def close(self) -> None:
+        """Write the open failed-authentication windows' summaries and every pending audit entry, then
+        stop the writer; idempotent. Serve calls it (as `__del__`) when the replica shuts down."""
+        writer = getattr(self, "audit_writer", None)
+        if writer is None:  # __init__ did not get that far
+            return
+        self.audit_summaries(self.failed_auth.drain())
+        writer.close(SHUTDOWN_FLUSH_S)
+
+    def __del__(self):
+        self.close()
+
+    async def finish(self, record: dict, response: Response, audit: bool = True) -> Response:
+        """Write the audit entry (unless not `audit`) and metrics once the response's last byte is sent."""
+        async def close():
             record["status"] = response.status_code
             record["latency_s"] = time.perf_counter() - record["_started"]
             record["outcome"] = "ok" if response.status_code < 400 else "error"
@@ -235,12 +311,13 @@ class Gateway(OpenAiIngress):
             if "_limit" in record and tokens:
                 self.limiter.record_tokens(record["_key"], record["_limit"], tokens)
             self.metrics.observe(record)
-            self.write_audit(self._audit_entry(record))
+            if audit:
+                await self.write_audit(self._audit_entry(record))
 
         iterator = getattr(response, "body_iterator", None)
         if iterator is None:
             try:
-                close()
+                await close()
             except OpenAIHTTPException as error:  # the audit log is down: not answered, 503
                 return error_response(error.status_code, error.message)
             return response
@@ -251,9 +328,9 @@ class Gateway(OpenAiIngress):
                     yield chunk
             finally:
                 try:
-                    close()
+                    await close()
                 except OpenAIHTTPException:
-                    pass  # the body is sent already; write_audit logged why its entry is missing
+                    pass  # the body is sent already; the writer logged why its entry is missing
         response.body_iterator = measured()
         return response
 
@@ -263,16 +340,17 @@ class Gateway(OpenAiIngress):
             entry["prompt"] = record["prompt"]
         return entry
 
-    def audit_decision(self, request: Request, route: str, model_id: Optional[str], decision: Decision) -> None:
+    async def audit_decision(self, request: Request, route: str, model_id: Optional[str], decision: Decision) -> None:
         principal = request.state.principal
-        self.write_audit({"event": "decision", "route": route, "model": model_id, "subject": principal.subject,
-                          "key_id": principal.key_id, "tenant": principal.tenant, "allowed": decision.allowed,
-                          "reason": decision.reason, "detail": decision.detail})
+        await self.write_audit({"event": "decision", "route": route, "client": request.state.record["client"],
+                                "model": model_id, "subject": principal.subject, "key_id": principal.key_id,
+                                "tenant": principal.tenant, "allowed": decision.allowed, "reason": decision.reason,
+                                "detail": decision.detail})
 
-    def authorize(self, request: Request, route: str, model_id: str, params: dict) -> None:
+    async def authorize(self, request: Request, route: str, model_id: str, params: dict) -> None:
         """Ask the access controller, audit the decision, and answer 403 when denied."""
         decision = self.access.decide(request.state.principal, route, model_id, params)
-        self.audit_decision(request, route, model_id, decision)
+        await self.audit_decision(request, route, model_id, decision)
         if not decision.allowed:
             raise OpenAIHTTPException(403, f"access denied: {decision.reason}", type="PermissionDenied")
 
@@ -282,7 +360,7 @@ class Gateway(OpenAiIngress):
         decision, so a caller cannot probe which adapters exist; the engine would answer 500)."""
         model_id = request.state.record["model"] = await self._get_model_id(requested)
         adapter = adapter_name(model_id)
-        self.authorize(request, request.url.path, model_id, params)
+        await self.authorize(request, request.url.path, model_id, params)
         if adapter is not None and self._local_adapters() and adapter not in self._adapter_names():
             raise OpenAIHTTPException(404, f"model {model_id!r} does not exist", type="NotFound")
         return model_id
@@ -352,12 +430,12 @@ class Gateway(OpenAiIngress):
         """The served models (base and adapters) that this caller may use; one audit entry per listing."""
         cards = [card for card in [await self.model(model_id) for model_id in self._all_model_ids()] if card is not None]
         visible = self.access.visible_models(request.state.principal, [card.id for card in cards])
-        self.audit_decision(request, "/v1/models", None, Decision(
+        await self.audit_decision(request, "/v1/models", None, Decision(
             True, f"listed {len(visible)} of {len(cards)} models", f"listed: {', '.join(visible) or '(none)'}"))
         return ModelList(data=[card for card in cards if card.id in visible])
 
     async def model_data(self, model: str, request: Request) -> ModelCard:
-        self.authorize(request, "/v1/models", model, {})
+        await self.authorize(request, "/v1/models", model, {})
         return await super().model_data(model)
 
     # ----- LoRA adapters in a storage folder -----

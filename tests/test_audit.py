@@ -1,13 +1,15 @@
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from cluster.audit import AuditError, AuditLog, AuditSettings, verify
+from cluster.audit import AuditError, AuditLog, AuditSettings, AuditWriter, verify
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,6 +106,12 @@ def test_reserved_fields_cannot_be_set(tmp_path):
 
 def _append_many(path, worker, count):
     log = AuditLog(path)
+    if worker % 2:  # odd workers append in batches through a background writer
+        writer = AuditWriter(log, max_batch=7)
+        futures = [writer.submit({"worker": worker, "i": i}) for i in range(count)]
+        writer.close()
+        assert all(future.result(0) for future in futures)
+        return
     for i in range(count):
         log.append({"worker": worker, "i": i})
 
@@ -144,3 +152,62 @@ def test_verify_cli_exit_codes(tmp_path):
 def test_settings_reject_object_store_paths():
     with pytest.raises(ValidationError, match="local file path"):
         AuditSettings(path="s3://bucket/audit.jsonl")
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_writer_keeps_order_and_writes_what_queued_up_as_one_batch(tmp_path, monkeypatch):
+    path = tmp_path / "log.jsonl"
+    entered, release, fsyncs = threading.Event(), threading.Event(), []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):
+        fsyncs.append(threading.current_thread().name)
+        entered.set()
+        release.wait(60)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    writer = AuditWriter(AuditLog(path))
+    first = writer.submit({"n": 0})
+    assert entered.wait(60)  # the first entry is being written alone; the rest queue up behind it
+    rest = [writer.submit({"n": n}) for n in range(1, 50)]
+    rest[10].cancel()  # a waiter that gave up: its entry is written all the same
+    release.set()
+    assert writer.flush(60)
+    assert fsyncs == ["lakeforge-audit-writer"] * 2  # two batches, one fsync each
+    assert [future.result()["seq"] for future in (first, *rest) if not future.cancelled()] == [
+        n for n in range(1, 51) if n != 12]
+    assert [json.loads(line)["n"] for line in lines(path)] == list(range(50)) and verify(path).ok
+    writer.close()
+    writer.close()  # idempotent
+    with pytest.raises(AuditError, match="stopped"):
+        writer.submit({"n": 50})
+    another = AuditWriter(AuditLog(path))
+    with pytest.raises(ValueError, match="reserved"):
+        another.submit({"seq": 1})
+    another.close()
+
+
+def test_writer_failure_fails_the_batch_and_is_down_until_a_batch_is_written(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"seq": 1, "hash": "trunc')  # a half-written last line
+    clock, errors, recoveries = FakeClock(), [], []
+    writer = AuditWriter(AuditLog(path), retry_s=1.0, clock=clock, on_error=errors.append,
+                         on_recovery=lambda: recoveries.append(True))
+    with pytest.raises(AuditError, match="incomplete line"):
+        writer.submit({"n": 1}).result(60)
+    assert writer.down and len(errors) == 1 and isinstance(errors[0], AuditError)
+    assert not writer.probe_due()  # tried just now
+    clock.now += 1.0
+    assert writer.probe_due() and not writer.probe_due()  # one caller per interval tries again
+    path.write_text("")  # repaired
+    assert writer.submit({"n": 2}).result(60)["seq"] == 1
+    assert not writer.down and recoveries == [True] and writer.probe_due()
+    writer.close()

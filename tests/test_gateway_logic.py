@@ -1,16 +1,22 @@
 """The gateway's HTTP behaviour without a cluster: the real `Gateway` and FastAPI app (guard, error
 answers, audit, routes), with the engine replaced by a stub that records what would reach it."""
 
+import asyncio
+import errno
 import json
 import logging
+import os
+import threading
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, OpenAIHTTPException
 from starlette.responses import JSONResponse
 
+import cluster.audit
 from cluster.security import new_api_key
-from serving.gateway import AUDIT_DOWN, ENDPOINTS, Gateway, gateway_app
+from serving.gateway import AUDIT_DOWN, AUDIT_RETRY_S, ENDPOINTS, Gateway, gateway_app
 
 MODELS = {"tiny": {"tenant": "*", "classification": "internal"},
           "tiny:acme-a": {"tenant": "acme", "classification": "internal"},
@@ -35,7 +41,8 @@ class EngineHandle:
 
 @pytest.fixture
 def endpoint(tiny_model_dir, tmp_path):
-    """make(engine_error=None) -> (gateway, client, keys); `gateway.engine_bodies` holds what reached the engine."""
+    """make(engine_error=None, security={}) -> (gateway, client, keys); `gateway.engine_bodies` holds what
+    reached the engine; `security` adds security settings. Gateways are closed (audit flushed) at teardown."""
     adapters = tmp_path / "adapters"
     for name in ("acme-a", "acme-b", "beta-a"):
         (adapters / name).mkdir(parents=True)
@@ -45,15 +52,19 @@ def endpoint(tiny_model_dir, tmp_path):
         keys[role], record = new_api_key(role, [role], "acme", key_id=role)
         records.append(record.model_dump())
 
-    def make(engine_error: Exception | None = None, health_error: Exception | None = None):
+    gateways = []
+
+    def make(engine_error: Exception | None = None, health_error: Exception | None = None, security: dict | None = None):
         settings = {"model_id": "tiny", "model_dir": str(tiny_model_dir), "lora": {"adapters_dir": str(adapters)},
                     "limits": {"max_tokens": 512},
                     "security": {"open_routes": ["/health"], "api_keys": records, "models": MODELS,
-                                 "param_limits": {"app": {"max_tokens": 32}}, "audit": {"path": str(tmp_path / "audit.jsonl")}}}
+                                 "param_limits": {"app": {"max_tokens": 32}}, "audit": {"path": str(tmp_path / "audit.jsonl")},
+                                 **(security or {})}}
         card = ModelCard(id="tiny", object="model", owned_by="lakeforge", permission=[], metadata={})
         gateway = Gateway({"tiny": EngineHandle(health_error)}, {"tiny": card}, lora_paths={"tiny": str(adapters)},
                           settings=settings)
         gateway.engine_bodies = []
+        gateways.append(gateway)
 
         async def engine(body, call_method, raw_request=None):
             gateway.engine_bodies.append(body)
@@ -66,7 +77,9 @@ def endpoint(tiny_model_dir, tmp_path):
         for name, route in ENDPOINTS.items():
             route(app)(getattr(gateway, name))
         return gateway, TestClient(app, raise_server_exceptions=False), keys
-    return make
+    yield make
+    for gateway in gateways:
+        gateway.close()
 
 
 def post(client, keys, role, route, body):
@@ -78,7 +91,21 @@ def chat(model="tiny", **extra):
 
 
 def audit_entries(gateway) -> list[dict]:
+    assert gateway.flush(timeout=60)  # summaries are queued without a request waiting for them
     return [json.loads(line) for line in gateway.audit.path.read_text().splitlines()]
+
+
+def from_address(client, address: str) -> TestClient:
+    """A client of the same app whose requests come from `address`."""
+    return TestClient(client.app, raise_server_exceptions=False, client=(address, 40000))
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
 
 
 def test_an_omitted_max_tokens_defaults_to_the_roles_cap(endpoint):
@@ -169,3 +196,120 @@ def test_open_health_keeps_the_engine_error_out_of_the_answer(endpoint, caplog):
         answer = client.get("/health")
     assert (answer.status_code, answer.json()["error"]["message"]) == (503, "engine of 'tiny' is unhealthy")
     assert "/srv/secret/path" in caplog.text  # the cause is in the gateway's log, not in the answer
+
+
+def test_failed_authentication_is_limited_per_address_before_any_audit_write(endpoint):
+    gateway, client, keys = endpoint(security={"failed_auth": {"max_failures": 3, "window_seconds": 60}})
+    clock = gateway.failed_auth.clock = FakeClock()
+    attacker, neighbour = from_address(client, "203.0.113.7"), from_address(client, "198.51.100.2")
+    wrong = {"authorization": "Bearer lf_admin_not-the-secret"}
+    answers = [attacker.post("/v1/chat/completions", json=chat(), headers=wrong) for _ in range(20)]
+    assert [answer.status_code for answer in answers] == [401] * 3 + [429] * 17
+    assert {answer.headers["retry-after"] for answer in answers[3:]} == {"60"}
+    assert "too many failed authentications" in answers[-1].json()["error"]["message"]
+    attackers = [entry for entry in audit_entries(gateway) if entry.get("client") == "203.0.113.7"]
+    assert [entry["status"] for entry in attackers] == [401] * 3  # the 429s are not audited one by one
+    # Another address is unaffected.
+    assert neighbour.post("/v1/chat/completions", json=chat(), headers=wrong).status_code == 401
+    assert post(neighbour, keys, "app", "/v1/chat/completions", chat()).status_code == 200
+    # Valid credentials from the blocked address are served (clients behind the same NAT keep
+    # working), and they do not wipe its failures: the next wrong key is still refused.
+    clock.now += 30
+    assert post(attacker, keys, "app", "/v1/chat/completions", chat()).status_code == 200
+    refused = attacker.post("/v1/chat/completions", json=chat(), headers=wrong)
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "30"
+    # Once the window has closed, one summary entry counts the 18 refusals, and the address gets
+    # its failures again.
+    clock.now += 30
+    assert attacker.post("/v1/chat/completions", json=chat(), headers=wrong).status_code == 401
+    attackers = [entry for entry in audit_entries(gateway) if entry.get("client") == "203.0.113.7"]
+    failed = [entry for entry in attackers if entry["event"] == "failed_auth_limited" or entry.get("status") == 401]
+    assert [(entry["event"], entry.get("status"), entry.get("refused")) for entry in failed] == (
+        [("request", 401, None)] * 3 + [("failed_auth_limited", None, 18), ("request", 401, None)])
+    assert cluster.audit.verify(gateway.audit.path).ok
+
+
+def test_open_windows_are_summarised_at_shutdown(endpoint):
+    gateway, client, _ = endpoint(security={"failed_auth": {"max_failures": 1}})
+    for _ in range(4):
+        client.get("/v1/models")
+    gateway.close()
+    entries = [json.loads(line) for line in gateway.audit.path.read_text().splitlines()]
+    assert [(entry["event"], entry.get("refused")) for entry in entries] == [("request", None), ("failed_auth_limited", 3)]
+
+
+def test_forwarded_for_is_believed_only_from_trusted_proxies(endpoint):
+    gateway, client, _ = endpoint(security={"failed_auth": {"max_failures": 1}, "trusted_proxies": ["10.0.0.0/8"]})
+    spoofed = {"x-forwarded-for": "192.0.2.1"}
+    direct = from_address(client, "198.51.100.9")  # not a proxy: its header is ignored
+    assert [direct.get("/v1/models", headers=spoofed).status_code for _ in range(2)] == [401, 429]
+    proxy = from_address(client, "10.1.2.3")  # a trusted proxy: the client is the address it appends
+    assert [proxy.get("/v1/models", headers={"x-forwarded-for": f"192.0.2.{n}, 203.0.113.{n}"}).status_code
+            for n in (1, 1, 2)] == [401, 429, 401]
+    assert [entry["client"] for entry in audit_entries(gateway)] == ["198.51.100.9", "203.0.113.1", "203.0.113.2"]
+
+
+def test_audit_writes_run_off_the_event_loop(endpoint, monkeypatch):
+    """While the disk hangs in fsync, the event loop still answers other requests; the request whose
+    entry is being written waits for it (nothing is answered before its entry is on disk)."""
+    gateway, client, keys = endpoint()
+    entered, release, fsync_threads = threading.Event(), threading.Event(), []
+    real_fsync = os.fsync
+
+    def hanging_fsync(fd):
+        fsync_threads.append(threading.current_thread())
+        entered.set()
+        release.wait(120)
+        real_fsync(fd)
+
+    async def scenario():
+        loop_thread = threading.current_thread()
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+            blocked = asyncio.ensure_future(http.post("/v1/chat/completions", json=chat(),
+                                                      headers={"authorization": f"Bearer {keys['admin']}"}))
+            # (Were the fsync on this loop's thread, neither this wait nor /health could finish until
+            # the safety timer below released the disk.)
+            await asyncio.to_thread(entered.wait, 60)
+            health = await http.get("/health")
+            disk_still_hanging, request_still_waiting = not release.is_set(), not blocked.done()
+            release.set()
+            return loop_thread, health, disk_still_hanging, request_still_waiting, await blocked
+
+    monkeypatch.setattr(os, "fsync", hanging_fsync)
+    safety = threading.Timer(60, release.set)  # only the old, blocking writes ever need it
+    safety.start()
+    try:
+        loop_thread, health, disk_still_hanging, request_still_waiting, answer = asyncio.run(scenario())
+    finally:
+        release.set()
+        safety.cancel()
+    assert health.status_code == 200 and disk_still_hanging and request_still_waiting
+    assert answer.status_code == 200
+    assert fsync_threads and all(thread is not loop_thread for thread in fsync_threads)
+    assert [entry["event"] for entry in audit_entries(gateway)] == ["decision", "request"]
+
+
+def test_an_audit_store_failing_in_the_writer_refuses_requests_until_it_works_again(endpoint, monkeypatch, caplog):
+    gateway, client, keys = endpoint()
+    assert post(client, keys, "admin", "/v1/chat/completions", chat()).status_code == 200
+    clock = gateway.audit_writer.clock = FakeClock()
+    real_fsync, fsyncs = os.fsync, []
+
+    def full_disk(fd):
+        fsyncs.append(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with caplog.at_level(logging.WARNING):
+        failing = post(client, keys, "admin", "/v1/chat/completions", chat())
+        tries = len(fsyncs)
+        refused = [post(client, keys, "admin", "/v1/chat/completions", chat()),
+                   client.post("/v1/chat/completions", json=chat())]  # no key: 503, not 401
+        assert len(fsyncs) == tries  # refused at once: the broken store is not tried per request
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        clock.now += AUDIT_RETRY_S  # the next request tries the store again, and it works
+        recovered = post(client, keys, "admin", "/v1/chat/completions", chat())
+    assert [(answer.status_code, answer.json()["error"]["message"]) for answer in (failing, *refused)] == [(503, AUDIT_DOWN)] * 3
+    assert recovered.status_code == 200 and len(gateway.engine_bodies) == 2  # the first and the recovered one
+    assert "No space left on device" in caplog.text and "can be written again" in caplog.text

@@ -14,8 +14,9 @@ from pydantic import ValidationError
 
 from cluster.config import ConfigError
 from cluster.security import (
-    AccessController, AccessDenied, ApiKeyRecord, AuthError, Authenticator, JwtSettings, ModelAccess,
-    ParamLimits, Principal, RateLimit, RateLimiter, SecuritySettings, new_api_key,
+    AccessController, AccessDenied, ApiKeyRecord, AuthError, Authenticator, FailedAuthLimiter, FailedAuthSettings,
+    JwtSettings, ModelAccess, ParamLimits, Principal, RateLimit, RateLimiter, SecuritySettings, client_address,
+    new_api_key,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -361,10 +362,60 @@ def test_concurrent_checks_do_not_over_admit():
     assert sum(admitted) == 50 and len(admitted) == 320
 
 
+# ---------------------------------------------------------------- failed authentication
+
+def test_failed_auth_refuses_past_its_failures_until_the_window_closes_then_summarises():
+    clock = FakeClock()
+    limiter = FailedAuthLimiter(FailedAuthSettings(max_failures=2, window_seconds=60), clock)
+    assert [limiter.fail("a")[0] for _ in range(2)] == [None, None]
+    clock.now += 20
+    assert [limiter.fail("a")[0] for _ in range(3)] == [pytest.approx(40.0)] * 3
+    assert limiter.fail("b") == (None, [])  # addresses are independent
+    assert limiter.expired() == []
+    clock.now += 40
+    assert limiter.expired() == [{"event": "failed_auth_limited", "client": "a", "failures": 2, "refused": 3,
+                                  "window_seconds": 60.0}]
+    assert limiter.fail("a") == (None, [])  # a fresh window
+    assert len(limiter) == 2
+    clock.now += 20
+    assert limiter.expired() == [] and len(limiter) == 1  # b's window closed, but it refused nothing: no summary
+
+
+def test_failed_auth_tracks_a_bounded_number_of_addresses():
+    clock = FakeClock()
+    limiter = FailedAuthLimiter(FailedAuthSettings(max_failures=1, window_seconds=60, max_addresses=100), clock)
+    assert limiter.fail("first")[0] is None and limiter.fail("first")[0] is not None
+    summaries = []
+    for n in range(5000):
+        clock.now += 0.001
+        wait, closed = limiter.fail(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}")
+        assert wait is None
+        summaries += closed
+        assert len(limiter) <= 100
+    # The oldest address was dropped first, and its refusal was not lost with it.
+    assert summaries == [{"event": "failed_auth_limited", "client": "first", "failures": 1, "refused": 1,
+                          "window_seconds": 60.0}]
+    assert limiter.drain() == [] and len(limiter) == 0
+
+
+def test_client_address_believes_forwarded_for_only_from_trusted_proxies():
+    assert client_address("198.51.100.9", "192.0.2.1", []) == "198.51.100.9"
+    assert client_address("198.51.100.9", "192.0.2.1", ["10.0.0.0/8"]) == "198.51.100.9"  # not a proxy
+    assert client_address("10.0.0.5", "192.0.2.1", ["10.0.0.0/8"]) == "192.0.2.1"
+    # What a client writes itself sits left of what the proxies append: the right-most untrusted wins.
+    assert client_address("10.0.0.5", "6.6.6.6, 192.0.2.1, 10.0.0.4", ["10.0.0.0/8"]) == "192.0.2.1"
+    assert client_address("10.0.0.5", None, ["10.0.0.0/8"]) == "10.0.0.5"
+    assert client_address(None, None, []) == "unknown"
+    assert len(client_address("10.0.0.5", "x" * 10_000, ["10.0.0.0/8"])) == 64  # bounded, whatever a proxy sends
+    with pytest.raises(ValidationError, match="not an IP address"):
+        SecuritySettings(trusted_proxies=["proxy.internal"])
+
+
 def test_every_security_field_is_described():
     from cluster.audit import AuditSettings
     from tests.conftest import config_models, undescribed_fields
 
     # The settings' list[...], X | None and dict[str, ...] fields hold the other models; Principal is no field.
-    assert {ApiKeyRecord, JwtSettings, ModelAccess, RateLimit, ParamLimits, AuditSettings} <= set(config_models(SecuritySettings))
+    assert {ApiKeyRecord, JwtSettings, ModelAccess, RateLimit, ParamLimits, AuditSettings,
+            FailedAuthSettings} <= set(config_models(SecuritySettings))
     assert undescribed_fields(SecuritySettings, Principal) == []

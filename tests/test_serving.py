@@ -84,6 +84,9 @@ def served(ray_cluster, tiny_model_dir, tmp_path_factory):
             "policy": ["g, burst, app"],
             "rate_limits": {"burst": {"requests_per_minute": 2}},
             "audit": {"path": str(audit_path)},
+            # Every route is tried with four bad credentials from this one address: all must be 401s
+            # (the per-address limit itself is tested in test_gateway_logic).
+            "failed_auth": {"max_failures": 100},
         },
     })
     url = deploy("serving.app:build_app", settings)

@@ -5,7 +5,6 @@ Jobs deploy the serving app this way, by name, so `jobs` never imports `serving`
 
 from __future__ import annotations
 
-import os
 import time
 
 import requests
@@ -14,27 +13,24 @@ from ray._common.utils import import_attr
 
 from cluster.config import ConfigError
 from cluster.contracts import EndpointSettings
-from cluster.security import KEY_PREFIX, ApiKeyRecord, hash_key, new_api_key
-
-LOCAL_KEY_ENV = "LAKEFORGE_API_KEY"
+from cluster.security import KEY_RECORD_ENV, key_record_from_env, new_api_key
 
 
 def with_local_key(settings: EndpointSettings) -> tuple[str, EndpointSettings]:
     """An admin API key for the deploying job's own calls, and the settings that accept it.
 
-    The key is $LAKEFORGE_API_KEY when set (so the demo or a test can call the endpoint after
-    the job), else a fresh one; only its digest goes into the settings, never the key.
+    The key is always fresh and never leaves this process: only its digest goes into the settings.
+    A key the submitter wants accepted too (the demo's, for its calls after the job) arrives as its
+    record only, the JSON in $LAKEFORGE_API_KEY_RECORD (`key_record_from_env`), and is added beside.
     """
-    key = os.environ.get(LOCAL_KEY_ENV)
-    if key is None:
-        key, record = new_api_key("lakeforge-pipeline", ["admin"], "lakeforge", key_id="pipeline")
-    else:
-        if not key.startswith(KEY_PREFIX) or "_" not in key[len(KEY_PREFIX):]:
-            raise ConfigError(f"{LOCAL_KEY_ENV} must look like lf_<key_id>_<secret> (make one: python -m cluster.security new-key)")
-        key_id = key[len(KEY_PREFIX):].split("_", 1)[0]
-        record = ApiKeyRecord(key_id=key_id, sha256=hash_key(key), subject="lakeforge-pipeline", roles=["admin"], tenant="lakeforge")
-    others = [existing for existing in settings.security.api_keys if existing.key_id != record.key_id]
-    security = settings.security.model_copy(update={"api_keys": [*others, record]})
+    extra = key_record_from_env()
+    key, record = new_api_key("lakeforge-pipeline", ["admin"], "lakeforge", key_id="pipeline")
+    if extra is not None and extra.key_id == record.key_id:
+        raise ConfigError(f"{KEY_RECORD_ENV}: key id {extra.key_id!r} is the pipeline's own; give the key another id")
+    added = [*([extra] if extra is not None else []), record]
+    ids = {item.key_id for item in added}
+    others = [existing for existing in settings.security.api_keys if existing.key_id not in ids]
+    security = settings.security.model_copy(update={"api_keys": [*others, *added]})
     return key, settings.model_copy(update={"security": security})
 
 

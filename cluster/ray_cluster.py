@@ -108,6 +108,8 @@ def start_local_head(num_cpus: int = LOCAL_LOGICAL_CPUS) -> str:
         # venv that was never activated still runs the job.
         env = job_client_env()
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        # The demo's API key stays in the shell that set it: not in the head's (so every job's) environment.
+        env.pop("LAKEFORGE_API_KEY", None)
         subprocess.run(
             [ray_cli(), "start", "--head", f"--port={HEAD_PORT}", f"--num-cpus={num_cpus}", "--num-gpus=0",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"],

@@ -341,6 +341,39 @@ def new_api_key(subject: str, roles: list[str], tenant: str, attributes: dict[st
     return key, record
 
 
+# The demo's (or a user's) admin key, in the submitting shell only: never in a job's runtime env.
+LOCAL_KEY_ENV = "LAKEFORGE_API_KEY"
+# What a submitted job is given instead: the key's record (its digest), as JSON.
+KEY_RECORD_ENV = "LAKEFORGE_API_KEY_RECORD"
+
+
+def record_for_key(key: str, subject: str, roles: list[str], tenant: str, source: str = LOCAL_KEY_ENV) -> ApiKeyRecord:
+    """The record (digest) of an existing key `lf_<key_id>_<secret>`; `source` names where the key came from."""
+    if not key.startswith(KEY_PREFIX) or "_" not in key[len(KEY_PREFIX):]:
+        raise ConfigError(f"{source} must look like lf_<key_id>_<secret> (make one: python -m cluster.security new-key)")
+    key_id = key[len(KEY_PREFIX):].split("_", 1)[0]
+    try:
+        return ApiKeyRecord(key_id=key_id, sha256=hash_key(key), subject=subject, roles=roles, tenant=tenant)
+    except ValueError as error:
+        raise ConfigError(f"{source}: the key's id {key_id!r} is not a valid key id ({error})") from None
+
+
+def key_record_from_env(environ: dict[str, str] | None = None) -> ApiKeyRecord | None:
+    """The ApiKeyRecord in $LAKEFORGE_API_KEY_RECORD (JSON: key_id, sha256, subject, roles, tenant and
+    optional attributes; unknown fields rejected), or None when it is unset or empty. A malformed
+    record is a ConfigError naming the variable. A record holds a digest, never a key."""
+    raw = (os.environ if environ is None else environ).get(KEY_RECORD_ENV)
+    if not raw:
+        return None
+    try:
+        return ApiKeyRecord.model_validate_json(raw)
+    except ValueError as error:
+        problems = "; ".join(f"{'.'.join(str(part) for part in item['loc']) or 'record'}: {item['msg']}"
+                             for item in getattr(error, "errors", lambda: [])()) or str(error)
+        raise ConfigError(f"{KEY_RECORD_ENV} is not a valid API key record (JSON with key_id, sha256, subject, "
+                          f"roles, tenant; make one with: python -m cluster.security key-record): {problems}") from None
+
+
 class Authenticator:
     """Turns an `Authorization` header into a `Principal`, or raises `AuthError`."""
 
@@ -677,7 +710,21 @@ def main(argv: list[str] | None = None) -> int:
     new.add_argument("--tenant", required=True)
     new.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE", help="attribute, e.g. clearance=internal")
     new.add_argument("--key-id", default=None, help="public key id (letters, digits, '-'); random if not given")
+    record_cmd = commands.add_parser(
+        "key-record", help=f"print the record (digest) of the key in ${LOCAL_KEY_ENV}, as JSON for ${KEY_RECORD_ENV}")
+    record_cmd.add_argument("--subject", default="lakeforge-user", help="who the key belongs to")
+    record_cmd.add_argument("--role", action="append", default=None, help="role to grant (repeat; default admin)")
+    record_cmd.add_argument("--tenant", default="lakeforge")
     args = parser.parse_args(argv)
+    if args.command == "key-record":
+        key = os.environ.get(LOCAL_KEY_ENV)
+        if not key:
+            parser.error(f"set {LOCAL_KEY_ENV} to the key (the key is read from the environment, never from argv)")
+        try:
+            print(record_for_key(key, args.subject, args.role or ["admin"], args.tenant).model_dump_json())
+        except ConfigError as error:
+            parser.error(str(error))
+        return 0
     bad = [attr for attr in args.attr if "=" not in attr]
     if bad:
         parser.error(f"--attr expects NAME=VALUE, got {bad}")

@@ -171,7 +171,8 @@ def serve_current(cfg: RunConfig, registry: ModelRegistry, version: dict, report
         print(f"[pipeline] not serving: {skipped}")
         return {"skipped": skipped}
     mark = time.perf_counter()
-    # The job's own admin key for its check ($LAKEFORGE_API_KEY when the caller wants to reuse it).
+    # The job's own admin key for its check (fresh, kept in this process); a submitter's key only as
+    # its digest record ($LAKEFORGE_API_KEY_RECORD), for calls after the job.
     api_key, endpoint = with_local_key(cfg.serve.endpoint.model_copy(update={"model_dir": serving["path"]}))
     base_url = deploy(cfg.serve.import_path, endpoint)
     stage_seconds["serving_deploy"] = round(time.perf_counter() - mark, 1)

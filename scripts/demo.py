@@ -26,8 +26,7 @@ import openai
 
 from cluster.config import load_config_or_exit
 from cluster.contracts import ModelArtifact
-from cluster.endpoints import LOCAL_KEY_ENV
-from cluster.security import new_api_key
+from cluster.security import KEY_RECORD_ENV, LOCAL_KEY_ENV, ApiKeyRecord, new_api_key, record_for_key
 from cluster.ray_cluster import WORKING_DIR_EXCLUDES, ray_cli, job_client_env, local_head_running, start_local_head
 from jobs.config import RunConfig
 
@@ -91,6 +90,26 @@ def final_job_status(address: str, submission_id: str) -> str:
         time.sleep(10)
 
 
+def demo_key() -> tuple[str, ApiKeyRecord]:
+    """The demo's admin key and its record: $LAKEFORGE_API_KEY when set in this shell, else a fresh one.
+    The key stays in this process; the job gets only the record (the key's digest)."""
+    key = os.environ.get(LOCAL_KEY_ENV)
+    if key:
+        return key, record_for_key(key, "demo", ["admin"], "lakeforge")
+    return new_api_key("demo", ["admin"], "lakeforge", key_id="demo")
+
+
+def submit_command(address: str, submission_id: str, overrides: list[str], record: ApiKeyRecord) -> list[str]:
+    """The `ray job submit` command line. It holds no secret: the job gets the demo key's record (id,
+    digest, roles, tenant), never the key, so neither argv nor Ray's job metadata holds one."""
+    runtime_env = {"excludes": WORKING_DIR_EXCLUDES, "env_vars": {KEY_RECORD_ENV: record.model_dump_json()}}
+    return [
+        ray_cli(), "job", "submit", "--address", address, "--submission-id", submission_id, "--working-dir", str(REPO),
+        "--runtime-env-json", json.dumps(runtime_env),
+        "--", "python", "-m", "jobs.pipeline", "--config", CONFIG, *overrides,
+    ]
+
+
 def main(argv: list[str]) -> None:
     # `make demo` passes the moment make started (setup included); run by hand, the script's own start.
     started_wall = float(os.environ.get("LAKEFORGE_DEMO_STARTED") or time.time())
@@ -108,15 +127,12 @@ def main(argv: list[str]) -> None:
     cluster_started = time.time()
     address = start_local_head()
     cluster_start_seconds = time.time() - cluster_started
-    # The endpoint accepts only keys it is told about: the job adds this one (its digest) as admin.
-    api_key = os.environ.get(LOCAL_KEY_ENV) or new_api_key("demo", ["admin"], "lakeforge", key_id="demo")[0]
+    # The endpoint accepts only keys it is told about: the job adds this one's record (its digest) as admin.
+    api_key, record = demo_key()
     submission_id = f"lakeforge-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    command = [
-        ray_cli(), "job", "submit", "--address", address, "--submission-id", submission_id, "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps({"excludes": WORKING_DIR_EXCLUDES, "env_vars": {LOCAL_KEY_ENV: api_key}}),
-        "--", "python", "-m", "jobs.pipeline", "--config", CONFIG, *overrides,
-    ]
-    print("$", " ".join(command).replace(api_key, "<api key>"), flush=True)  # printed once, at the end, where it is needed
+    command = submit_command(address, submission_id, overrides, record)
+    assert api_key not in " ".join(command)
+    print("$", " ".join(command), flush=True)  # no secret in it; the key is printed once, at the end
     for attempt in range(12):
         returncode = subprocess.run(command, env=job_client_env(), cwd=REPO).returncode
         status = final_job_status(address, submission_id)

@@ -24,12 +24,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import threading
 import time
+from pathlib import Path
 
 import redis
 import requests
-from pydantic import Field, SecretStr
+from pydantic import Field, model_validator
 from ray import serve
 
 from cluster.config import StrictModel
@@ -46,8 +48,16 @@ class ConsumerSettings(StrictModel):
     consumer: str | None = Field(
         default=None, description="This consumer's name in the group (None: host name and process id; Serve replicas use their id).")
     base_url: str = Field(default="http://127.0.0.1:8000", description="Base URL of the OpenAI-compatible endpoint (without /v1).")
-    api_key: SecretStr | None = Field(default=None, description="API key sent as a Bearer token (None: read from api_key_env).")
-    api_key_env: str = Field(default="LAKEFORGE_API_KEY", description="Environment variable holding the API key when api_key is unset.")
+    # No `api_key` setting: settings travel as a Serve deployment's arguments (Ray's metadata, the
+    # pickled replica arguments) and in config files; the key is read where the consumer runs.
+    api_key_env: str = Field(
+        default="LAKEFORGE_API_KEY",
+        description="Environment variable holding the API key (sent as a Bearer token), read in the consumer's own "
+        "process (a Serve replica: the environment of its node's `ray start`); used when api_key_file is unset.")
+    api_key_file: str | None = Field(
+        default=None,
+        description="File holding the API key, on the node the consumer runs on (first line; it must not be readable "
+        "by group or others, like the Ray token file: chmod 600). Takes precedence over api_key_env.")
     model: str = Field(default="lakeforge-model", description="Model id used when a request names none.")
     read_count: int = Field(default=8, ge=1, description="Entries read per XREADGROUP / XAUTOCLAIM call.")
     block_ms: int = Field(default=1000, ge=1, description="How long one read waits for new entries, in ms.")
@@ -59,12 +69,35 @@ class ConsumerSettings(StrictModel):
     request_timeout_s: float = Field(default=120.0, gt=0, description="Timeout of one HTTP call to the endpoint, in seconds.")
     replicas: int = Field(default=1, ge=1, description="Serve deployment only: consumer replicas.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_key_in_settings(cls, data):
+        if isinstance(data, dict) and "api_key" in data:
+            raise ValueError("api_key: the API key is not a setting (settings travel as deployment arguments and "
+                             "config files); put it in the environment variable named by api_key_env, or in "
+                             "api_key_file on the consumer's node")
+        return data
+
     def key(self) -> str:
-        if self.api_key is not None:
-            return self.api_key.get_secret_value()
+        """The API key, read now from api_key_file (checked: owner-only) or else $api_key_env."""
+        if self.api_key_file is not None:
+            path = Path(self.api_key_file).expanduser()
+            try:
+                mode = path.stat().st_mode
+                text = path.read_text()
+            except OSError as error:
+                raise ValueError(f"api_key_file {path} cannot be read: {error.strerror or error}") from None
+            if mode & 0o077:
+                raise ValueError(f"api_key_file {path} is readable by others (mode {stat.S_IMODE(mode):o}): "
+                                 f"chmod 600 it; whoever reads the key can call the endpoint")
+            key = text.strip().splitlines()[0].strip() if text.strip() else ""
+            if not key:
+                raise ValueError(f"api_key_file {path} is empty")
+            return key
         if os.environ.get(self.api_key_env):
             return os.environ[self.api_key_env]
-        raise ValueError(f"no API key: set api_key or the environment variable {self.api_key_env}")
+        raise ValueError(f"no API key: set the environment variable {self.api_key_env} (api_key_env) or api_key_file "
+                         f"where the consumer runs")
 
 
 class PoisonMessage(Exception):
@@ -240,10 +273,12 @@ class QueueConsumerDeployment:
 
 
 def build_consumer_app(args: dict) -> serve.Application:
-    """Serve app builder: `args` are `ConsumerSettings` fields (validated; unknown keys rejected)."""
+    """Serve app builder: `args` are `ConsumerSettings` fields (validated; unknown keys rejected, an
+    `api_key` refused). The key is not read here: each replica reads it on its own node (from
+    api_key_env or api_key_file), so it is never in the deployment's arguments; a replica without
+    one fails to start with that error, which Serve reports as the app's deploy failure."""
     settings = ConsumerSettings.model_validate(args)
-    settings.key()  # no API key is a deploy-time error, not a crash loop in every replica
-    return QueueConsumerDeployment.options(num_replicas=settings.replicas).bind(args)
+    return QueueConsumerDeployment.options(num_replicas=settings.replicas).bind(settings.model_dump())
 
 
 def main(argv: list[str] | None = None) -> None:

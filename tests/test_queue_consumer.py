@@ -25,8 +25,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def settings_for(redis_url: str, **overrides) -> dict:
     prefix = f"test-{uuid.uuid4().hex[:8]}"  # fresh streams per test on the shared server
     return {"redis_url": redis_url, "request_stream": f"{prefix}:requests", "result_stream": f"{prefix}:results",
-            "dead_letter_stream": f"{prefix}:dead", "group": "g", "model": "tiny", "api_key": "test-key",
-            "block_ms": 100, **overrides}
+            "dead_letter_stream": f"{prefix}:dead", "group": "g", "model": "tiny", "block_ms": 100, **overrides}
+
+
+@pytest.fixture(autouse=True)
+def consumer_key(monkeypatch):
+    """The consumers made in this process read their key from the environment (never from settings)."""
+    monkeypatch.setenv("LAKEFORGE_API_KEY", "test-key")
 
 
 def send(client: redis.Redis, settings: dict, count: int, **body) -> list[str]:
@@ -61,7 +66,8 @@ def test_settings_are_typed_and_need_an_api_key(monkeypatch):
         ConsumerSettings().key()
     monkeypatch.setenv("LAKEFORGE_API_KEY", "from-env")
     assert ConsumerSettings().key() == "from-env"
-    assert "secret" not in repr(ConsumerSettings(api_key="secret"))  # never printed in logs
+    with pytest.raises(ConfigError, match="api_key: the API key is not a setting"):
+        load_config(ConsumerSettings, None, ["api_key=secret"])
 
 
 def test_malformed_requests_are_dead_lettered_not_lost(redis_server):
@@ -170,7 +176,6 @@ def endpoint(ray_cluster, tiny_model_dir, tmp_path_factory):
 def test_a_consumer_killed_mid_stream_loses_no_message(redis_server, endpoint):
     base_url, key = endpoint
     settings = settings_for(redis_server, base_url=base_url, read_count=10, claim_idle_ms=1000)
-    settings.pop("api_key")  # the key from the environment, as a deployment would pass it
     client = redis.Redis.from_url(redis_server, decode_responses=True)
     request_ids = send(client, settings, 30)
     command = [sys.executable, "-m", "serving.queue_consumer", *(f"{key}={value}" for key, value in settings.items())]
@@ -207,13 +212,17 @@ def test_a_consumer_killed_mid_stream_loses_no_message(redis_server, endpoint):
 
 
 @pytest.mark.integration
-def test_the_serve_deployment_answers_and_dead_letters(redis_server, endpoint):
+def test_the_serve_deployment_answers_and_dead_letters(redis_server, endpoint, tmp_path):
     from ray import serve
 
     from serving.queue_consumer import build_consumer_app
 
     base_url, key = endpoint
-    settings = settings_for(redis_server, base_url=base_url, api_key=key, replicas=2)
+    # The replicas read the key on their node, from a file only its owner can read: not a deployment argument.
+    key_file = tmp_path / "consumer-key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    settings = settings_for(redis_server, base_url=base_url, api_key_file=str(key_file), replicas=2)
     client = redis.Redis.from_url(redis_server, decode_responses=True)
     request_ids = send(client, settings, 6)
     unknown_model = {"messages": [{"role": "user", "content": "hi"}], "model": "no-such-model"}

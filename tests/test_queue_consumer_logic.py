@@ -48,9 +48,14 @@ class Reply:
         pass
 
 
+@pytest.fixture(autouse=True)
+def consumer_key(monkeypatch):
+    monkeypatch.setenv("LAKEFORGE_API_KEY", "k")
+
+
 def consumer_answering(text: str, status: int = 200) -> tuple[QueueConsumer, FakeRedis]:
     client = FakeRedis()
-    consumer = QueueConsumer(ConsumerSettings(api_key="k", model="tiny"), name="c", client=client)
+    consumer = QueueConsumer(ConsumerSettings(model="tiny"), name="c", client=client)
     consumer.http.post = lambda *args, **kwargs: Reply(status, text)
     return consumer, client
 
@@ -95,3 +100,49 @@ def test_a_chat_completion_is_answered():
     consumer.handle("1-0", {"request_id": "r1", "body": json.dumps({"messages": [{"role": "user", "content": "hi"}]})}, 1)
     [result] = client.streams["lakeforge:results"]
     assert (result["status"], result["content"], result["request_id"]) == ("ok", "negative", "r1")
+
+
+def test_the_api_key_is_no_setting_so_never_a_deployment_argument(monkeypatch):
+    """Settings travel as the Serve deployment's arguments (Ray's metadata, pickled replica args) and in
+    config files: a key given there is refused, by name, before anything is deployed."""
+    from pydantic import ValidationError
+
+    from cluster.config import ConfigError, load_config
+    from serving.queue_consumer import build_consumer_app
+
+    with pytest.raises(ValidationError, match="api_key: the API key is not a setting"):
+        ConsumerSettings.model_validate({"api_key": "lf_x_secret"})
+    with pytest.raises(ValidationError, match="api_key_env"):  # the error says where the key goes instead
+        build_consumer_app({"api_key": "lf_x_secret", "model": "tiny"})
+    with pytest.raises(ConfigError, match="api_key: the API key is not a setting"):
+        load_config(ConsumerSettings, None, ["api_key=lf_x_secret"])
+    # With the key in the replica's environment, nothing of it is in what the deployment is bound with.
+    monkeypatch.setenv("LAKEFORGE_API_KEY", "lf_x_from-the-node")
+    app = build_consumer_app({"model": "tiny"})
+    bound = app._bound_deployment
+    assert "lf_x_from-the-node" not in repr((bound.init_args, bound.init_kwargs))
+
+
+def test_the_key_is_read_where_the_consumer_runs_from_env_or_an_owner_only_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("LAKEFORGE_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="no API key: set the environment variable LAKEFORGE_API_KEY .* or api_key_file"):
+        ConsumerSettings().key()
+    with pytest.raises(ValueError, match="no API key"):  # a consumer without a key does not start
+        QueueConsumer(ConsumerSettings(), name="c", client=FakeRedis())
+    monkeypatch.setenv("MY_KEY", "lf_a_from-env")
+    assert ConsumerSettings(api_key_env="MY_KEY").key() == "lf_a_from-env"
+
+    key_file = tmp_path / "key"
+    key_file.write_text("lf_a_from-file\n")
+    key_file.chmod(0o644)
+    settings = ConsumerSettings(api_key_file=str(key_file), api_key_env="MY_KEY")
+    with pytest.raises(ValueError, match="readable by others \\(mode 644\\): chmod 600"):
+        settings.key()
+    key_file.chmod(0o600)
+    assert settings.key() == "lf_a_from-file"  # the file wins over the environment
+    assert QueueConsumer(settings, name="c", client=FakeRedis()).api_key == "lf_a_from-file"
+    key_file.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        settings.key()
+    with pytest.raises(ValueError, match="cannot be read"):
+        ConsumerSettings(api_key_file=str(tmp_path / "missing")).key()

@@ -168,13 +168,26 @@ def test_local_lora_loader_reads_adapters_in_place(tmp_path):
 
 
 def test_the_pipelines_local_key_is_stored_as_a_digest(monkeypatch):
+    from cluster.config import ConfigError
     from cluster.endpoints import with_local_key
     from cluster.security import Authenticator, new_api_key
 
+    monkeypatch.delenv("LAKEFORGE_API_KEY_RECORD", raising=False)
     key, settings = with_local_key(EndpointSettings())
     assert key not in settings.model_dump_json()
     assert Authenticator(settings.security).authenticate(f"Bearer {key}").roles == ["admin"]
-    chosen, _ = new_api_key("x", ["admin"], "t", key_id="chosen")
+    # A submitter's key arrives as its record (digest) only and is accepted beside the pipeline's own,
+    # which is fresh each time; a plaintext $LAKEFORGE_API_KEY in the job's environment is not used.
+    chosen, record = new_api_key("x", ["admin"], "t", key_id="chosen")
     monkeypatch.setenv("LAKEFORGE_API_KEY", chosen)
-    key, settings = with_local_key(settings)
-    assert key == chosen and Authenticator(settings.security).authenticate(f"Bearer {chosen}").key_id == "chosen"
+    monkeypatch.setenv("LAKEFORGE_API_KEY_RECORD", record.model_dump_json())
+    again, settings = with_local_key(settings)
+    assert again not in (key, chosen) and chosen not in settings.model_dump_json()
+    authenticator = Authenticator(settings.security)
+    assert authenticator.authenticate(f"Bearer {chosen}").key_id == "chosen"
+    assert authenticator.authenticate(f"Bearer {again}").key_id == "pipeline"
+    assert [item.key_id for item in settings.security.api_keys] == ["chosen", "pipeline"]  # the old pipeline key replaced
+    _, clash = new_api_key("x", ["admin"], "t", key_id="pipeline")
+    monkeypatch.setenv("LAKEFORGE_API_KEY_RECORD", clash.model_dump_json())
+    with pytest.raises(ConfigError, match="LAKEFORGE_API_KEY_RECORD: key id 'pipeline' is the pipeline's own"):
+        with_local_key(settings)

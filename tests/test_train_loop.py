@@ -209,3 +209,9 @@ def test_packed_examples_see_only_themselves(tiny_model_dir):
         label_ids = sorted({int(ids[length]) for ids, length in zip(batch["input_ids"], batch["prompt_len"])})
         torch.testing.assert_close(answer_loss(model, packed, label_ids, 0.5),
                                    answer_loss(model, collate(batch, pad_id=2), label_ids, 0.5), rtol=1e-5, atol=1e-6)
+        # Every example in one row: the columns between two answers hold no answer in any row and are
+        # dropped before the loss, yet each answer's first token must still count on its own.
+        one_row = collate(batch, pad_id=2, packed_length=128)
+        assert one_row["input_ids"].shape[0] == 1
+        torch.testing.assert_close(answer_loss(model, one_row, label_ids, 0.5),
+                                   answer_loss(model, collate(batch, pad_id=2), label_ids, 0.5), rtol=1e-5, atol=1e-6)

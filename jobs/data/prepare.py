@@ -31,7 +31,7 @@ from jobs.data.balance import rebalance_class, target_size
 from jobs.data.cleaning import FILTER_REASONS, clean_batch
 from jobs.data.dedup import band_edges, band_keys, mark_exact_duplicates, mark_near_duplicates, near_duplicate_clusters
 from jobs.data.quality_report import write_quality_report
-from jobs.data.sources import file_sha256, fingerprint_source, physical_records, read_source
+from jobs.data.sources import file_sha256, physical_records, read_source, scan_source
 from jobs.data.split import SPLITS, assign_split
 from jobs.data.templating import Templater
 
@@ -81,7 +81,9 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
     final_dir = Path(out_dir)
     path_inside(final_dir.parent, final_dir.name)
     sources = cfg.resolved_sources()
-    identity = shard_identity(cfg, sources, model_dir)
+    # One pass over each local file gives its hash (the shards' identity) and its records (the accounting).
+    scans = {source.name: scan_source(source) for source in sources}
+    identity = shard_identity(cfg, {name: fingerprint for name, (fingerprint, _) in scans.items()}, model_dir)
     reused = reusable_manifest(final_dir, identity)
     if reused:
         print(f"[data] reusing shards in {final_dir} (sources, config, tokenizer and code unchanged)")
@@ -92,7 +94,7 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
     templater_args = {"model_dir": str(model_dir), "system_prompt": cfg.system_prompt, "labels": cfg.labels,
                       "min_text_tokens": cfg.min_text_tokens, "max_text_tokens": cfg.max_text_tokens,
                       "max_seq_len": cfg.max_seq_len, "template": cfg.template}
-    staged = read_clean_and_template(sources, cfg, templater_args)
+    staged = read_clean_and_template(sources, cfg, templater_args, {name: records for name, (_, records) in scans.items()})
     warnings += check_physical_records(staged, sources, cfg)
     deduplicated = remove_duplicates(staged, cfg)
     split, undersampled = split_and_balance(deduplicated.rows, cfg, templater_args)
@@ -120,11 +122,11 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
     return manifest
 
 
-def shard_identity(cfg: DataSection, sources: list[SourceSection], model_dir: str | Path) -> dict:
+def shard_identity(cfg: DataSection, fingerprints: dict[str, dict], model_dir: str | Path) -> dict:
     """What the shards are a function of: the sources' bytes, the data config, the tokenizer and this stage's code."""
     tokenizer_file = Path(model_dir) / "tokenizer.json"
     return {
-        "sources": {source.name: fingerprint_source(source) for source in sources},
+        "sources": fingerprints,
         # Secrets (PII hash salt) as fingerprints; the actor count does not change the shards.
         "data_config": cfg.model_dump(mode="json", exclude={"tokenizer_actors"}),
         "tokenizer_sha256": file_sha256(tokenizer_file) if tokenizer_file.exists() else str(model_dir),
@@ -148,8 +150,10 @@ def configure_ray_data() -> None:
     context.enable_operator_progress_bars = False  # one overall bar, not one per operator
 
 
-def read_clean_and_template(sources: list[SourceSection], cfg: DataSection, templater_args: dict) -> Staged:
-    """Read every source, validate and clean, template and filter by length: one streaming pass."""
+def read_clean_and_template(sources: list[SourceSection], cfg: DataSection, templater_args: dict,
+                            scanned_records: dict[str, int | None]) -> Staged:
+    """Read every source, validate and clean, template and filter by length: one streaming pass.
+    Physical records come from the scan that fingerprinted the source, where it counted them."""
     datasets = [read_source(source, cfg) for source in sources]
     read = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
     rows = read.map_batches(clean_batch, batch_format="pandas", fn_kwargs={"cfg": cfg}).map_batches(
@@ -171,7 +175,8 @@ def read_clean_and_template(sources: list[SourceSection], cfg: DataSection, temp
     for source in sources:
         if not rows_read[source.name]:
             raise ValueError(f"data source {source.name!r} ({source.path}) has no rows")
-        physical[source.name] = physical_records(source)
+        scanned = scanned_records[source.name]
+        physical[source.name] = scanned if scanned is not None else physical_records(source)
     return Staged(rows, counts, rows_read, physical, partitions)
 
 

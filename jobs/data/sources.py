@@ -67,44 +67,54 @@ def source_files(source: SourceSection) -> tuple[pafs.FileSystem, list[str]]:
     return filesystem, [i.path for i in infos]
 
 
-def _sha256_stream(stream) -> str:
-    digest = hashlib.sha256()
+def _scan_stream(stream) -> tuple[str, int, bool]:
+    """One pass over a byte stream: its SHA-256, its newlines, and whether its last byte is one (a
+    last line may lack it)."""
+    digest, newlines, last = hashlib.sha256(), 0, b"\n"
     for chunk in iter(lambda: stream.read(1 << 20), b""):
         digest.update(chunk)
-    return digest.hexdigest()
+        newlines += chunk.count(b"\n")
+        last = chunk[-1:]
+    return digest.hexdigest(), newlines, last == b"\n"
 
 
 def file_sha256(path: Path) -> str:
     with path.open("rb") as handle:
-        return _sha256_stream(handle)
+        return _scan_stream(handle)[0]
 
 
-def fingerprint_source(source: SourceSection) -> dict:
-    """What identifies a source's content: file hashes (local), ETags and sizes (object stores),
-    the database file's hash (SQL)."""
+def _line_records(kind: str, newlines: int, ends_with_newline: bool) -> int:
+    """Records of a text file from its lines: every line of JSONL, every line after the header of CSV/TSV."""
+    lines = newlines + (0 if ends_with_newline else 1)
+    return lines if kind == "jsonl" else max(lines - 1, 0)
+
+
+def scan_source(source: SourceSection) -> tuple[dict, int | None]:
+    """What identifies a source's content (file hashes for local files, ETags and sizes in object
+    stores, the database file's hash for SQL), and its physical records when the same pass counts
+    them (local text files; else None: `physical_records` counts them)."""
     if source.kind in ("sqlite", "duckdb"):
-        return {"file_sha256": file_sha256(Path(source.path).expanduser()), "query": source.query, "table": source.table}
+        return {"file_sha256": file_sha256(Path(source.path).expanduser()), "query": source.query, "table": source.table}, None
     filesystem, files = source_files(source)
-    prints = {}
+    prints, records = {}, 0
+    local = isinstance(filesystem, pafs.LocalFileSystem)
     for path in files:
-        if isinstance(filesystem, pafs.LocalFileSystem):
+        if local:
             with filesystem.open_input_stream(path) as stream:
-                prints[path] = {"sha256": _sha256_stream(stream)}
+                sha256, newlines, ends_with_newline = _scan_stream(stream)
+            prints[path] = {"sha256": sha256}
+            records += _line_records(source.kind, newlines, ends_with_newline)
         else:  # the store's own content hash: no download
             with filesystem.open_input_file(path) as handle:
                 meta = handle.metadata()
                 prints[path] = {"etag": (meta.get(b"ETag") or meta.get("ETag") or b"").decode().strip('"'),
                                 "size": handle.size()}
-    return prints
+    return prints, records if local and source.kind != "parquet" else None
 
 
-def _newline_count(stream) -> tuple[int, bool]:
-    """Newlines in a byte stream, and whether its last byte is one (a last line may lack it)."""
-    count, last = 0, b"\n"
-    for chunk in iter(lambda: stream.read(1 << 20), b""):
-        count += chunk.count(b"\n")
-        last = chunk[-1:]
-    return count, last == b"\n"
+def fingerprint_source(source: SourceSection) -> dict:
+    """The identifying half of `scan_source`."""
+    return scan_source(source)[0]
 
 
 def physical_records(source: SourceSection) -> int:
@@ -126,9 +136,8 @@ def physical_records(source: SourceSection) -> int:
                 total += pq.ParquetFile(handle).metadata.num_rows
             continue
         with filesystem.open_input_stream(path) as stream:
-            newlines, ends_with_newline = _newline_count(stream)
-        lines = newlines + (0 if ends_with_newline else 1)
-        total += lines if source.kind == "jsonl" else max(lines - 1, 0)  # CSV/TSV: the header is no record
+            _, newlines, ends_with_newline = _scan_stream(stream)
+        total += _line_records(source.kind, newlines, ends_with_newline)
     return total
 
 

@@ -11,10 +11,10 @@ def answer_loss(engine, batch: dict[str, torch.Tensor], label_ids: list[int] | N
     cross-entropy over the label words only at each answer's first token (a verbalizer objective:
     the gradient goes to telling the labels apart, not to the rest of the vocabulary, while the
     full-vocabulary term keeps the label the model's free answer, so chat and classify agree)."""
-    logits, targets, _ = answer_logits(engine, batch)
+    logits, targets, kept = answer_logits(engine, batch)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
     if label_weight and label_ids:
-        rows, first = first_answer_positions(targets)
+        rows, first = first_answer_positions(batch, kept)
         gold = targets[rows, first]
         ids = torch.tensor(label_ids, device=gold.device)
         is_label = gold.unsqueeze(1) == ids  # rows whose answer is a label (all of them in classification)
@@ -43,9 +43,11 @@ def answer_logits(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return logits, targets[:, keep], keep
 
 
-def first_answer_positions(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, columns) where each answer's first token is predicted: the start of every run of answer
-    targets, so each example of a packed row counts, not only the row's first."""
-    answer = targets != -100
+def first_answer_positions(batch: dict[str, torch.Tensor], kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns among the `kept` ones of answer_logits) where each answer's first token is
+    predicted: the start of every run of answer targets, so each example of a packed row counts.
+    Runs are found in the whole row, before columns are dropped: a column no row answers in may be
+    all that separates two answers of a packed row, and dropping it would join them into one."""
+    answer = batch["labels"][:, 1:] != -100
     starts = answer & ~torch.nn.functional.pad(answer[:, :-1], (1, 0), value=False)
-    return starts.nonzero(as_tuple=True)
+    return starts[:, kept].nonzero(as_tuple=True)

@@ -329,7 +329,7 @@ def _validate(engine, shard, micro_batch_size: int, collate_fn, device, num_task
             loss_sums.index_add_(0, task_ids[answer], losses[answer])
             tokens.index_add_(0, task_ids[answer], torch.ones(int(answer.sum()), dtype=torch.float64))
             if label_ids:
-                rows, first = first_answer_positions(targets)
+                rows, first = first_answer_positions(batch, keep)
                 gold_tokens = targets[rows, first].tolist()
                 scores = logits[rows, first][:, label_ids].argmax(dim=-1).tolist()
                 for token, choice in zip(gold_tokens, scores):

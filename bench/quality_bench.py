@@ -37,7 +37,7 @@ LEVERS = {
                  ["data.template=model", f'data.system_prompt="{OLD_SYSTEM_PROMPT}"', "train.balance_classes=false",
                   "train.zero_stage=2", "train.trainable_layers=null", "train.freeze_embeddings=false",
                   "train.label_loss_weight=0", "train.learning_rate=5e-5", "train.micro_batch_size=8",
-                  "train.gradient_accumulation_steps=2"]),
+                  "train.gradient_accumulation_steps=2", "train.precision=fp32"]),
     "compact": ("compact template and a short prompt", ["data.template=compact",
                 'data.system_prompt="Is this customer message negative, neutral or positive?"']),
     "lr": ("learning rate 3e-4 (constant after warm-up)", ["train.learning_rate=3e-4"]),
@@ -46,6 +46,7 @@ LEVERS = {
     "freeze": ("only the top 10 of 30 layers trained, embeddings frozen", ["train.trainable_layers=10", "train.freeze_embeddings=true"]),
     "label_loss": ("plus a cross-entropy over the label words", ["train.label_loss_weight=1.0"]),
     "balance": ("class-balanced training stream", ["train.balance_classes=true"]),
+    "bf16": ("bf16 mixed precision (autocast, fp32 weights) on a CPU with bf16 instructions", ["train.precision=auto"]),
 }
 
 
@@ -65,7 +66,7 @@ def run_lever(cfg: RunConfig) -> dict:
     return {
         "examples_seen": final["examples_seen"], "train_seconds": round(final["train_seconds"], 1),
         "examples_per_s": round(final["examples_seen"] / final["train_seconds"], 2),
-        "tokens_per_s": round(record["tokens_per_s"], 1), "val_macro_f1": final["val_macro_f1"],
+        "tokens_per_s": round(record["tokens_per_s"], 1), "time_shares": record["time_shares"], "val_macro_f1": final["val_macro_f1"],
         "val_loss": final["val_loss"], "steps": final["step"], "train_split_tokens": train_tokens,
     }
 

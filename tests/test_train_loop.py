@@ -4,7 +4,7 @@ import torch
 
 from jobs.train.batches import collate
 from jobs.train.engine import deepspeed_config
-from jobs.train.losses import answer_loss
+from jobs.train.losses import answer_logits, answer_loss
 from jobs.config import TrainSection
 
 
@@ -81,12 +81,43 @@ def test_global_batch_size_sets_accumulation_for_any_worker_count():
         assert deepspeed_config(train.model_dump(), workers, "fp32")["train_batch_size"] == 32
 
 
-def test_precision_auto_is_fp32_on_cpu():
-    from jobs.train.engine import resolve_precision
+def test_precision_auto_on_cpu_is_bf16_only_where_the_cpu_has_bf16_instructions(monkeypatch):
+    from jobs.train import engine
 
-    assert resolve_precision("auto", use_gpu=False) == "fp32"
-    assert resolve_precision("bf16", use_gpu=True) == "bf16"
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: True)
+    assert engine.resolve_precision("auto", use_gpu=False) == "bf16"
+    assert engine.resolve_precision("fp32", use_gpu=False) == "fp32"
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)
+    assert engine.resolve_precision("auto", use_gpu=False) == "fp32"
+    with pytest.raises(ValueError, match="AMX or AVX-512 BF16"):
+        engine.resolve_precision("bf16", use_gpu=False)
+    assert engine.resolve_precision("bf16", use_gpu=True) == "bf16"
 
+
+def test_cpu_bf16_is_autocast_over_fp32_weights_not_deepspeeds_bf16_mode(tiny_model_dir):
+    """On CPU the engine keeps fp32 weights and optimizer (DeepSpeed's bf16 mode stays off) and its
+    forward runs under torch.autocast in bf16 (DeepSpeed's torch_autocast section: an autocast
+    opened around the engine is switched off inside it). On GPU it is DeepSpeed's bf16 mode."""
+    from transformers import AutoModelForCausalLM
+
+    train = TrainSection().model_dump()
+    cpu = deepspeed_config({**train, "use_gpu": False}, 2, "bf16")
+    assert cpu["bf16"] == {"enabled": False} and cpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    gpu = deepspeed_config({**train, "use_gpu": True}, 2, "bf16")
+    assert gpu["bf16"] == {"enabled": True} and not gpu["torch_autocast"]["enabled"]
+    assert not deepspeed_config({**train, "use_gpu": False}, 2, "fp32")["torch_autocast"]["enabled"]
+    # What that autocast does to the objective: bf16 logits close to fp32's, fp32 gradients.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    batch = collate({"input_ids": [list(range(3, 20)), list(range(5, 12))], "prompt_len": [10, 4]}, pad_id=2)
+    fp32_logits, _, _ = answer_logits(model, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_logits, _, _ = answer_logits(model, batch)
+        loss = answer_loss(model, batch)
+    assert fp32_logits.dtype == torch.float32 and bf16_logits.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16_logits.float(), fp32_logits, atol=0.1, rtol=0.05)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(grad.dtype == torch.float32 for grad in grads)
 
 def test_prepare_model_trains_only_what_the_method_says(tiny_model_dir):
     from transformers import AutoModelForCausalLM

@@ -21,7 +21,7 @@ from jobs.data.prepare import MANIFEST, task_data_dirs
 from jobs.data.split import split_dataset
 from jobs.train.export import EXPORT_TOLERANCE, HF_EXPORT_DIR, PROBE_FILE, export_model, verify_export
 from jobs.train.tracking import MetricLogger, start_run
-from jobs.train.worker import FAULT_MARKER, LEARNING_CURVE_FILE, train_loop_per_worker
+from jobs.train.worker import FAULT_MARKER, LEARNING_CURVE_FILE, PHASES, train_loop_per_worker
 
 def label_first_token_ids(cfg: RunConfig, base_dir: Path) -> list[int] | None:
     """Each label's first token, for the validation macro-F1 of the learning curve; None when the
@@ -93,6 +93,9 @@ def run_finetune(cfg: RunConfig, base_dir: Path, data_dir: Path) -> dict:
         # Without each attempt's first step (data pipeline start-up, optimizer state allocation).
         "steady_tokens_per_s": last["steady_tokens_per_s"],
         "first_batch_seconds": last["first_batch_seconds"],
+        # Where the training seconds went (mean over workers): waiting for data, forward+backward, optimizer.
+        "time_shares": {phase: last[f"{phase}_seconds"] / sum(last[f"{p}_seconds"] for p in PHASES) for phase in PHASES}
+        if all(f"{phase}_seconds" in last for phase in PHASES) else None,
         "train_tokens": last["train_tokens"],
         "examples_seen": last["examples_seen"],
         "learning_curve": read_learning_curve(cfg.run_dir / LEARNING_CURVE_FILE),

@@ -90,10 +90,16 @@ class Position:
     warmup_tokens: float = 0.0
     warmup_seconds: float = 0.0
     task_examples: list[float] = field(default_factory=list)  # training examples per task, all workers
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # training seconds by PHASES, mean over workers
 
     @classmethod
     def from_checkpoint(cls, state: dict, tasks: int) -> "Position":
         return cls(**{"task_examples": [0.0] * tasks, **state})  # older checkpoints lack some fields
+
+
+# Where a worker's training time goes: waiting for the next batch from Ray Data, forward and
+# backward (DeepSpeed's gradient all-reduce included), and the optimizer step.
+PHASES = ("data", "forward_backward", "optimizer")
 
 
 @dataclass
@@ -104,6 +110,18 @@ class Window:
     tokens: int = 0
     slots: int = 0
     started: float = field(default_factory=time.perf_counter)
+    phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    last_lap: float = field(default_factory=time.perf_counter)
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the previous lap to `phase`."""
+        now = time.perf_counter()
+        self.phase_seconds[phase] += now - self.last_lap
+        self.last_lap = now
+
+    def restart(self) -> None:
+        """Validation and saving are not training throughput."""
+        self.started = self.last_lap = time.perf_counter()
 
     def add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         self.loss += loss.detach().item()  # detached: torch warns on a scalar taken from a tensor that requires grad
@@ -137,9 +155,12 @@ def train_loop_per_worker(config: dict) -> None:
             if len(worker.task_names) > 1:
                 task_examples += torch.bincount(batch["example_tasks"], minlength=len(worker.task_names)).double()
             batch = {key: value.to(worker.device) for key, value in batch.items()}
+            window.lap("data")
             loss = answer_loss(worker.engine, batch, config.get("label_first_token_ids"), train["label_loss_weight"])
             worker.engine.backward(loss)
+            window.lap("forward_backward")
             worker.engine.step()
+            window.lap("optimizer")
             window.add(loss, batch)
             if worker.engine.global_steps == position.step:
                 continue  # still accumulating gradients
@@ -162,7 +183,7 @@ def train_loop_per_worker(config: dict) -> None:
                 position.task_examples = [before + now for before, now in zip(
                     task_examples_before, _all_reduce(task_examples.tolist(), worker.device))]
                 validate_and_checkpoint(worker, position, resumed_from_step, last_train_loss, first_batch_seconds, run_start)
-                window.started = time.perf_counter()  # validation and saving are not training throughput
+                window.restart()
             if last_step:
                 break
         position.epoch += 1
@@ -186,8 +207,9 @@ def start_worker(config: dict) -> Worker:
     torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
     tokenizer = use_template(AutoTokenizer.from_pretrained(config["base_model_dir"]), config["template"])
     precision = resolve_precision(train["precision"], train["use_gpu"])
-    # Weights stay fp32 for fp16 training: DeepSpeed keeps fp32 masters and casts itself.
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    # Weights stay fp32 for fp16 training (DeepSpeed keeps fp32 masters and casts itself) and for
+    # bf16 on CPU (autocast, see deepspeed_config).
+    dtype = torch.bfloat16 if precision == "bf16" and train["use_gpu"] else torch.float32
     model = prepare_model(AutoModelForCausalLM.from_pretrained(config["base_model_dir"], dtype=dtype), train)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     # Counted before DeepSpeed: ZeRO-3 partitions parameters, leaving each rank's tensors empty.
@@ -196,7 +218,8 @@ def start_worker(config: dict) -> Worker:
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=trainable, config=deepspeed_config(train, world_size, precision),
     )
-    peak_flops = train["peak_flops_per_worker"] or measure_peak_flops(device, dtype)
+    # The yardstick is the dtype the matrix multiplies run in (bf16 under CPU autocast).
+    peak_flops = train["peak_flops_per_worker"] or measure_peak_flops(device, torch.bfloat16 if precision == "bf16" else dtype)
     tracker = MetricLogger(config["tracking_uri"], config["tracking_run_id"]) if rank == 0 else MetricLogger(None, None)
     if rank == 0:
         say(f"[train] method {train['method']}, precision {precision}: "
@@ -236,17 +259,23 @@ def close_window(worker: Worker, window: Window, position: Position, steps_in_wi
     added to the position's totals (the attempt's first window also to its warm-up). Returns the
     window's mean training loss."""
     engine, device, step = worker.engine, worker.device, position.step
-    loss_sum, micro, tokens, slots = _all_reduce([window.loss, window.micro_batches, window.tokens, window.slots], device)
+    loss_sum, micro, tokens, slots, *phase_sums = _all_reduce(
+        [window.loss, window.micro_batches, window.tokens, window.slots, *window.phase_seconds.values()], device)
     (memory,) = _all_reduce([peak_memory_gib(device)], device, op=torch.distributed.ReduceOp.MAX)
     elapsed = time.perf_counter() - window.started
     mfu = worker.mfu(tokens / elapsed)
+    shares = {phase: total / worker.world_size / elapsed for phase, total in zip(PHASES, phase_sums)}  # mean over workers
+    for phase, total in zip(PHASES, phase_sums):
+        position.phase_seconds[phase] = position.phase_seconds.get(phase, 0.0) + total / worker.world_size
     if worker.rank == 0:
         say(f"[train] step {step}/{worker.train['max_steps']} epoch {position.epoch} loss {loss_sum / micro:.4f} "
             f"lr {engine.get_lr()[0]:.2e} tokens/s {tokens / elapsed:.0f} MFU {mfu:.1%} "
-            f"peak mem {memory:.2f} GiB elapsed {time.perf_counter() - run_start:.0f}s")
+            f"(time: data {shares['data']:.0%}, forward+backward {shares['forward_backward']:.0%}, "
+            f"optimizer {shares['optimizer']:.0%}) peak mem {memory:.2f} GiB elapsed {time.perf_counter() - run_start:.0f}s")
         worker.tracker.log({"train_loss": loss_sum / micro, "learning_rate": engine.get_lr()[0],
                             "tokens_per_s": tokens / elapsed, "step_seconds": elapsed / max(steps_in_window, 1),
-                            "mfu": mfu, "peak_memory_gib_max_worker": memory}, step)
+                            "mfu": mfu, "peak_memory_gib_max_worker": memory,
+                            **{f"time_share/{phase}": share for phase, share in shares.items()}}, step)
     position.total_tokens += tokens
     position.total_slots += slots
     position.compute_seconds += elapsed
@@ -294,6 +323,7 @@ def validate_and_checkpoint(worker: Worker, position: Position, resumed_from_ste
         "first_batch_seconds": first_batch_seconds,
         "train_seconds": time.perf_counter() - run_start, "peak_memory_gib_max_worker": memory,
         "mfu": worker.mfu(tokens / max(seconds, 1e-9)),
+        **{f"{phase}_seconds": value for phase, value in position.phase_seconds.items()},
         **per_task,
     }
     with tempfile.TemporaryDirectory() as folder:

@@ -316,13 +316,16 @@ def verify(path: str | Path, hmac_key: bytes | None = None) -> VerifyReport:
     return VerifyReport(True, count)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.audit", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_commands(parser: argparse.ArgumentParser) -> None:
+    """`verify`, under `python -m cluster.audit` and `lakeforge audit`; it sets `handler`."""
+    commands = parser.add_subparsers(dest="audit_command", required=True)
     check = commands.add_parser("verify", help="verify a log's hash chain; exit 0 if intact, 1 if not")
     check.add_argument("file")
     check.add_argument("--hmac-key-env", default=None, help="env var holding the chain's HMAC key, if it has one")
-    args = parser.parse_args(argv)
+    check.set_defaults(handler=_verify_command)
+
+
+def _verify_command(args: argparse.Namespace) -> int:
     try:
         report = verify(args.file, key_from_env(args.hmac_key_env))
     except (OSError, AuditError) as error:
@@ -330,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(report)
     return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster.audit", description=__doc__.split("\n")[0])
+    add_commands(parser)
+    args = parser.parse_args(argv)
+    return args.handler(args)
 
 
 if __name__ == "__main__":

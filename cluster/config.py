@@ -2,16 +2,25 @@
 
 Every job and Serve app reads its config through `load_config`, so a typo in a key or a bad value
 stops the run before any cluster work starts, with one line per problem naming the key.
+`describe_field` says what a field takes (type, default, allowed values) in words, for the generated
+configuration reference (scripts/config_reference.py) and the `lakeforge` command's help.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
+import annotated_types
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined, to_jsonable_python
 
 
 # A name that becomes a folder under a root (run, task, registered model, adapter): one plain path
@@ -80,6 +89,93 @@ def load_config(model: type[ConfigT], path: str | Path | None, overrides: list[s
         return model.model_validate(tree)
     except ValidationError as error:
         raise ConfigError(f"invalid config: {format_validation_error(error)}") from None
+
+
+def nested_models(annotation) -> list[type[BaseModel]]:
+    """The pydantic models a field annotation holds at any depth: `Model`, `Model | None`,
+    `list[Model]`, `dict[str, Model]`, `Annotated[Union[A, B], ...]`, ..."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found = []
+    for argument in typing.get_args(annotation):  # Literal values and Annotated metadata hold no models
+        found += [model for model in nested_models(argument) if model not in found]
+    return found
+
+
+@dataclass(frozen=True)
+class FieldDescription:
+    """One config field in words, as YAML writes values (`null`, `true`, lists in brackets)."""
+
+    type: str          # e.g. "int | null", "list[SourceSection]"
+    default: str       # a YAML/JSON value, or "required"
+    allowed: str       # the values or bounds the model accepts; "" when any value of the type is
+    description: str
+    models: list[type[BaseModel]]  # the config models the field holds (sections to describe further)
+
+
+def _type_text(annotation) -> str:
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "null"
+    if origin is Literal:
+        return " | ".join(dict.fromkeys(type(value).__name__ for value in arguments))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(dict.fromkeys(_type_text(argument) for argument in arguments))
+    if origin is typing.Annotated:
+        return _type_text(arguments[0])
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_text(argument) for argument in arguments)}]"
+    if annotation is SecretStr:
+        return "str (secret)"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _literal_values(annotation) -> list:
+    if typing.get_origin(annotation) is Literal:
+        return list(typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [value for argument in typing.get_args(annotation) for value in _literal_values(argument)]
+    return []
+
+
+_BOUNDS = ((annotated_types.Ge, "ge", ">="), (annotated_types.Gt, "gt", ">"), (annotated_types.Le, "le", "<="),
+           (annotated_types.Lt, "lt", "<"), (annotated_types.MinLen, "min_length", "length >="),
+           (annotated_types.MaxLen, "max_length", "length <="))
+
+
+def _allowed_text(field: FieldInfo) -> str:
+    values = _literal_values(field.annotation)
+    if values:
+        return ", ".join(json.dumps(value) for value in values)
+    rules = []
+    for constraint in field.metadata:
+        for kind, attribute, symbol in _BOUNDS:
+            if isinstance(constraint, kind):
+                rules.append(f"{symbol} {getattr(constraint, attribute)}")
+        if getattr(constraint, "pattern", None):
+            rules.append(f"matches {constraint.pattern}")
+    return ", ".join(rules)
+
+
+def _default_text(field: FieldInfo, value) -> str:
+    if value is PydanticUndefined:
+        if field.is_required():
+            return "required"
+        value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        # A section's default is its own fields' defaults, plus whatever the factory sets otherwise.
+        value = value.model_dump(mode="json", exclude_defaults=True)
+    elif isinstance(value, SecretStr):
+        value = value.get_secret_value() and "(set)"  # never the secret itself
+    return json.dumps(to_jsonable_python(value))
+
+
+def describe_field(field: FieldInfo, value=PydanticUndefined) -> FieldDescription:
+    """`field` in words; `value`, when given, is its default where it sits (a parent's factory or
+    validator may set it otherwise than the field's own default)."""
+    return FieldDescription(type=_type_text(field.annotation), default=_default_text(field, value),
+                            allowed=_allowed_text(field), description=field.description or "",
+                            models=nested_models(field.annotation))
 
 
 def load_config_or_exit(model: type[ConfigT], argv: list[str] | None = None) -> ConfigT:

@@ -63,6 +63,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -701,30 +702,38 @@ class FailedAuthLimiter:
             return summaries
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.security", description="lakeforge security tools")
-    commands = parser.add_subparsers(dest="command", required=True)
-    new = commands.add_parser("new-key", help="make an API key: prints the key once and the record to store")
+def add_commands(parser: argparse.ArgumentParser) -> None:
+    """The key commands, under `python -m cluster.security` and `lakeforge keys`; each sets `handler`."""
+    commands = parser.add_subparsers(dest="key_command", required=True, metavar="{new,record}")
+    new = commands.add_parser("new", aliases=["new-key"],
+                              help="make an API key: prints the key once and the record to store")
     new.add_argument("--subject", required=True, help="who the key is for, e.g. crm")
     new.add_argument("--role", action="append", required=True, help="role to grant (repeat for several)")
-    new.add_argument("--tenant", required=True)
+    new.add_argument("--tenant", required=True, help="tenant the key belongs to; it reaches that tenant's and shared models")
     new.add_argument("--attr", action="append", default=[], metavar="NAME=VALUE", help="attribute, e.g. clearance=internal")
     new.add_argument("--key-id", default=None, help="public key id (letters, digits, '-'); random if not given")
-    record_cmd = commands.add_parser(
-        "key-record", help=f"print the record (digest) of the key in ${LOCAL_KEY_ENV}, as JSON for ${KEY_RECORD_ENV}")
-    record_cmd.add_argument("--subject", default="lakeforge-user", help="who the key belongs to")
-    record_cmd.add_argument("--role", action="append", default=None, help="role to grant (repeat; default admin)")
-    record_cmd.add_argument("--tenant", default="lakeforge")
-    args = parser.parse_args(argv)
-    if args.command == "key-record":
-        key = os.environ.get(LOCAL_KEY_ENV)
-        if not key:
-            parser.error(f"set {LOCAL_KEY_ENV} to the key (the key is read from the environment, never from argv)")
-        try:
-            print(record_for_key(key, args.subject, args.role or ["admin"], args.tenant).model_dump_json())
-        except ConfigError as error:
-            parser.error(str(error))
-        return 0
+    new.set_defaults(handler=partial(_new_key, new))
+    record = commands.add_parser(
+        "record", aliases=["key-record"],
+        help=f"print the record (digest) of the key in ${LOCAL_KEY_ENV}, as JSON for ${KEY_RECORD_ENV}")
+    record.add_argument("--subject", default="lakeforge-user", help="who the key belongs to")
+    record.add_argument("--role", action="append", default=None, help="role to grant (repeat; default admin)")
+    record.add_argument("--tenant", default="lakeforge")
+    record.set_defaults(handler=partial(_key_record, record))
+
+
+def _key_record(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    key = os.environ.get(LOCAL_KEY_ENV)
+    if not key:
+        parser.error(f"set {LOCAL_KEY_ENV} to the key (the key is read from the environment, never from argv)")
+    try:
+        print(record_for_key(key, args.subject, args.role or ["admin"], args.tenant).model_dump_json())
+    except ConfigError as error:
+        parser.error(str(error))
+    return 0
+
+
+def _new_key(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     bad = [attr for attr in args.attr if "=" not in attr]
     if bad:
         parser.error(f"--attr expects NAME=VALUE, got {bad}")
@@ -736,6 +745,13 @@ def main(argv: list[str] | None = None) -> int:
     print("# Record for the api_keys file (holds only the key's SHA-256):")
     print(yaml.safe_dump([json.loads(record.model_dump_json())], sort_keys=False), end="")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster.security", description="lakeforge security tools")
+    add_commands(parser)
+    args = parser.parse_args(argv)
+    return args.handler(args)
 
 
 if __name__ == "__main__":

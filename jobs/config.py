@@ -1,7 +1,9 @@
-"""The run config shared by `jobs.finetune`, `jobs.evaluate` and `jobs.pipeline`.
+"""The configs of the jobs: the run config shared by `jobs.pipeline`, `jobs.finetune`,
+`jobs.evaluate` and `jobs.explain`, and those of `jobs.batch_infer` and `jobs.deploy`.
 
-One YAML describes one run; each job reads the sections it needs, so the three jobs can never
-disagree about the data split, the prompt or the model folder.
+One YAML describes one run; each job reads the sections it needs, so the jobs can never
+disagree about the data split, the prompt or the model folder. All of them live here, below the
+entry jobs, so `lakeforge --help` can list their fields without importing Ray.
 """
 
 from __future__ import annotations
@@ -561,3 +563,15 @@ class BatchInferConfig(StrictModel):
     part_rows: int = Field(default=256, ge=1, description="Most rows per output part; a crash loses at most the rows not yet in a written part.")
     max_new_tokens: int = Field(default=128, ge=1, description="Models without labels: longest greedy answer in tokens.")
     engine: BatchEngineSection = Field(default_factory=BatchEngineSection, description="vLLM engine settings.")
+
+
+class DeployConfig(StrictModel):
+    """Which registered model version to serve, and how."""
+
+    name: str = Field(pattern=PATH_SEGMENT,
+                      description="Registered model name (the run name the pipeline registered versions under).")
+    storage_root: str = Field(default="outputs", description="Storage root holding registry/<name>/.")
+    version: str | None = Field(default=None, description="Version to deploy, e.g. v0003; unset: the registry's current version.")
+    force: bool = Field(default=False, description="Deploy a named version even though the promotion gate rejected it.")
+    import_path: str = Field(default="serving.app:build_app", description="Serve app builder, as a Serve config's import_path.")
+    endpoint: EndpointSettings = Field(default_factory=EndpointSettings, description="Endpoint settings; model_dir is taken from the version.")

@@ -11,25 +11,11 @@ from __future__ import annotations
 
 import sys
 
-from pydantic import Field
-
-from cluster.config import PATH_SEGMENT, StrictModel, load_config_or_exit
-from cluster.contracts import EndpointSettings
+from cluster.config import load_config_or_exit
 from cluster.endpoints import deploy
 from cluster.ray_cluster import connect
 from cluster.registry import ModelRegistry
-
-
-class DeployConfig(StrictModel):
-    """Which registered model version to serve, and how."""
-
-    name: str = Field(pattern=PATH_SEGMENT,
-                      description="Registered model name (the run name the pipeline registered versions under).")
-    storage_root: str = Field(default="outputs", description="Storage root holding registry/<name>/.")
-    version: str | None = Field(default=None, description="Version to deploy, e.g. v0003; unset: the registry's current version.")
-    force: bool = Field(default=False, description="Deploy a named version even though the promotion gate rejected it.")
-    import_path: str = Field(default="serving.app:build_app", description="Serve app builder, as a Serve config's import_path.")
-    endpoint: EndpointSettings = Field(default_factory=EndpointSettings, description="Endpoint settings; model_dir is taken from the version.")
+from jobs.config import DeployConfig
 
 
 class DeployError(ValueError):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import typing
 from pathlib import Path
 
 import pytest
 
-from cluster.config import load_config
+from cluster.config import load_config, nested_models
 from jobs.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,19 +16,6 @@ TEST_SERVE_PORT = 8123  # not 8000: a demo endpoint may be running on this machi
 # Tests start a dozen vLLM engines on the tiny model: eager mode skips torch.compile (20 s vs 41 s
 # per start on 2 cores). Shipped configs keep vLLM's compiled default.
 EAGER = {"enforce_eager": True}
-
-
-def nested_models(annotation) -> list[type]:
-    """The pydantic models a field annotation holds at any depth: `Model`, `Model | None`,
-    `list[Model]`, `dict[str, Model]`, `Annotated[Union[A, B], ...]`, ..."""
-    from pydantic import BaseModel
-
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    found = []
-    for argument in typing.get_args(annotation):  # Literal values and Annotated metadata hold no models
-        found += [model for model in nested_models(argument) if model not in found]
-    return found
 
 
 def config_models(*roots: type) -> list[type]:

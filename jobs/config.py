@@ -251,7 +251,7 @@ class TrainSection(StrictModel):
         default="auto",
         description="Training precision. auto: on GPU bf16 where the device supports it, else fp16 (with loss scaling); on CPU "
         "bf16 where the CPU has AMX or AVX-512 BF16 instructions (mixed precision by autocast: fp32 weights and optimizer, "
-        "bf16 matrix multiplies; ~3x the fp32 tokens/s on the 2-core development machine), else fp32.",
+        "bf16 matrix multiplies), else fp32.",
     )
     method: Literal["full", "lora"] = Field(default="full", description="full: train every weight; lora: train low-rank adapters (peft) on a frozen base.")
     lora: LoraSection = Field(default_factory=LoraSection, description="Adapter settings when method is lora.")

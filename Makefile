@@ -54,6 +54,7 @@ bench: setup tcmalloc
 	$(PY) -m bench.data_bench
 	$(PY) -m bench.pii_bench
 	$(PY) -m bench.serve_bench
+	$(PY) -m bench.api_fuzz
 
 down:
 	$(PY) -m cluster.ray_cluster down

@@ -100,7 +100,7 @@ def build_app(args: dict) -> Application:
         config, bind_kwargs={"model_downloader": partial(LocalLoraLoader, adapters_dir)} if local_adapters else None)
     limits, scaling = settings.limits, settings.autoscaling
     gateway = serve.deployment(
-        make_fastapi_ingress(Gateway, endpoint_map=ENDPOINTS, app=gateway_app()),
+        make_fastapi_ingress(Gateway, endpoint_map=ENDPOINTS, app=gateway_app(settings)),
         name="Gateway",
         max_ongoing_requests=limits.max_ongoing_requests,
         max_queued_requests=limits.max_queued_requests,

@@ -13,7 +13,9 @@ ray.serve.llm's) and adds:
   anything reaches the engine; `/v1/models` lists only what the caller may use;
 - fail closed on the audit log: a request that cannot be audited is answered 503, the cause logged;
   while the log is down, requests are refused (503) at once, one per second trying it again;
-- error answers that name the problem (ray.serve.llm's name internal exception classes);
+- error answers that name the problem (ray.serve.llm's name internal exception classes), all in one
+  error body, and an OpenAPI schema at /openapi.json that documents every status and bound
+  (`serving.api`);
 - `POST /v1/classify`: label probabilities by label scoring through vLLM's prompt log-probs;
 - `GET /health`: fails (503) when an engine's own health check fails, not only when a process dies.
 """
@@ -31,18 +33,23 @@ from pathlib import Path
 from typing import Optional
 
 from fastapi import HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from pydantic import ValidationError
 from ray.llm._internal.common.utils.cloud_utils import is_remote_path
 from ray.llm._internal.common.utils.lora_utils import get_base_model_id, get_lora_id
 from ray.llm._internal.serve.core.configs.openai_api_models import (
-    ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, OpenAIHTTPException,
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, ErrorResponse, ModelCard,
+    ModelList, OpenAIHTTPException,
 )
-from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, OpenAiIngress, init
+from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init
 from ray.llm._internal.serve.utils.server_utils import get_response_for_error
 from ray.util import metrics
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Match
 from vllm.entrypoints.generate.base.protocol import StreamOptions
 
 from cluster.contracts import ARTIFACT_FILE, EndpointSettings, ModelArtifact
@@ -53,6 +60,10 @@ from cluster.security import (
 )
 from cluster.storage import path_inside
 from cluster.text import Preprocessor
+from serving.api import (
+    JSON_MEDIA, ChatCompletionBody, ClassifyRequest, ClassifyResponse, CompletionBody, HealthResponse, answers,
+    describe, error_body, generated, problem,
+)
 from serving.limits import (
     InvalidRequest, adapter_name, check_limits, default_max_tokens, prompt_text, request_params,
 )
@@ -66,25 +77,9 @@ AUDIT_DOWN = "the audit log cannot be written, so requests are refused until it 
 logger = logging.getLogger("ray.serve")
 
 
-class ClassifyRequest(BaseModel):
-    """Body of POST /v1/classify: one text or a list of texts for a classification model."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: Optional[str] = Field(default=None, description="Served model id (base or `<base>:<adapter>`).")
-    text: Optional[str] = Field(default=None, description="One text to classify.")
-    texts: Optional[list[str]] = Field(default=None, description="Several texts to classify.")
-
-    @model_validator(mode="after")
-    def _one_of(self):
-        if (self.text is None) == (self.texts is None):
-            raise ValueError("give exactly one of `text` or `texts`")
-        return self
-
-
 def error_response(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
-    """An OpenAI-shaped error body, which the openai client turns into its typed exceptions."""
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
-                                   "code": status}}, status_code=status, headers=headers)
+    """An answer with the error body (`serving.api.ErrorBody`)."""
+    return JSONResponse(error_body(status, message), status_code=status, headers=headers)
 
 
 # ray.serve.llm words an error "Message: <m> (Request ID: <id>), Internal exception: <module.Class>: <m>,
@@ -99,7 +94,7 @@ def client_message(error: Exception) -> str:
     elif isinstance(error, HTTPException):
         text = str(error.detail)
     elif isinstance(error, ValidationError):
-        text = "; ".join(f"{'.'.join(map(str, item['loc'])) or 'body'}: {item['msg']}" for item in error.errors())
+        text = problem(error.errors())
     else:
         text = str(error)
     wording = _RAY_WORDING.match(text)
@@ -129,6 +124,22 @@ async def answer_errors(request: Request, call_next) -> Response:
         return error_answer(request, error)
 
 
+async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """A body its route's model refuses: 400 naming the field; a body not sent as JSON: 415 (ray.serve.llm's
+    handler echoed the body back, and crashed with a 500 on one that is not JSON)."""
+    media = request.headers.get("content-type", "")
+    kind = media.split(";")[0].strip().lower()
+    if media and not (kind == JSON_MEDIA or (kind.startswith("application/") and kind.endswith("+json"))):
+        return error_response(415, f"send the body as JSON (Content-Type: {JSON_MEDIA}), not {media[:100]!r}")
+    return error_response(400, problem(error.errors()))
+
+
+async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's and Starlette's HTTP errors (an unknown route, a wrong method, ray.serve.llm's unknown
+    model) in the error body, not FastAPI's `{"detail": ...}`."""
+    return error_response(error.status_code, str(error.detail), error.headers)
+
+
 class GatewayMetrics:
     """Prometheus series on Ray's metrics endpoint, tagged per route, model and key."""
 
@@ -145,7 +156,10 @@ class GatewayMetrics:
                                               boundaries=[1, 5, 10, 25, 50, 100, 250, 500, 1000], tag_keys=tags)
 
     def observe(self, record: dict) -> None:
-        tags = {"route": record["route"], "model": record["model"] or "-", "key_id": record["key_id"] or "-"}
+        # Tags are never client text: every new value is a new series, and Ray's metrics fail (a 500) on
+        # non-ASCII. The route's template, a model that exists, the key id (a JWT subject escaped).
+        key_id = (record["key_id"] or "-").encode("ascii", "backslashreplace").decode()
+        tags = {"route": record["_metric_route"], "model": record.get("_metric_model") or "-", "key_id": key_id}
         status = str(record["status"])
         self.requests.inc(tags={**tags, "status": status})
         if record["status"] >= 400:
@@ -198,9 +212,12 @@ async def guard(request: Request, call_next):
         return await call_next(request)
     client = client_address(request.client.host if request.client else None,
                             request.headers.get("x-forwarded-for"), security.trusted_proxies)
+    # The route's template (`/v1/models/{model:path}`), not the path, tags the metrics (see GatewayMetrics.observe).
+    template = next((known.path for known in request.app.router.routes
+                     if known.matches(request.scope)[0] != Match.NONE), "-")
     record = {"event": "request", "route": route, "method": request.method, "client": client, "subject": None,
               "key_id": None, "tenant": None, "model": None, "status": None, "prompt_tokens": 0,
-              "completion_tokens": 0, "_started": time.perf_counter()}
+              "completion_tokens": 0, "_started": time.perf_counter(), "_metric_route": template}
     request.state.record = record
     gateway.audit_summaries(gateway.failed_auth.expired())
     if not gateway.audit_writer.probe_due():  # the log is down and was tried just now: refuse at once
@@ -358,11 +375,15 @@ class Gateway(OpenAiIngress):
         """The model id a request may use: 404 for an unknown base model, 400 for an adapter name that
         is not a plain folder name, 403 when denied, then 404 for a missing local adapter (after the
         decision, so a caller cannot probe which adapters exist; the engine would answer 500)."""
-        model_id = request.state.record["model"] = await self._get_model_id(requested)
+        record = request.state.record
+        model_id = record["model"] = await self._get_model_id(requested)
+        record["_metric_model"] = get_base_model_id(model_id)  # an adapter's own name once it is known to exist
         adapter = adapter_name(model_id)
         await self.authorize(request, request.url.path, model_id, params)
-        if adapter is not None and self._local_adapters() and adapter not in self._adapter_names():
-            raise OpenAIHTTPException(404, f"model {model_id!r} does not exist", type="NotFound")
+        if adapter is not None and self._local_adapters():
+            if adapter not in self._adapter_names():
+                raise OpenAIHTTPException(404, f"model {model_id!r} does not exist", type="NotFound")
+            record["_metric_model"] = model_id
         return model_id
 
     # ----- OpenAI routes -----
@@ -383,6 +404,9 @@ class Gateway(OpenAiIngress):
             record["prompt"] = prompt_text(raw)
         if body.stream:  # the final chunk then carries usage, for the audit, limits and metrics
             body.stream_options = StreamOptions(include_usage=True)
+        # The engine replica gets ray.serve.llm's own request class: it never needs serving.api.
+        engine_class = ChatCompletionRequest if call_method == "chat" else CompletionRequest
+        body = engine_class.model_construct(body.model_fields_set, **dict(body))
         response = await self._process_llm_request(body, call_method=call_method, raw_request=request)
         if isinstance(response, StreamingResponse):
             response.body_iterator = self._watch_stream(response.body_iterator, record)
@@ -390,7 +414,7 @@ class Gateway(OpenAiIngress):
             _usage(json.loads(response.body), record)
         return response
 
-    def _prompt_as_trained(self, body: ChatCompletionRequest, model_id: str) -> None:
+    def _prompt_as_trained(self, body: ChatCompletionBody, model_id: str) -> None:
         """A chat with a classification model is prompted as its training examples were: the model
         folder's system prompt when the client sends none (a bare text got nonsense before), and
         each user turn preprocessed (cleaning, PII rules) as the training text was."""
@@ -420,10 +444,10 @@ class Gateway(OpenAiIngress):
                 _usage(payload, record)
             yield chunk
 
-    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat(self, body: ChatCompletionBody, request: Request) -> Response:
         return await self._generate(body, request, "chat")
 
-    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+    async def completions(self, body: CompletionBody, request: Request) -> Response:
         return await self._generate(body, request, "completions")
 
     async def models(self, request: Request) -> ModelList:
@@ -547,8 +571,9 @@ class Gateway(OpenAiIngress):
                             "probabilities": dict(zip(artifact.labels, probabilities)),
                             "logprobs": dict(zip(artifact.labels, logprobs))})
         record["prompt_tokens"] = sum(map(len, prompts))
-        return JSONResponse({"object": "classification", "model": model_id, "results": results,
-                             "usage": {"prompt_tokens": record["prompt_tokens"], "completion_tokens": 0}})
+        answer = ClassifyResponse(object="classification", model=model_id, results=results,
+                                  usage={"prompt_tokens": record["prompt_tokens"], "completion_tokens": 0})
+        return JSONResponse(answer.model_dump())
 
     # ----- health -----
 
@@ -561,13 +586,23 @@ class Gateway(OpenAiIngress):
                 # The cause goes to the log only: this route is open to unauthenticated callers.
                 logger.warning("engine of %r failed its health check: %r", model_id, error)
                 return error_response(503, f"engine of {model_id!r} is unhealthy")
-        return JSONResponse({"status": "ok", "models": list(self._default_serve_handles)})
+        return JSONResponse(HealthResponse(status="ok", models=list(self._default_serve_handles)).model_dump())
 
 
-def gateway_app():
+def openapi_schema(app, settings: EndpointSettings) -> dict:
+    """The app's OpenAPI schema (FastAPI's, made honest by `serving.api.describe`), built once."""
+    if app.openapi_schema is None:
+        app.openapi_schema = describe(get_openapi(
+            title=f"lakeforge endpoint: {settings.model_id}", version="1", routes=app.routes,
+            description="OpenAI-compatible chat and completions, label scoring, on Ray Serve + vLLM. Every route "
+                        "outside the open ones needs `Authorization: Bearer <api key or token>`."), settings)
+    return app.openapi_schema
+
+
+def gateway_app(settings: EndpointSettings):
     """ray.serve.llm's FastAPI app (request ids, HTTP metrics) with its error handling replaced by
-    `answer_errors` and `guard` added last, so it runs first; a fresh app per build, as routes are
-    bound to it."""
+    `answer_errors`, `invalid_request` and `http_error`, `guard` added last, so it runs first, and the
+    schema of `openapi_schema`; a fresh app per build, as routes are bound to it."""
     app = init()
     ray_handlers = [index for index, middleware in enumerate(app.user_middleware)
                     if getattr(middleware.kwargs.get("dispatch"), "__name__", "") == "_handle_application_exceptions"]
@@ -576,12 +611,25 @@ def gateway_app():
                            "for this Ray version")
     app.user_middleware[ray_handlers[0]] = Middleware(BaseHTTPMiddleware, dispatch=answer_errors)  # same place: innermost
     app.add_exception_handler(Exception, error_answer)  # last resort, for exceptions raised in middleware
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.middleware("http")(guard)
+    app.openapi = partial(openapi_schema, app, settings)
     return app
 
 
 ENDPOINTS = {
-    **{name: DEFAULT_ENDPOINTS[name] for name in ("models", "model_data", "completions", "chat")},
-    "classify": lambda app: app.post("/v1/classify"),
-    "health": lambda app: app.get(HEALTH_ROUTE),
+    "models": lambda app: app.get("/v1/models", response_model=ModelList, summary="The models this caller may use"),
+    "model_data": lambda app: app.get("/v1/models/{model:path}", response_model=ModelCard, summary="One model",
+                                      responses=answers(403, 404)),
+    "completions": lambda app: app.post("/v1/completions", response_model=None, summary="Completions of prompts",
+                                        responses={**generated(CompletionResponse, "completion"),
+                                                   **answers(400, 403, 404, 408, 413, 415)}),
+    "chat": lambda app: app.post("/v1/chat/completions", response_model=None, summary="The next message of a chat",
+                                 responses={**generated(ChatCompletionResponse, "chat completion"),
+                                            **answers(400, 403, 404, 408, 413, 415)}),
+    "classify": lambda app: app.post("/v1/classify", response_model=ClassifyResponse,
+                                     summary="Label probabilities of texts, by label scoring",
+                                     responses=answers(400, 403, 404, 413, 415)),
+    "health": lambda app: app.get(HEALTH_ROUTE, response_model=HealthResponse, summary="Whether every engine answers"),
 }

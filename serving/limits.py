@@ -60,9 +60,12 @@ def _stop(body: dict) -> list:
 def request_params(body: dict) -> dict:
     """The parameters policies and limits look at, from a chat or completions body (a dict)."""
     chat = "messages" in body
+    # Each named token cap is bounded; the engine uses max_completion_tokens when it is set.
+    token_caps = {name: body[name] for name in ("max_completion_tokens", "max_tokens") if body.get(name) is not None}
     return {
-        "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens"),
-        "n": body.get("n") or 1,
+        "max_tokens": next(iter(token_caps.values()), None),
+        "token_caps": token_caps,
+        "n": 1 if body.get("n") is None else body["n"],
         "temperature": body.get("temperature"),
         "top_p": body.get("top_p"),
         "stream": bool(body.get("stream")),
@@ -103,9 +106,9 @@ def check_limits(params: dict, limits: RequestLimits, prompt_logprobs: bool = Tr
     if params["prompt_logprobs"] and not prompt_logprobs:
         raise InvalidRequest(400, "prompt log-probs (prompt_logprobs, or echo with logprobs) are not available "
                                   "on an endpoint serving LoRA adapters")
+    for name, value in params["token_caps"].items():
+        _within(name, value, 1, limits.max_tokens)
     max_tokens = params["max_tokens"]
-    if max_tokens is not None:
-        _within("max_tokens", max_tokens, 1, limits.max_tokens)
     _within("min_tokens", params["min_tokens"], 0, max_tokens or limits.max_tokens)
     _within("n", params["n"], 1, limits.max_n)
     if params["best_of"] is not None:

@@ -1,5 +1,6 @@
 """The gateway's HTTP behaviour without a cluster: the real `Gateway` and FastAPI app (guard, error
-answers, audit, routes), with the engine replaced by a stub that records what would reach it."""
+answers, audit, routes, the OpenAPI schema), with the engine replaced by a stand-in that records what
+reaches it and answers in ray.serve.llm's shapes (so schemathesis can check every answer)."""
 
 import asyncio
 import errno
@@ -7,14 +8,19 @@ import json
 import logging
 import os
 import threading
+import time
 
 import httpx
+import jwt
 import pytest
 from fastapi.testclient import TestClient
-from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, OpenAIHTTPException
-from starlette.responses import JSONResponse
+from ray.llm._internal.serve.core.configs.openai_api_models import (
+    ChatCompletionResponse, CompletionResponse, ModelCard, OpenAIHTTPException,
+)
+from starlette.responses import JSONResponse, StreamingResponse
 
 import cluster.audit
+from bench.api_fuzz import fuzz, load_schema
 from cluster.security import new_api_key
 from serving.gateway import AUDIT_DOWN, AUDIT_RETRY_S, ENDPOINTS, Gateway, gateway_app
 
@@ -67,13 +73,26 @@ def endpoint(tiny_model_dir, tmp_path):
         gateways.append(gateway)
 
         async def engine(body, call_method, raw_request=None):
+            """Answers as ray.serve.llm's router does, with one "ok" per completion asked for: a JSON body,
+            or (streaming) the whole answer as one server-sent event and `[DONE]`."""
             gateway.engine_bodies.append(body)
             if engine_error is not None:
                 raise engine_error
-            return JSONResponse({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+            usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+            choices = range(body.n or 1)
+            if call_method == "chat":
+                answer = ChatCompletionResponse.model_validate({"model": body.model or "tiny", "usage": usage, "choices": [
+                    {"index": index, "message": {"role": "assistant", "content": "ok"}} for index in choices]})
+            else:
+                answer = CompletionResponse.model_validate({"model": body.model or "tiny", "usage": usage, "choices": [
+                    {"index": index, "text": "ok"} for index in choices]})
+            if body.stream:
+                return StreamingResponse(iter([f"data: {answer.model_dump_json()}\n\n", "data: [DONE]\n\n"]),
+                                         media_type="text/event-stream")
+            return JSONResponse(answer.model_dump())
 
         gateway._process_llm_request = engine
-        app = gateway_app()
+        app = gateway_app(gateway.settings)
         for name, route in ENDPOINTS.items():
             route(app)(getattr(gateway, name))
         return gateway, TestClient(app, raise_server_exceptions=False), keys
@@ -313,3 +332,126 @@ def test_an_audit_store_failing_in_the_writer_refuses_requests_until_it_works_ag
     assert [(answer.status_code, answer.json()["error"]["message"]) for answer in (failing, *refused)] == [(503, AUDIT_DOWN)] * 3
     assert recovered.status_code == 200 and len(gateway.engine_bodies) == 2  # the first and the recovered one
     assert "No space left on device" in caplog.text and "can be written again" in caplog.text
+
+
+def bearer(key: str) -> dict:
+    return {"authorization": f"Bearer {key}"}
+
+
+def test_the_schema_documents_every_status_and_the_limits_of_this_deployment(endpoint):
+    """What a client generated from /openapi.json needs: each route's statuses (the guard's 401/429
+    only outside the open routes), one error body, the guard's headers, and the bounds the gateway
+    enforces, from this deployment's limits (max_tokens 512 here, the other limits' defaults)."""
+    _, client, keys = endpoint()
+    assert client.get("/openapi.json").status_code == 401  # a route like the others
+    schema = client.get("/openapi.json", headers=bearer(keys["app"])).json()
+    generating = {"200", "400", "401", "403", "404", "408", "413", "415", "429", "500", "503"}
+    assert {(method, path): set(operation["responses"]) for path, operations in schema["paths"].items()
+            for method, operation in operations.items()} == {
+        ("get", "/v1/models"): {"200", "401", "429", "500", "503"},
+        ("get", "/v1/models/{model}"): {"200", "401", "403", "404", "429", "500", "503"},
+        ("post", "/v1/completions"): generating,
+        ("post", "/v1/chat/completions"): generating,
+        ("post", "/v1/classify"): generating - {"408"},
+        ("get", "/health"): {"200", "500", "503"},  # open: no credentials, so no 401 or 429
+    }
+    for path, operations in schema["paths"].items():
+        for status, answer in next(iter(operations.values()))["responses"].items():
+            if status >= "400":
+                assert answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+    chat = schema["paths"]["/v1/chat/completions"]["post"]
+    assert chat["security"] == [{"bearer": []}] and "security" not in schema["paths"]["/health"]["get"]
+    assert chat["responses"]["429"]["headers"]["Retry-After"]["required"]
+    assert chat["responses"]["401"]["headers"]["WWW-Authenticate"]["required"]
+    assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+    models = schema["components"]["schemas"]
+    assert "HTTPValidationError" not in models  # FastAPI's 422, never answered
+
+    def bound(model: str, field: str) -> dict:
+        """A field's schema without null, which vLLM accepts for most fields."""
+        options = [option for option in models[model]["properties"][field].get("anyOf", [models[model]["properties"][field]])
+                   if option != {"type": "null"}]
+        return options[0] if len(options) == 1 else {"anyOf": options}
+
+    chat_body, completion_body = "ChatCompletionBody", "CompletionBody"
+    assert bound(chat_body, "max_tokens") == bound(chat_body, "max_completion_tokens") == {
+        "type": "integer", "minimum": 1, "maximum": 512}
+    assert bound(chat_body, "n") == bound(completion_body, "best_of") == {"type": "integer", "minimum": 1, "maximum": 4}
+    assert bound(chat_body, "top_logprobs") == bound(completion_body, "logprobs") == {
+        "type": "integer", "minimum": 0, "maximum": 5}
+    assert bound(chat_body, "temperature") == {"type": "number", "minimum": 0, "maximum": 2}
+    assert bound(chat_body, "stop") == {"anyOf": [{"type": "string", "maxLength": 64},
+                                                  {"type": "array", "items": {"type": "string", "maxLength": 64}, "maxItems": 4}]}
+    assert bound(completion_body, "stop_token_ids")["maxItems"] == 4
+    assert [option.get("maxItems") for option in bound(completion_body, "prompt")["anyOf"]] == [None, None, 16, 16]
+    assert bound(chat_body, "model")["pattern"] == "^[^:]*(:[A-Za-z0-9][A-Za-z0-9_.-]{0,127})?$"
+    assert models["CustomChatCompletionMessageParam"]["properties"]["role"]["enum"] == [
+        "system", "developer", "user", "assistant", "tool", "function"]
+    assert bound("ClassifyRequest", "texts") == {"type": "array", "items": {"type": "string", "maxLength": 32000},
+                                                 "minItems": 1, "maxItems": 64}
+
+
+@pytest.mark.parametrize("route, body, content_type, status, named", [
+    # Each of these was a 500.
+    ("/v1/classify", "hello", "text/plain", 415, "send the body as JSON (Content-Type: application/json), not 'text/plain'"),
+    ("/v1/chat/completions", {"messages": None}, None, 400, "body.messages: Input should be a valid list"),
+    ("/v1/chat/completions", {"messages": [None]}, None, 400, "body.messages.0: Input should be a valid dictionary"),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": []}, None, 400, "body.structured_outputs: Input should be"),
+    # These were answered as if they were the integers the schema asks for.
+    ("/v1/chat/completions", chat(n="2"), None, 400, "body.n: Input should be a valid integer"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": True}, None, 400, "body.max_tokens: Input should be a valid integer"),
+    # This was FastAPI's {"detail": ...}, not the error body.
+    ("/v1/chat/completions", chat("airline-sentiment:../../etc"), None, 404,
+     'Could not find base model with ID "airline-sentiment"'),
+], ids=["classify-text-plain", "messages-null", "message-null", "structured_outputs-list", "n-string", "max_tokens-true",
+        "unknown-base-model"])
+def test_malformed_requests_get_a_4xx_in_the_error_body_naming_the_problem(endpoint, route, body, content_type, status, named):
+    gateway, client, keys = endpoint()
+    if content_type is None:
+        answer = post(client, keys, "admin", route, body)
+    else:
+        answer = client.post(route, content=body, headers={**bearer(keys["admin"]), "content-type": content_type})
+    assert answer.status_code == status, answer.text
+    assert set(answer.json()) == {"error"} and answer.json()["error"]["code"] == status
+    assert named in answer.json()["error"]["message"]
+    assert "ray.llm" not in answer.text and "function-wrap" not in answer.text and "MessageParam" not in answer.text
+    assert gateway.engine_bodies == []
+
+
+def test_metric_tags_are_never_client_text(endpoint, monkeypatch):
+    """Each new tag value is a new Prometheus series, and Ray's metrics fail on non-ASCII (a 500 after
+    the answer was decided): the route's template, a model that exists, the key id escaped."""
+    monkeypatch.setenv("GATEWAY_TEST_JWT_SECRET", "s" * 32)
+    gateway, client, keys = endpoint(security={"jwt": {"secret_env": "GATEWAY_TEST_JWT_SECRET", "issuer": "idp",
+                                                       "audience": "lakeforge"}})
+    tagged = []
+    count = gateway.metrics.requests.inc
+    monkeypatch.setattr(gateway.metrics.requests, "inc",
+                        lambda value=1.0, tags=None: (tagged.append(tags), count(value, tags=tags)))
+    token = jwt.encode({"sub": "jos\u00e9", "iss": "idp", "aud": "lakeforge", "exp": time.time() + 60, "roles": ["app"],
+                        "tenant": "acme"}, "s" * 32, algorithm="HS256")
+    answers = [client.get("/v1/models/caf\u00e9"),  # no key
+               post(client, keys, "admin", "/v1/chat/completions", chat("tiny:caf\u00e9")),
+               post(client, keys, "admin", "/v1/chat/completions", chat("tiny:no-such-adapter")),
+               post(client, keys, "admin", "/v1/chat/completions", chat("tiny:acme-a")),
+               client.get("/v1/models", headers=bearer(token))]
+    assert [answer.status_code for answer in answers] == [401, 400, 404, 200, 200]
+    assert [(tags["route"], tags["model"], tags["key_id"]) for tags in tagged] == [
+        ("/v1/models/{model:path}", "-", "-"), ("/v1/chat/completions", "tiny", "admin"),
+        ("/v1/chat/completions", "tiny", "admin"), ("/v1/chat/completions", "tiny:acme-a", "admin"),
+        ("/v1/models", "-", "jos\\xe9")]
+    assert [entry["model"] for entry in audit_entries(gateway) if entry["event"] == "request"][1:3] == [
+        "tiny:caf\u00e9", "tiny:no-such-adapter"]  # the audit keeps what was asked for
+
+
+def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_schema(endpoint):
+    """schemathesis over the gateway's own /openapi.json, checking what schemathesis.toml names: its
+    coverage cases (each documented bound just inside and just outside) with an admin key, then
+    generated requests, valid and invalid, each with an admin key, a restricted role's key (the app
+    role: a max_tokens cap, its own tenant's adapters) and none. `make bench` runs more (bench.api_fuzz)."""
+    _, client, keys = endpoint()
+    credentials = {"admin": bearer(keys["admin"]), "app": bearer(keys["app"]), "none": {}}
+    report = fuzz(load_schema(client.app, credentials["admin"]), credentials, examples=60, derandomize=True)
+    assert report["failures"] == [] and report["server_errors"] == 0
+    answered = {status for by_name in report["statuses"].values() for counts in by_name.values() for status in counts}
+    assert {"200", "400", "401", "403", "404", "415"} <= answered  # the run reached every kind of answer

@@ -4,7 +4,8 @@ vLLM start costs about a minute), the tiny model as the base and two random LoRA
 Covers the OpenAI API through the official client (plain and streaming), authentication (401),
 role- and tenant-based authorization (403), rate limits (429 + Retry-After), overload (503),
 request validation (4xx), /v1/classify against transformers' label scoring, multi-LoRA outputs
-against transformers + peft, Prometheus metrics and the hash-chained audit log.
+against transformers + peft, Prometheus metrics, the hash-chained audit log, and schemathesis over
+the endpoint's own OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -377,6 +378,21 @@ def test_audit_log_verifies_and_holds_requests_and_decisions(served):
     assert completion["status"] == 200 and completion["model"] == "tiny" and completion["subject"] == "app-a"
     assert completion["prompt_tokens"] > 0 and 1 <= completion["completion_tokens"] <= 3
     assert "a secret prompt" not in served["audit"].read_text()  # audit.log_prompts is off
+
+
+def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_schema(served):
+    """schemathesis over the live endpoint's /openapi.json (what schemathesis.toml names: no 5xx, every
+    answer as documented, what the schema forbids refused), vLLM answering: generated requests, valid
+    and invalid, each with an admin key, a restricted role's key (analysts list models and classify)
+    and none. The coverage cases run in-process (test_gateway_logic) and in `make bench`."""
+    from bench.api_fuzz import fuzz, load_schema
+
+    credentials = {name: {"authorization": f"Bearer {served['keys'][name]}"} for name in ("admin", "analyst-a")}
+    credentials["none"] = {}
+    schema = load_schema(served["url"], credentials["admin"])
+    report = fuzz(schema, credentials, examples=25, coverage=False, base_url=served["url"], derandomize=True)
+    assert report["failures"] == [] and report["server_errors"] == 0, json.dumps(report, indent=1)[:20_000]
+    assert call(served, "POST", "/v1/chat/completions", "admin", json=chat_body()).status_code == 200  # still serving
 
 
 def test_health_fails_when_the_engine_dies(served):

@@ -14,7 +14,7 @@ def test_params_from_chat_and_completion_bodies():
     chat = {"model": "m", "messages": [{"role": "system", "content": "be brief"},
                                        {"role": "user", "content": [{"type": "text", "text": "hello"}]}],
             "max_completion_tokens": 7, "n": 2, "temperature": 0.5, "stream": True}
-    assert request_params(chat) == {"max_tokens": 7, "n": 2, "temperature": 0.5, "top_p": None, "stream": True,
+    assert request_params(chat) == {"max_tokens": 7, "token_caps": {"max_completion_tokens": 7}, "n": 2, "temperature": 0.5, "top_p": None, "stream": True,
                                     "prompt_chars": len("be brief\nhello"), "prompt_logprobs": False, "prompts": 1,
                                     "best_of": None, "logprobs": {}, "min_tokens": 0, "stop": [], "stop_token_ids": [],
                                     "roles": ["system", "user"]}
@@ -60,9 +60,12 @@ def test_prompt_logprobs_are_refused_only_where_they_are_unsafe():
 @pytest.mark.parametrize("at_limit, beyond, status, named", [
     ({"max_tokens": 64}, {"max_tokens": 65}, 400, "max_tokens"),
     ({"max_tokens": 1}, {"max_tokens": -1}, 400, "max_tokens"),  # 0 is tested above
-    ({"max_completion_tokens": 64, "max_tokens": 99}, {"max_completion_tokens": 65}, 400, "max_tokens"),
+    ({"max_completion_tokens": 64, "max_tokens": 1}, {"max_completion_tokens": 65}, 400, "max_completion_tokens must"),
+    # A cap the engine ignores (max_completion_tokens wins) is still bounded, as the schema says.
+    ({"max_completion_tokens": 1, "max_tokens": 64}, {"max_completion_tokens": 1, "max_tokens": 65}, 400, "max_tokens must"),
+    ({"max_completion_tokens": 1}, {"max_completion_tokens": 0}, 400, "max_completion_tokens must"),
     ({"n": 2}, {"n": 3}, 400, "n must"),
-    ({"n": 1}, {"n": -1}, 400, "n must"),  # n=0 means the default, 1
+    ({"n": 1}, {"n": 0}, 400, "n must"),  # 0 is refused, not read as the default (the schema says at least 1)
     ({"temperature": 0}, {"temperature": -0.01}, 400, "temperature"),
     ({"temperature": 2}, {"temperature": 2.01}, 400, "temperature"),
     ({"top_p": 1}, {"top_p": 1.01}, 400, "top_p"),
@@ -85,7 +88,8 @@ def test_prompt_logprobs_are_refused_only_where_they_are_unsafe():
     ({"stop_token_ids": [1, 2]}, {"stop_token_ids": [1, 2, 3]}, 400, "stop_token_ids holds 3"),
     ({"min_tokens": 8}, {"min_tokens": 9}, 400, "min_tokens must be between 0 and 8"),  # at most the request's max_tokens
     ({"max_tokens": None, "min_tokens": 64}, {"max_tokens": None, "min_tokens": 65}, 400, "min_tokens"),
-], ids=["max_tokens-max", "max_tokens-min", "max_completion_tokens-first", "n-max", "n-min", "temperature-min",
+], ids=["max_tokens-max", "max_tokens-min", "max_completion_tokens-first", "max_tokens-beside-max_completion_tokens",
+        "max_completion_tokens-min", "n-max", "n-min", "temperature-min",
         "temperature-max", "top_p-max", "top_p-above-0", "prompt-chars", "prompt-list-chars", "chat-chars",
         "prompts", "token-prompts", "best_of", "logprobs-max", "logprobs-min", "prompt_logprobs", "top_logprobs",
         "stop-count", "stop-chars", "stop_token_ids", "min_tokens", "min_tokens-no-max_tokens"])

@@ -19,9 +19,10 @@ def test_the_configuration_reference_is_generated_from_the_current_models():
 
 def test_the_serving_api_routes_are_the_apps_openapi_routes():
     """The gateway's FastAPI app, with the routes `serving.app` binds, built without a cluster."""
+    from cluster.contracts import EndpointSettings
     from serving.gateway import ENDPOINTS, Gateway, gateway_app
 
-    app = gateway_app()
+    app = gateway_app(EndpointSettings())
     for name, route in ENDPOINTS.items():
         route(app)(getattr(Gateway, name))
     served = {(method.upper(), path) for path, operations in app.openapi()["paths"].items() for method in operations}

@@ -253,6 +253,11 @@ class TrainSection(StrictModel):
         "bf16 where the CPU has AMX or AVX-512 BF16 instructions (mixed precision by autocast: fp32 weights and optimizer, "
         "bf16 matrix multiplies), else fp32.",
     )
+    attention: Literal["auto", "eager", "sdpa"] = Field(
+        default="auto",
+        description="The model's attention kernel in training (transformers' attn_implementation). auto: sdpa on GPU; eager "
+        "on CPU, where for short examples the sdpa (flash-attention) CPU kernel is slower, its backward most of all.",
+    )
     method: Literal["full", "lora"] = Field(default="full", description="full: train every weight; lora: train low-rank adapters (peft) on a frozen base.")
     lora: LoraSection = Field(default_factory=LoraSection, description="Adapter settings when method is lora.")
     freeze_embeddings: bool = Field(

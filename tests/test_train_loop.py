@@ -94,6 +94,14 @@ def test_precision_auto_on_cpu_is_bf16_only_where_the_cpu_has_bf16_instructions(
     assert engine.resolve_precision("bf16", use_gpu=True) == "bf16"
 
 
+def test_attention_auto_is_eager_on_cpu_and_sdpa_on_gpu():
+    from jobs.train.engine import resolve_attention
+
+    assert resolve_attention("auto", use_gpu=False) == "eager"
+    assert resolve_attention("auto", use_gpu=True) == "sdpa"
+    assert resolve_attention("sdpa", use_gpu=False) == "sdpa"
+
+
 def test_cpu_bf16_is_autocast_over_fp32_weights_not_deepspeeds_bf16_mode(tiny_model_dir):
     """On CPU the engine keeps fp32 weights and optimizer (DeepSpeed's bf16 mode stays off) and its
     forward runs under torch.autocast in bf16 (DeepSpeed's torch_autocast section: an autocast
@@ -214,12 +222,14 @@ def test_packing_lays_every_example_once_into_rows_no_longer_than_the_limit():
     assert int((packed["position_ids"] == 0).logical_and(packed["attention_mask"] == 1).sum()) == len(batch["input_ids"])
 
 
-def test_packed_examples_see_only_themselves(tiny_model_dir):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # train.attention: eager is CPU workers' default
+def test_packed_examples_see_only_themselves(tiny_model_dir, attention):
     """Each example's logits inside a packed row equal its logits when run alone, and the packed
-    batch's answer loss equals the padded batch's."""
+    batch's answer loss equals the padded batch's, with either attention kernel."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
+    assert model.config._attn_implementation == attention
     batch = _random_examples((12, 30, 21, 7), (9, 26, 15, 3))
     packed = collate(batch, pad_id=2, packed_length=64)
     assert packed["input_ids"].shape[0] == 2  # 70 tokens in two rows of at most 64: examples share rows

@@ -28,6 +28,15 @@ def resolve_precision(requested: str, use_gpu: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def resolve_attention(requested: str, use_gpu: bool) -> str:
+    """'auto' -> transformers' sdpa on GPU; eager on CPU, where for the short examples of
+    classification runs PyTorch's flash-attention CPU kernel (sdpa) is the slower one, its backward
+    most of all (one worker's training step ~14% faster eager, 1 thread, bf16, the tweets)."""
+    if requested != "auto":
+        return requested
+    return "sdpa" if use_gpu else "eager"
+
+
 def deepspeed_config(train: dict, world_size: int, precision: str) -> dict:
     """DeepSpeed config from the typed train section, with the expert overrides merged last."""
     if train["optimizer"] == "adamw":

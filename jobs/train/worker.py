@@ -19,7 +19,7 @@ import torch
 
 from cluster.prompting import pad_token_id, use_template
 from jobs.train.batches import Collate
-from jobs.train.engine import deepspeed_config, prepare_model, resolve_precision
+from jobs.train.engine import deepspeed_config, prepare_model, resolve_attention, resolve_precision
 from jobs.train.export import HF_EXPORT_DIR, PROBE_FILE, PROBE_IDS
 from jobs.train.flops import measure_peak_flops, peak_memory_gib, train_flops_per_token
 from jobs.train.losses import answer_logits, answer_loss, first_answer_positions
@@ -210,7 +210,8 @@ def start_worker(config: dict) -> Worker:
     # Weights stay fp32 for fp16 training (DeepSpeed keeps fp32 masters and casts itself) and for
     # bf16 on CPU (autocast, see deepspeed_config).
     dtype = torch.bfloat16 if precision == "bf16" and train["use_gpu"] else torch.float32
-    model = prepare_model(AutoModelForCausalLM.from_pretrained(config["base_model_dir"], dtype=dtype), train)
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(
+        config["base_model_dir"], dtype=dtype, attn_implementation=resolve_attention(train["attention"], train["use_gpu"])), train)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     # Counted before DeepSpeed: ZeRO-3 partitions parameters, leaving each rank's tensors empty.
     flops_per_token = train_flops_per_token(model)
@@ -390,7 +391,9 @@ def _save_checkpoint(engine, zero_stage: int, tokenizer, folder: Path, rank: int
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
     engine.eval()  # dropout off (LoRA has some): the probe is what the exported model must give
     with torch.no_grad():
-        probe_logits = engine(input_ids=PROBE_IDS.to(device)).logits[0, -1].float().cpu()
+        # The module, not the engine: the engine's forward would apply CPU bf16 autocast, and the probe
+        # must be what the weights give as exported (fp32 on CPU).
+        probe_logits = engine.module(input_ids=PROBE_IDS.to(device)).logits[0, -1].float().cpu()
     engine.train()
     if rank == 0:
         export = folder / HF_EXPORT_DIR

@@ -14,11 +14,17 @@ import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
+
+from filelock import FileLock
 
 from cluster.storage import path_inside
 
 INDEX = "index.json"
+# fcntl locks: local disks and NFSv4 mounts (EFS) alike. A registration holds it for milliseconds.
+LOCK = ".index.lock"
+LOCK_TIMEOUT_SECONDS = 120
 
 
 class ModelRegistry:
@@ -52,30 +58,34 @@ class ModelRegistry:
         """Copy `model_dir` (and report files) into a new version; promote it if the gate passed.
 
         A copy, not a link: the run folder is rewritten by the next training run, a version never is.
+        Runs registering at once (other processes, other nodes on the shared storage) take turns on
+        the registry's lock file: each reads the index, numbers its version and writes the index
+        back before the next one reads it.
         """
-        index = self._index()
-        version = f"v{len(index['versions']) + 1:04d}"
-        target = self.root / version
-        staging = self.root / f".{version}.partial"  # a crash mid-copy leaves no half version behind
-        shutil.rmtree(staging, ignore_errors=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".staging-{os.getpid()}-{uuid.uuid4().hex}"  # a crash mid-copy leaves no half version
         shutil.copytree(model_dir, staging)
         for path in attachments:
             if Path(path).is_file():
                 shutil.copy2(path, staging / Path(path).name)
-        staging.rename(target)
-        entry = {
-            "name": self.name, "version": version, "path": str(target), "run": run, "source_model_dir": str(model_dir),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "deployable": bool(gate["deployable"]),
-            "gate": gate, "metrics": metrics,
-        }
-        index["versions"].append(entry)
-        if entry["deployable"]:
-            index["current"] = version
-        self._write(index)
+        with FileLock(self.root / LOCK, timeout=LOCK_TIMEOUT_SECONDS):
+            index = self._index()
+            version = f"v{len(index['versions']) + 1:04d}"
+            target = self.root / version
+            staging.rename(target)  # fails, rather than overwrites, should a version folder exist unindexed
+            entry = {
+                "name": self.name, "version": version, "path": str(target), "run": run, "source_model_dir": str(model_dir),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "deployable": bool(gate["deployable"]),
+                "gate": gate, "metrics": metrics,
+            }
+            index["versions"].append(entry)
+            if entry["deployable"]:
+                index["current"] = version
+            self._write(index)
         return entry
 
     def _write(self, index: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        temporary = self.root / f".{INDEX}.tmp"
+        temporary = self.root / f".{INDEX}.{os.getpid()}.tmp"
         temporary.write_text(json.dumps(index, indent=2))
         os.replace(temporary, self.root / INDEX)  # readers see the old index or the new, never half

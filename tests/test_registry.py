@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -59,3 +60,29 @@ def test_unknown_version_is_named_in_the_error(tmp_path):
 def test_a_model_name_cannot_leave_the_registry(tmp_path, name):
     with pytest.raises(ValueError, match="leads outside"):
         ModelRegistry(tmp_path, name)
+
+
+def _register_many(root: str, model_dir: str, start, count: int) -> list[str]:
+    start.wait()  # every process starts registering at the same moment
+    registry = ModelRegistry(root, "concurrent")
+    return [registry.register(model_dir, _gate(True), metrics={}, run=f"pid{os.getpid()}")["version"]
+            for _ in range(count)]
+
+
+def test_runs_registering_at_once_get_distinct_versions_and_none_is_lost(tmp_path):
+    """Four processes register five versions each, all at once: 20 distinct versions, every one in
+    the index with its own folder (without the lock they read the same index and overwrite each
+    other's entries)."""
+    import multiprocessing
+
+    model_dir = _model_folder(tmp_path / "model", b"weights")
+    context = multiprocessing.get_context("spawn")
+    start = context.Manager().Barrier(4)
+    with context.Pool(4) as pool:
+        results = pool.starmap(_register_many, [(str(tmp_path), str(model_dir), start, 5)] * 4)
+    versions = [version for result in results for version in result]
+    registry = ModelRegistry(tmp_path, "concurrent")
+    assert sorted(versions) == [f"v{n:04d}" for n in range(1, 21)]
+    assert [entry["version"] for entry in registry.versions()] == [f"v{n:04d}" for n in range(1, 21)]
+    assert all((registry.root / version / "model.safetensors").is_file() for version in versions)
+    assert not list(registry.root.glob(".staging-*"))

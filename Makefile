@@ -51,6 +51,7 @@ tcmalloc:
 bench: setup tcmalloc
 	$(PY) -m bench.train_bench
 	$(PY) -m bench.quality_bench
+	@test -d outputs/airline_sentiment/model && $(PY) -m bench.calibration_bench || echo "bench.calibration_bench needs a run: make demo first"
 	$(PY) -m bench.data_bench
 	$(PY) -m bench.pii_bench
 	$(PY) -m bench.serve_bench

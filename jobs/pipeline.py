@@ -139,7 +139,7 @@ def summarize(run: str, manifest: dict, training: dict, report: dict, explanatio
         "report": str(report_path),
         "data": {"counts": manifest["counts"], "splits": manifest["splits"], "quality_report": manifest["quality_report"]["html"]},
         "training": {key: training[key] for key in (
-            "best_step", "best_val_loss", "wall_seconds", "tokens_per_s", "train_tokens", "examples_seen", "learning_curve",
+            "best_step", "best_val_loss", "wall_seconds", "tokens_per_s", "time_shares", "train_tokens", "examples_seen", "learning_curve",
             "export_max_abs_logit_diff", "mfu", "peak_memory_gib_max_worker", "tracking", "settings")},
         "test_split": {
             "examples": report["test_examples"],

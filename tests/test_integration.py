@@ -316,6 +316,10 @@ def test_pipeline_trains_evaluates_and_serves_through_the_openai_client(ray_clus
     assert set(split["paired_differences_95"]) == {
         "fine_tuned - base_zero_shot", "fine_tuned - baseline_tfidf_logreg", "base_zero_shot - baseline_tfidf_logreg"}
     assert summary["training"]["settings"]["zero_stage"] == cfg.train.zero_stage
+    # where the training seconds went: shares of data wait, forward+backward and optimizer
+    shares = summary["training"]["time_shares"]
+    assert set(shares) == {"data", "forward_backward", "optimizer"} and sum(shares.values()) == pytest.approx(1.0)
+    assert shares["forward_backward"] > 0 and shares["optimizer"] > 0
     # The learning curve: every validation (eval_every 4 of 8 steps), 8 examples a step (4 per
     # worker, 2 workers), a macro-F1 over the validation rows' labels.
     curve = summary["training"]["learning_curve"]

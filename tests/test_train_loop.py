@@ -110,7 +110,8 @@ def test_cpu_bf16_is_autocast_over_fp32_weights_not_deepspeeds_bf16_mode(tiny_mo
 
     train = TrainSection().model_dump()
     cpu = deepspeed_config({**train, "use_gpu": False}, 2, "bf16")
-    assert cpu["bf16"] == {"enabled": False} and cpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert cpu["bf16"] == {"enabled": False}
+    assert cpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     gpu = deepspeed_config({**train, "use_gpu": True}, 2, "bf16")
     assert gpu["bf16"] == {"enabled": True} and not gpu["torch_autocast"]["enabled"]
     assert not deepspeed_config({**train, "use_gpu": False}, 2, "fp32")["torch_autocast"]["enabled"]

@@ -81,7 +81,11 @@ def deepspeed_config(train: dict, world_size: int, precision: str) -> dict:
         # bf16 on CPU is mixed precision by autocast: weights, gradients and optimizer state stay
         # fp32, matrix multiplies run in bf16 (the engine's forward applies it: an autocast opened
         # around the engine would be switched off inside it).
-        "torch_autocast": {"enabled": precision == "bf16" and not train["use_gpu"], "dtype": "bfloat16"},
+        # No module's weights are marked for bf16 communication: ZeRO-3 would otherwise gather them in
+        # bf16 for every forward (the trained model would be bf16-rounded, unlike its fp32 export), and
+        # ZeRO-1/2 would reduce their gradients in bf16.
+        "torch_autocast": {"enabled": precision == "bf16" and not train["use_gpu"], "dtype": "bfloat16",
+                           "lower_precision_safe_modules": []},
         "fp16": {"enabled": precision == "fp16"},  # dynamic loss scaling by default
         # ZeRO lists Adam-family optimizers as tested; SGD's state (momentum) partitions the same way.
         "zero_allow_untested_optimizer": train["optimizer"] == "sgd",

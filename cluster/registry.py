@@ -85,7 +85,7 @@ class ModelRegistry:
         return entry
 
     def _write(self, index: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        temporary = self.root / f".{INDEX}.{os.getpid()}.tmp"
+        """Called under the registry's lock, after `register` made the folder."""
+        temporary = self.root / f".{INDEX}.tmp"
         temporary.write_text(json.dumps(index, indent=2))
         os.replace(temporary, self.root / INDEX)  # readers see the old index or the new, never half

@@ -47,6 +47,7 @@ LEVERS = {
     "label_loss": ("plus a cross-entropy over the label words", ["train.label_loss_weight=1.0"]),
     "balance": ("class-balanced training stream", ["train.balance_classes=true"]),
     "bf16": ("bf16 mixed precision (autocast, fp32 weights) on a CPU with bf16 instructions", ["train.precision=auto"]),
+    "decay": ("the learning rate decays linearly to zero over the time budget", ["train.lr_schedule=linear_budget"]),
 }
 
 
@@ -71,6 +72,15 @@ def run_lever(cfg: RunConfig) -> dict:
     }
 
 
+def markdown_table(results: dict) -> str:
+    """The README/figures table: one row per lever, each with what the levers above it already add."""
+    lines = ["| lever (cumulative) | examples/s | examples seen | validation macro-F1 |", "|---|---|---|---|"]
+    for name, row in results["levers"].items():
+        lines.append(f"| {name}: {row['description']} | {row['examples_per_s']:.2f} | {row['examples_seen']:,} | "
+                     f"{row['val_macro_f1']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=300, help="training seconds per lever")
@@ -93,6 +103,7 @@ def main() -> None:
         RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
         RESULTS_FILE.write_text(json.dumps(results, indent=2))  # after every lever: a partial run keeps its rows
     print(json.dumps(results, indent=2))
+    print(markdown_table(results))
 
 
 if __name__ == "__main__":

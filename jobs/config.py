@@ -304,10 +304,12 @@ class TrainSection(StrictModel):
         default=3e-4, gt=0, description="Peak learning rate (default 3e-4: the recipe's, for a run of minutes that trains the top layers).")
     weight_decay: float = Field(default=0.0, ge=0, description="Decoupled weight decay (AdamW) or L2 penalty (SGD).")
     gradient_clipping: float = Field(default=1.0, ge=0, description="Clip the global gradient norm to this (0: no clipping).")
-    lr_schedule: Literal["linear", "cosine", "constant"] = Field(
+    lr_schedule: Literal["linear", "cosine", "constant", "linear_budget"] = Field(
         default="constant", description="After linear warm-up, decay to zero at max_steps linearly or along a cosine, or "
-        "stay at the peak (constant, the default: for runs that max_train_seconds ends before max_steps). "
-        "linear and cosine need max_steps set (they are sized by it).")
+        "stay at the peak (constant, the default: for runs that max_train_seconds ends before max_steps), or decay "
+        "linearly to zero over the time budget (linear_budget: the learning rate falls with the share of "
+        "max_train_seconds spent, the slowest worker's clock, so a time-budgeted run still ends annealed). "
+        "linear and cosine need max_steps set (they are sized by it); linear_budget needs max_train_seconds.")
     warmup_steps: int = Field(default=10, ge=0, description="Linear warm-up steps from zero to the peak learning rate.")
     max_steps: int = Field(
         default=100_000, ge=1, description="Optimizer steps to run (the run's length). Default 100000: only a cap, "
@@ -353,7 +355,10 @@ class TrainSection(StrictModel):
                     object.__setattr__(self, name, off)
         if "max_steps" in given and "max_train_seconds" not in given:
             object.__setattr__(self, "max_train_seconds", None)
-        if self.lr_schedule != "constant" and "max_steps" not in given:
+        if self.lr_schedule == "linear_budget" and not self.max_train_seconds:
+            raise ValueError("lr_schedule linear_budget decays over max_train_seconds: set max_train_seconds, or use "
+                             "lr_schedule linear with max_steps")
+        if self.lr_schedule in ("linear", "cosine") and "max_steps" not in given:
             raise ValueError(f"lr_schedule {self.lr_schedule} decays to zero at max_steps: set max_steps (its default "
                              f"{self.max_steps} only caps a time-budgeted run), or use lr_schedule constant")
         if self.warmup_steps >= self.max_steps:

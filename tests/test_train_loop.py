@@ -1,9 +1,12 @@
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from jobs.train.batches import collate
-from jobs.train.engine import deepspeed_config
+from jobs.train.engine import budget_learning_rate, deepspeed_config
 from jobs.train.losses import answer_logits, answer_loss
 from jobs.config import TrainSection
 
@@ -257,3 +260,56 @@ def test_packed_examples_see_only_themselves(tiny_model_dir, attention):
         assert one_row["input_ids"].shape[0] == 1
         torch.testing.assert_close(answer_loss(model, one_row, label_ids, 0.5),
                                    answer_loss(model, collate(batch, pad_id=2), label_ids, 0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_a_budget_schedule_warms_up_by_steps_then_falls_with_the_share_of_the_time_budget_spent():
+    train = TrainSection(lr_schedule="linear_budget", learning_rate=4e-4, warmup_steps=4, max_train_seconds=100).model_dump()
+    assert budget_learning_rate(train, 0, 0.0) == pytest.approx(1e-4)  # the first step is a quarter of the way up
+    assert budget_learning_rate(train, 3, 0.0) == pytest.approx(4e-4)
+    assert budget_learning_rate(train, 50, 25.0) == pytest.approx(3e-4)
+    assert budget_learning_rate(train, 90, 99.0) == pytest.approx(4e-6)
+    assert budget_learning_rate(train, 95, 130.0) == 0.0  # past the budget: never negative
+    # DeepSpeed gets no step-counting scheduler: the loop sets the rate.
+    assert "scheduler" not in deepspeed_config(train, world_size=2, precision="fp32")
+    with pytest.raises(ValueError, match="linear_budget decays over max_train_seconds"):
+        TrainSection(lr_schedule="linear_budget", max_steps=10)  # max_steps alone leaves no time budget
+
+
+# One DeepSpeed engine per ZeRO stage, in a child process (DeepSpeed wants its own process group):
+# the rate set_learning_rate writes is the one the optimizer step applies (plain SGD: w -= lr * grad).
+_SET_LR_SCRIPT = """
+import os, sys, torch, deepspeed
+from jobs.config import TrainSection
+from jobs.train.engine import deepspeed_config, set_learning_rate
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+deepspeed.init_distributed(dist_backend="gloo")
+train = TrainSection(lr_schedule="linear_budget", optimizer="sgd", momentum=0.0, micro_batch_size=1,
+                     zero_stage=int(sys.argv[1]), gradient_clipping=0.0, max_train_seconds=60).model_dump()
+model = torch.nn.Linear(4, 1, bias=False)
+torch.nn.init.ones_(model.weight)
+engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                  config=deepspeed_config(train, world_size=1, precision="fp32"))
+set_learning_rate(engine, 0.25)
+engine.backward(engine(torch.ones(1, 4)).sum())  # d(sum w)/dw = 1 for every weight
+engine.step()
+assert engine.get_lr()[0] == 0.25, engine.get_lr()
+with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+    weights = engine.module.weight.detach().clone()
+assert torch.allclose(weights, torch.full((1, 4), 0.75)), weights
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_the_rate_set_by_the_loop_is_the_one_deepspeed_steps_with(zero_stage, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run([sys.executable, "-c", _SET_LR_SCRIPT, str(zero_stage), str(port)], capture_output=True,
+                            text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+                            env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-4000:]

@@ -57,10 +57,12 @@ def deepspeed_config(train: dict, world_size: int, precision: str) -> dict:
         scheduler = {"type": "WarmupLR", "params": {
             "warmup_min_lr": 0.0, "warmup_max_lr": train["learning_rate"],
             "warmup_num_steps": max(train["warmup_steps"], 1), "warmup_type": "linear"}}
-    else:  # ratios of the optimizer's own lr
+    elif train["lr_schedule"] == "cosine":  # ratios of the optimizer's own lr
         scheduler = {"type": "WarmupCosineLR", "params": {
             "warmup_min_ratio": 0.0, "warmup_num_steps": train["warmup_steps"], "total_num_steps": train["max_steps"],
             "cos_min_ratio": 0.0, "warmup_type": "linear"}}
+    else:  # linear_budget: the training loop sets the rate (budget_learning_rate), DeepSpeed's schedulers count steps
+        scheduler = None
     zero = {"stage": train["zero_stage"]}
     if train["offload_optimizer"]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train["use_gpu"]}
@@ -76,7 +78,7 @@ def deepspeed_config(train: dict, world_size: int, precision: str) -> dict:
         "gradient_clipping": train["gradient_clipping"],
         "zero_optimization": zero,
         "optimizer": optimizer,
-        "scheduler": scheduler,
+        **({"scheduler": scheduler} if scheduler else {}),
         "bf16": {"enabled": precision == "bf16" and train["use_gpu"]},
         # bf16 on CPU is mixed precision by autocast: weights, gradients and optimizer state stay
         # fp32, matrix multiplies run in bf16 (the engine's forward applies it: an autocast opened
@@ -93,6 +95,19 @@ def deepspeed_config(train: dict, world_size: int, precision: str) -> dict:
         "wall_clock_breakdown": False,
     }
     return _deep_merge(config, train["deepspeed_overrides"])
+
+
+def budget_learning_rate(train: dict, steps_done: int, seconds_trained: float) -> float:
+    """The next optimizer step's learning rate under lr_schedule linear_budget: a linear warm-up over
+    warmup_steps steps, times the share of max_train_seconds still left (zero when it is spent)."""
+    warm = min(1.0, (steps_done + 1) / train["warmup_steps"]) if train["warmup_steps"] else 1.0
+    return train["learning_rate"] * warm * max(0.0, 1.0 - seconds_trained / train["max_train_seconds"])
+
+
+def set_learning_rate(engine, learning_rate: float) -> None:
+    # The ZeRO optimizers proxy param_groups to the wrapped torch optimizer, which reads lr at each step.
+    for group in engine.optimizer.param_groups:
+        group["lr"] = learning_rate
 
 
 def prepare_model(model, train: dict):

@@ -19,7 +19,8 @@ import torch
 
 from cluster.prompting import pad_token_id, use_template
 from jobs.train.batches import Collate
-from jobs.train.engine import deepspeed_config, prepare_model, resolve_attention, resolve_precision
+from jobs.train.engine import (budget_learning_rate, deepspeed_config, prepare_model, resolve_attention, resolve_precision,
+                               set_learning_rate)
 from jobs.train.export import HF_EXPORT_DIR, PROBE_FILE, PROBE_IDS
 from jobs.train.flops import measure_peak_flops, peak_memory_gib, train_flops_per_token
 from jobs.train.losses import answer_logits, answer_loss, first_answer_positions
@@ -145,6 +146,9 @@ def train_loop_per_worker(config: dict) -> None:
     task_examples = torch.zeros(len(worker.task_names), dtype=torch.float64)
     window, run_start = Window(), time.perf_counter()
     out_of_time = False  # max_train_seconds reached (decided together: the slowest rank's clock)
+    budget_schedule = train["lr_schedule"] == "linear_budget"
+    if budget_schedule:
+        set_learning_rate(worker.engine, budget_learning_rate(train, position.step, position.compute_seconds))
     while position.step < train["max_steps"] and not out_of_time:
         # A fresh pass per epoch, in the same order every time (no shuffle): a resumed run skips what it consumed.
         for batch_index, batch in enumerate(worker.train_shard.iter_torch_batches(batch_size=train["micro_batch_size"], collate_fn=worker.collate_fn)):
@@ -169,6 +173,8 @@ def train_loop_per_worker(config: dict) -> None:
                 (trained,) = _all_reduce([position.compute_seconds + time.perf_counter() - window.started], worker.device,
                                          op=torch.distributed.ReduceOp.MAX)
                 out_of_time = trained >= train["max_train_seconds"]
+                if budget_schedule:  # the same rate on every rank: from the all-reduced clock
+                    set_learning_rate(worker.engine, budget_learning_rate(train, step, trained))
             if step == train["fault_at_step"] and worker.rank == worker.world_size - 1 and not fault_marker.exists():
                 fault_marker.touch()  # once per run: the restarted worker group must get past this step
                 raise RuntimeError(f"fault drill: worker {worker.rank} fails at step {step} (train.fault_at_step)")

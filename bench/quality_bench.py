@@ -29,7 +29,8 @@ RESULTS_FILE = REPO / "bench" / "results" / "quality.json"
 
 # name -> (what it is, the overrides it adds to the levers before it). The first row undoes the
 # shipped recipe back to the demo's settings of 2026-11-26; each later row puts one lever back, so
-# the last row is the shipped demo config (a test checks it).
+# the SHIPPED_LEVER row is the shipped demo config (a test checks it). Rows after it are candidates,
+# measured here before the recipe (and the demo's figures) would change.
 OLD_SYSTEM_PROMPT = "Classify the sentiment of the customer's message. Answer with one word: negative, neutral or positive."
 LEVERS = {
     "baseline": ("the demo's settings of 2026-11-26: model chat template + long system prompt, lr 5e-5, ZeRO-2, "
@@ -47,6 +48,9 @@ LEVERS = {
     "label_loss": ("plus a cross-entropy over the label words", ["train.label_loss_weight=1.0"]),
     "balance": ("class-balanced training stream", ["train.balance_classes=true"]),
     "bf16": ("bf16 mixed precision (autocast, fp32 weights) on a CPU with bf16 instructions", ["train.precision=auto"]),
+}
+SHIPPED_LEVER = "bf16"
+LEVERS |= {
     "decay": ("the learning rate decays linearly to zero over the time budget", ["train.lr_schedule=linear_budget"]),
 }
 

@@ -245,7 +245,7 @@ def test_failed_authentication_is_limited_per_address_before_any_audit_write(end
     failed = [entry for entry in attackers if entry["event"] == "failed_auth_limited" or entry.get("status") == 401]
     assert [(entry["event"], entry.get("status"), entry.get("refused")) for entry in failed] == (
         [("request", 401, None)] * 3 + [("failed_auth_limited", None, 18), ("request", 401, None)])
-    assert cluster.audit.verify(gateway.audit.path).ok
+    assert cluster.audit.verify(gateway.audit.path, gateway.audit.key_provider.key()).ok
 
 
 def test_open_windows_are_summarised_at_shutdown(endpoint):

@@ -360,12 +360,12 @@ def test_metrics_counters_move(served):
 
 
 def test_audit_log_verifies_and_holds_requests_and_decisions(served):
-    from cluster.audit import verify
+    from cluster.audit import LocalFileKey, verify
 
     assert call(served, "POST", "/v1/chat/completions", "app-a", json=chat_body("tiny:tenant-b-support")).status_code == 403
     assert call(served, "POST", "/v1/completions", "app-a",
                 json={"model": "tiny", "prompt": "a secret prompt", "max_tokens": 3}).status_code == 200
-    report = verify(served["audit"])
+    report = verify(served["audit"], LocalFileKey(f"{served['audit']}.key", create=False).key())
     assert report.ok, str(report)
     entries = [json.loads(line) for line in served["audit"].read_text().splitlines()]
     denied = [e for e in entries if e["event"] == "decision" and not e["allowed"] and e["model"] == "tiny:tenant-b-support"

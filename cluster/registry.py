@@ -6,15 +6,23 @@
 A version is *deployable* only if the promotion gate passed; the newest deployable version is the
 *current* one, which evaluation compares the next candidate against and serving deploys. Jobs
 write versions, serving reads them: the registry sits in `cluster/` because both meet here.
+
+Each version's index entry also holds its lineage (what the registering job says it came from:
+sources' fingerprints, data manifest, run config, code version, parent version, training run,
+evaluation summary), the SHA-256 of every file in its folder (`files`, checked by `check_files`
+before a deployment, so weights changed after registration are never served unnoticed), and the
+deployments made of it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
@@ -25,6 +33,27 @@ INDEX = "index.json"
 # fcntl locks: local disks and NFSv4 mounts (EFS) alike. A registration holds it for milliseconds.
 LOCK = ".index.lock"
 LOCK_TIMEOUT_SECONDS = 120
+
+
+class ModelFilesChanged(RuntimeError):
+    """A version's folder no longer holds the files registered for it; the message names them."""
+
+    def __init__(self, name: str, version: str, changed: list[str], missing: list[str], extra: list[str]):
+        self.changed, self.missing, self.extra = changed, missing, extra
+        problems = [f"{what}: {', '.join(files)}" for what, files in
+                    (("changed", changed), ("missing", missing), ("not registered", extra)) if files]
+        super().__init__(f"model {name!r} {version}: its files differ from those registered ({'; '.join(problems)}); "
+                         "deploy another version, or register the model again")
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def folder_sha256(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under `folder`, by its path relative to it (with forward slashes)."""
+    return {path.relative_to(folder).as_posix(): file_sha256(path) for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 class ModelRegistry:
@@ -53,9 +82,15 @@ class ModelRegistry:
         known = ", ".join(v["version"] for v in self.versions()) or "none"
         raise KeyError(f"model {self.name!r} has no version {version!r} (versions: {known})")
 
+    def folder(self, version: str) -> Path:
+        """The version's folder; a ValueError for a version that would lead outside the registry ('..')."""
+        return path_inside(self.root, version)
+
     def register(self, model_dir: str | Path, gate: dict, metrics: dict, run: str,
-                 attachments: list[str | Path] = ()) -> dict:
+                 attachments: list[str | Path] = (), lineage: dict | None = None) -> dict:
         """Copy `model_dir` (and report files) into a new version; promote it if the gate passed.
+
+        `lineage` is recorded as given; the files' hashes are taken from the copy, what the version holds.
 
         A copy, not a link: the run folder is rewritten by the next training run, a version never is.
         Runs registering at once (other processes, other nodes on the shared storage) take turns on
@@ -68,6 +103,7 @@ class ModelRegistry:
         for path in attachments:
             if Path(path).is_file():
                 shutil.copy2(path, staging / Path(path).name)
+        files = folder_sha256(staging)
         with FileLock(self.root / LOCK, timeout=LOCK_TIMEOUT_SECONDS):
             index = self._index()
             version = f"v{len(index['versions']) + 1:04d}"
@@ -76,11 +112,49 @@ class ModelRegistry:
             entry = {
                 "name": self.name, "version": version, "path": str(target), "run": run, "source_model_dir": str(model_dir),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "deployable": bool(gate["deployable"]),
-                "gate": gate, "metrics": metrics,
+                "gate": gate, "metrics": metrics, "lineage": lineage or {}, "files": files, "deployments": [],
             }
             index["versions"].append(entry)
             if entry["deployable"]:
                 index["current"] = version
+            self._write(index)
+        return entry
+
+    def attach(self, version: str, path: str | Path) -> dict:
+        """Record a file written into the version's folder after registration (its report), with its
+        hash, so `check_files` accepts it; returns the updated entry."""
+        relative = Path(path).resolve().relative_to(self.folder(version).resolve()).as_posix()
+        digest = file_sha256(Path(path))
+        return self._update(version, lambda entry: entry["files"].update({relative: digest}))
+
+    def record_deployment(self, version: str, *, url: str, model_id: str, app_name: str, forced: bool, by: str) -> dict:
+        """Add a deployment (where, as which model, whether past the gate, by which job) to the version's
+        entry, stamped with the time; returns the entry."""
+        deployment = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "url": url, "model_id": model_id,
+                      "app_name": app_name, "forced": forced, "by": by}
+        return self._update(version, lambda entry: entry.setdefault("deployments", []).append(deployment))
+
+    def check_files(self, version: str) -> dict:
+        """The version's entry if its folder holds exactly the files registered, with the same
+        SHA-256; else ModelFilesChanged naming the changed, missing and unregistered files. A version
+        registered before files were hashed has none registered: all its files count as unregistered."""
+        folder = self.folder(version)
+        entry = self.get(version)
+        registered, present = entry.get("files", {}), folder_sha256(folder)
+        changed = sorted(name for name in registered.keys() & present.keys() if registered[name] != present[name])
+        missing, extra = sorted(registered.keys() - present.keys()), sorted(present.keys() - registered.keys())
+        if changed or missing or extra:
+            raise ModelFilesChanged(self.name, version, changed, missing, extra)
+        return entry
+
+    def _update(self, version: str, change: Callable[[dict], None]) -> dict:
+        self.folder(version)
+        with FileLock(self.root / LOCK, timeout=LOCK_TIMEOUT_SECONDS):
+            index = self._index()
+            entry = next((entry for entry in index["versions"] if entry["version"] == version), None)
+            if entry is None:
+                raise KeyError(f"model {self.name!r} has no version {version!r}")
+            change(entry)
             self._write(index)
         return entry
 

@@ -1,4 +1,4 @@
-"""`lakeforge`: one command for the jobs, the local cluster, API keys and the audit log.
+"""`lakeforge`: one command for the jobs, the local cluster, API keys, the audit log and model lineage.
 
     lakeforge run CONFIG [key=value ...]         # the pipeline (python -m jobs.pipeline --config CONFIG ...)
     lakeforge finetune|evaluate|explain CONFIG [key=value ...]
@@ -7,6 +7,7 @@
     lakeforge cluster up|down|status             # the local head node (python -m cluster.ray_cluster)
     lakeforge keys new|record ...                # python -m cluster.security
     lakeforge audit verify FILE                  # python -m cluster.audit
+    lakeforge lineage NAME VERSION               # python -m jobs.lineage
 
 A job command calls its entry module's `main` with `--config CONFIG` and the overrides, in this
 process: the same job, config checks and exit codes as `python -m jobs.<name>`, so
@@ -30,6 +31,7 @@ from pydantic_core import PydanticUndefined
 
 from cluster import audit, security
 from cluster.config import StrictModel, describe_field
+from jobs import lineage
 from jobs.config import BatchInferConfig, DeployConfig, RunConfig
 
 REFERENCE = "docs/configuration.md"
@@ -123,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         "digests go into configs; docs/security.md)."))
     audit.add_commands(commands.add_parser(
         "audit", help="the hash-chained audit log: verify", description="The gateway's hash-chained audit log."))
+    lineage.add_arguments(commands.add_parser(
+        "lineage", help="a model version's lineage: sources, data, code, training, evaluation, files, deployments",
+        description="Where a registered model version came from and where it was deployed (python -m jobs.lineage)."))
     return parser
 
 

@@ -19,14 +19,14 @@ from cluster.contracts import EndpointSettings
 from cluster.endpoints import deploy, with_local_key
 from cluster.prompting import chat_messages
 from cluster.ray_cluster import connect
-from cluster.registry import ModelRegistry
+from cluster.registry import ModelFilesChanged, ModelRegistry, file_sha256
 from jobs.config import RunConfig
-from jobs.data.prepare import prepare_run_inputs
+from jobs.data.prepare import MANIFEST, prepare_run_inputs
 from jobs.evaluation.explanations import explain
 from jobs.evaluation.report import SYSTEMS, write_report
 from jobs.evaluation.run import run_evaluation
 from jobs.train.run import run_finetune
-from jobs.train.tracking import MetricLogger
+from jobs.train.tracking import MetricLogger, code_version
 
 
 def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, api_key: str, predictions) -> dict:
@@ -107,13 +107,30 @@ def run_pipeline(cfg: RunConfig) -> dict:
         "gate_deployable": float(report["gate"]["deployable"])}, training["best_step"])
     explanations = explain(cfg) if cfg.explain.enabled else None
     mark = stage_done("explanation", mark)
+    manifest_path = data_dir / MANIFEST
     version = registry.register(
         training["model_dir"], gate=report["gate"], run=cfg.name,
         metrics={"accuracy": report["fine_tuned"]["accuracy"], "macro_f1": report["fine_tuned"]["macro"]["f1"],
                  "compared_with": report["models"]},
-        attachments=[cfg.run_dir / "evaluation.json", cfg.run_dir / "explanations.json"])
+        attachments=[cfg.run_dir / "evaluation.json", cfg.run_dir / "explanations.json"],
+        # What `python -m jobs.lineage` shows: the chain from the source files to this version.
+        lineage={
+            "sources": manifest["identity"]["sources"],
+            "data_manifest": {"path": str(manifest_path), "sha256": file_sha256(manifest_path),
+                              "counts": manifest["counts"]},
+            "run_config": cfg.model_dump(mode="json"),  # secrets (the PII salt) as fingerprints
+            "code_version": code_version(),
+            "parent_version": current["version"] if current else None,
+            "training": {"tracking": training["tracking"], "model_dir": training["model_dir"],
+                         "checkpoint_uri": training["checkpoint_uri"], "best_step": training["best_step"],
+                         "best_val_loss": training["best_val_loss"]},
+            "evaluation": {"test_examples": report["test_examples"], "gate": report["gate"],
+                           "systems": {system: {"accuracy": report[system]["accuracy"], "macro_f1": report[system]["macro"]["f1"]}
+                                       for system in SYSTEMS if system in report}},
+        })
     report_path = write_report(Path(version["path"]) / "report.html", report, explanations, version,
                                learning_curve=training["learning_curve"])
+    version = registry.attach(version["version"], report_path)  # so its files check includes the report
     mark = stage_done("report", mark)
     print(f"[pipeline] registered {cfg.name} {version['version']} "
           f"({'deployable' if version['deployable'] else 'not deployable'}); report: {report_path}")
@@ -170,11 +187,18 @@ def serve_current(cfg: RunConfig, registry: ModelRegistry, version: dict, report
         skipped = "no deployable version: " + report["gate"]["reason"]
         print(f"[pipeline] not serving: {skipped}")
         return {"skipped": skipped}
+    try:  # as jobs.deploy does: only files the gate judged are served
+        registry.check_files(serving["version"])
+    except ModelFilesChanged as error:
+        print(f"[pipeline] not serving: {error}")
+        return {"skipped": str(error)}
     mark = time.perf_counter()
     # The job's own admin key for its check (fresh, kept in this process); a submitter's key only as
     # its digest record ($LAKEFORGE_API_KEY_RECORD), for calls after the job.
     api_key, endpoint = with_local_key(cfg.serve.endpoint.model_copy(update={"model_dir": serving["path"]}))
     base_url = deploy(cfg.serve.import_path, endpoint)
+    registry.record_deployment(serving["version"], url=f"{base_url}/v1", model_id=endpoint.model_id,
+                               app_name=endpoint.app_name, forced=not serving["deployable"], by="jobs.pipeline")
     stage_seconds["serving_deploy"] = round(time.perf_counter() - mark, 1)
     mark = time.perf_counter()
     served_is_new = serving["version"] == version["version"]

@@ -124,6 +124,24 @@ def test_report_shows_every_system_the_gate_and_escaped_examples(tmp_path):
     assert "<script>" not in page and "&lt;script&gt;alert(" in page
 
 
+LINEAGE = {
+    "sources": {"tweets": {"/data/<b>tweets</b>.csv": {"sha256": "ab" * 32}}},
+    "data_manifest": {"path": "/runs/r/data/manifest.json", "sha256": "cd" * 32, "counts": {"kept": 100}},
+    "run_config": {"name": "r"}, "code_version": {"source_sha256": "ef" * 32, "package_version": "0.1.0"},
+    "parent_version": "v0002", "training": {"tracking": {"uri": "sqlite:///m.db", "run_id": "run-7"}, "best_step": 40},
+    "evaluation": {},
+}
+
+
+def test_report_shows_the_versions_lineage(tmp_path):
+    report = evaluation([f"message {i} thank you" for i in range(40)])
+    version = {**VERSION, "lineage": LINEAGE, "files": {"model.safetensors": "00" * 32, "config.json": "11" * 32}}
+    page = write_report(tmp_path / "report.html", report, version=version).read_text()
+    assert "<h2>Lineage</h2>" in page and "/data/&lt;b&gt;tweets&lt;/b&gt;.csv" in page
+    assert "package 0.1.0" in page and "v0002" in page and "run-7" in page and "2 files, SHA-256" in page
+    assert "python -m jobs.lineage sentiment v0003" in page
+
+
 def test_hostile_data_is_escaped_in_the_model_report_and_the_quality_report(tmp_path):
     # A tweet text, a label, a source name (a slice), the gate's reason and explained words, all hostile.
     texts = [f"{HOSTILE} flight delay" if i % 4 == 0 else f"message {i} thank you" for i in range(120)]

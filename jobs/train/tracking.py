@@ -10,6 +10,7 @@ tracking server (http://...) on a real cluster.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import subprocess
 import time
 from pathlib import Path
@@ -29,8 +30,8 @@ def tracking_uri(cfg: RunConfig) -> str:
 
 
 def code_version() -> dict:
-    """The git commit where there is one, and always a hash of the source as it ran: a job
-    submitted with `--working-dir` runs a copy without `.git`."""
+    """The git commit where there is one (else the installed package's version), and always a hash
+    of the source as it ran: a job submitted with `--working-dir` runs a copy without `.git`."""
     digest = hashlib.sha256()
     for path in sorted(p for package in SOURCE_PACKAGES for p in (REPO / package).rglob("*.py")):
         digest.update(str(path.relative_to(REPO)).encode())
@@ -44,6 +45,11 @@ def code_version() -> dict:
             version.update(git_commit=commit.stdout.strip(), git_dirty=bool(dirty.stdout.strip()))
     except (OSError, subprocess.TimeoutExpired):
         pass
+    if "git_commit" not in version:
+        try:
+            version["package_version"] = importlib.metadata.version("lakeforge")
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return version
 
 

@@ -64,6 +64,20 @@ def test_cli_refuses_a_rejected_version_with_one_line_and_exit_2(registry_with_v
     assert capsys.readouterr().err.startswith("deploy error: m v0002 is not deployable")
 
 
+@pytest.mark.parametrize("version", ["v0001", "v0002"])
+def test_a_version_whose_files_changed_is_refused_even_with_force(registry_with_versions, capsys, version):
+    from jobs.deploy import main
+
+    weights = ModelRegistry(registry_with_versions, "m").folder(version) / "config.json"
+    weights.write_text('{"tampered": true}')
+    with pytest.raises(DeployError, match=f"'m' {version}: its files differ.*changed: config.json"):
+        resolve_version(_config(registry_with_versions, f"version={version}", "force=true"))
+    with pytest.raises(SystemExit) as exit_info:  # before any cluster is started or joined
+        main(["--config", str(REPO / "configs" / "deploy.yaml"), "name=m", f"storage_root={registry_with_versions}",
+              f"version={version}", "force=true"])
+    assert exit_info.value.code == 2 and "changed: config.json" in capsys.readouterr().err
+
+
 @pytest.mark.integration
 def test_deploy_job_serves_the_current_version(ray_cluster, tiny_model_dir, tmp_path, capsys):
     from ray import serve

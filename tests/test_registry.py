@@ -1,9 +1,10 @@
+import hashlib
 import json
 import os
 
 import pytest
 
-from cluster.registry import ModelRegistry
+from cluster.registry import ModelFilesChanged, ModelRegistry
 
 
 def _model_folder(path, weights: bytes):
@@ -86,3 +87,57 @@ def test_runs_registering_at_once_get_distinct_versions_and_none_is_lost(tmp_pat
     assert [entry["version"] for entry in registry.versions()] == [f"v{n:04d}" for n in range(1, 21)]
     assert all((registry.root / version / "model.safetensors").is_file() for version in versions)
     assert not list(registry.root.glob(".staging-*"))
+
+
+LINEAGE = {"sources": {"tweets": {"/data/tweets.csv": {"sha256": "ab" * 32}}}, "parent_version": None}
+
+
+def test_a_version_records_its_lineage_and_the_hash_of_every_file(tmp_path):
+    registry = ModelRegistry(tmp_path, "m")
+    run_model = _model_folder(tmp_path / "model", b"weights")
+    (run_model / "tokenizer").mkdir()
+    (run_model / "tokenizer" / "vocab.json").write_text("{}")
+    (tmp_path / "evaluation.json").write_text('{"accuracy": 1}')
+    entry = registry.register(run_model, _gate(True), metrics={}, run="r", lineage=LINEAGE,
+                              attachments=[tmp_path / "evaluation.json"])
+    assert entry["lineage"] == LINEAGE and entry["deployments"] == []
+    assert entry["files"] == {
+        "config.json": hashlib.sha256(b"{}").hexdigest(), "evaluation.json": hashlib.sha256(b'{"accuracy": 1}').hexdigest(),
+        "model.safetensors": hashlib.sha256(b"weights").hexdigest(), "tokenizer/vocab.json": hashlib.sha256(b"{}").hexdigest()}
+    assert registry.get("v0001") == entry and registry.check_files("v0001") == entry
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda folder: (folder / "model.safetensors").write_bytes(b"other weights"), "changed: model.safetensors"),
+    (lambda folder: (folder / "config.json").unlink(), "missing: config.json"),
+    (lambda folder: (folder / "adapter.bin").write_bytes(b"planted"), "not registered: adapter.bin"),
+])
+def test_a_file_changed_after_registration_is_named(tmp_path, change, named):
+    registry = ModelRegistry(tmp_path, "m")
+    registry.register(_model_folder(tmp_path / "model", b"weights"), _gate(True), metrics={}, run="r")
+    change(registry.folder("v0001"))
+    with pytest.raises(ModelFilesChanged, match=f"'m' v0001: its files differ.*{named}"):
+        registry.check_files("v0001")
+
+
+def test_a_file_written_after_registration_is_accepted_once_attached(tmp_path):
+    registry = ModelRegistry(tmp_path, "m")
+    registry.register(_model_folder(tmp_path / "model", b"weights"), _gate(True), metrics={}, run="r")
+    report = registry.folder("v0001") / "report.html"
+    report.write_text("<html></html>")
+    with pytest.raises(ModelFilesChanged, match="not registered: report.html"):
+        registry.check_files("v0001")
+    assert registry.attach("v0001", report)["files"]["report.html"] == hashlib.sha256(b"<html></html>").hexdigest()
+    registry.check_files("v0001")
+    entry = registry.record_deployment("v0001", url="http://127.0.0.1:8000/v1", model_id="m", app_name="lakeforge",
+                                       forced=False, by="test")
+    assert registry.get("v0001")["deployments"] == entry["deployments"] and entry["deployments"][0]["model_id"] == "m"
+
+
+@pytest.mark.parametrize("version", ["..", "../other", "/etc"])
+def test_a_version_cannot_leave_the_registry(tmp_path, version):
+    registry = ModelRegistry(tmp_path, "m")
+    registry.register(_model_folder(tmp_path / "model", b"w"), _gate(True), metrics={}, run="r")
+    for call in (registry.check_files, registry.folder, lambda v: registry.attach(v, tmp_path / "model" / "config.json")):
+        with pytest.raises(ValueError, match="leads outside"):
+            call(version)

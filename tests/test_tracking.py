@@ -1,3 +1,4 @@
+import importlib.metadata
 import json
 
 import pytest
@@ -46,7 +47,7 @@ def test_code_version_names_the_commit_and_hashes_the_source(tmp_path, monkeypat
     (tmp_path / "jobs" / "a.py").write_text("x = 1\n")
     monkeypatch.setattr(tracking, "REPO", tmp_path)
     first = code_version()
-    assert "git_commit" not in first
+    assert "git_commit" not in first and first["package_version"] == importlib.metadata.version("lakeforge")  # then the package's
     (tmp_path / "jobs" / "a.py").write_text("x = 2\n")
     assert code_version()["source_sha256"] != first["source_sha256"]
 

@@ -1,7 +1,7 @@
 """Append-only, hash-chained and keyed audit log (one JSON object per line) and its verifier.
 
 Every entry carries `seq` (its 1-based line number), `time` (UTC ISO 8601), the event's fields,
-`key_id` (which key signed it), `prev_hash` (the previous entry's `hash`; 64 zeros for the first),
+`mac_key` (the id of the key that signed it), `prev_hash` (the previous entry's `hash`; 64 zeros for the first),
 `hash`: SHA-256 over the canonical JSON of the entry without `hash` and `mac` (sorted keys, no
 spaces), and `mac`: HMAC-SHA256 of `hash` under a secret key. The chain makes an edited, deleted,
 reordered or truncated line break at a line `verify` names; the MAC makes a rewritten and
@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 GENESIS_HASH = "0" * 64
 CHAIN_FIELDS = ("seq", "time", "prev_hash", "hash")  # in every entry, also in logs from before keys
-RESERVED_FIELDS = (*CHAIN_FIELDS, "key_id", "mac")
+RESERVED_FIELDS = (*CHAIN_FIELDS, "mac_key", "mac")  # not `key_id`: the gateway's events name API keys with it
 KEY_BYTES = 32
 READ_CHUNK = 1 << 20
 
@@ -261,7 +261,7 @@ class ChainCheck:
             return "prev_hash does not match the previous entry (line deleted, inserted or reordered)"
         if entry["seq"] != self.lines:
             return f"seq {entry['seq']} where {self.lines} was expected"
-        signer = entry.get("key_id")
+        signer = entry.get("mac_key")
         if self.lines == 1:
             self.signer = signer  # a log is signed by one key throughout, or not at all (before keys)
         elif signer != self.signer:
@@ -273,7 +273,7 @@ class ChainCheck:
             if signer == self.key_id and not hmac.compare_digest(entry["mac"], entry_mac(self.key, entry["hash"])):
                 return "mac does not match: the entry was rewritten (and the chain recomputed) without the key"
         elif "mac" in entry:
-            return "a mac without a key_id"
+            return "a mac without its mac_key"
         self.prev_hash = entry["hash"]
         return ""
 
@@ -331,7 +331,7 @@ class AuditLog:
         return cls(settings.path, LocalFileKey(settings.key.path or f"{Path(settings.path).expanduser()}.key"))
 
     def append(self, event: dict) -> dict:
-        """Write one entry for `event` and return it (with seq, time, key_id, prev_hash, hash, mac)."""
+        """Write one entry for `event` and return it (with seq, time, mac_key, prev_hash, hash, mac)."""
         return self.append_many([event])[0]
 
     @staticmethod
@@ -342,7 +342,7 @@ class AuditLog:
 
     def _entry(self, seq: int, prev_hash: str, event: dict) -> dict:
         entry = {"seq": seq, "time": datetime.now(timezone.utc).isoformat(), **event,
-                 "key_id": self.key_id, "prev_hash": prev_hash}
+                 "mac_key": self.key_id, "prev_hash": prev_hash}
         entry["hash"] = entry_hash(entry)
         entry["mac"] = entry_mac(self._key, entry["hash"])
         return entry
@@ -425,7 +425,7 @@ class AuditLog:
         aside = self.path.with_name(f"{self.path.name}.{stamp}.{reason}")
         entry = self._entry(1, GENESIS_HASH, {"event": "log_rotated", "reason": reason, "predecessor": {
             "file": aside.name, "sha256": _file_sha256(fd, size), "lines": check.lines + (size > check.offset),
-            "last_hash": check.prev_hash, "key_id": check.signer, "check": str(check.report())}})
+            "last_hash": check.prev_hash, "mac_key": check.signer, "check": str(check.report())}})
         # The new log is complete before it takes the name, so no process sees the path missing or empty.
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex}.new")
         new = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)

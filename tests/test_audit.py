@@ -100,7 +100,7 @@ def forge(path, edit_seq, strip_signatures=False):
     content, prev_hash = [json.loads(line) for line in lines(path)], "0" * 64
     for entry in content:
         if strip_signatures:
-            del entry["key_id"], entry["mac"]
+            del entry["mac_key"], entry["mac"]
         if entry["seq"] == edit_seq:
             entry["outcome"] = "denied"
         entry["prev_hash"] = prev_hash
@@ -113,9 +113,9 @@ def test_every_entry_is_signed_and_the_log_verifies_with_its_key(tmp_path):
     entries = write_log(path, 3)
     key_file = tmp_path / "log.jsonl.key"
     assert key_file.stat().st_mode & 0o777 == 0o600 and len(key_file.read_bytes()) == 32
-    assert len({entry["key_id"] for entry in entries}) == 1 and all(len(entry["mac"]) == 64 for entry in entries)
+    assert len({entry["mac_key"] for entry in entries}) == 1 and all(len(entry["mac"]) == 64 for entry in entries)
     report = check(path)
-    assert report.ok and str(report) == f"OK: 3 entries, chain intact, signed with key {entries[0]['key_id']}"
+    assert report.ok and str(report) == f"OK: 3 entries, chain intact, signed with key {entries[0]['mac_key']}"
 
 
 @pytest.mark.parametrize("edit_seq", [1, 3])
@@ -178,7 +178,7 @@ def test_an_unsigned_log_is_rotated_aside_and_the_new_log_describes_it(tmp_path)
     assert first["event"] == "log_rotated" and first["reason"] == "unsigned" and first["seq"] == 1
     assert first["predecessor"] | {"check": None} == {
         "file": aside.name, "sha256": hashlib.sha256(old_bytes).hexdigest(), "lines": 4, "last_hash": last_hash,
-        "key_id": None, "check": None}
+        "mac_key": None, "check": None}
     assert first["predecessor"]["check"].startswith("UNSIGNED: 4 entries")
     assert entry == second and second["seq"] == 2 and check(path).ok
 
@@ -194,7 +194,7 @@ def test_a_log_of_another_key_is_rotated_aside(tmp_path):
     assert (first["event"], first["reason"]) == ("log_rotated", "other-key")
     assert first["predecessor"]["sha256"] == hashlib.sha256(old_bytes).hexdigest() == hashlib.sha256(aside.read_bytes()).hexdigest()
     assert (first["predecessor"]["lines"], first["predecessor"]["last_hash"]) == (3, old[-1]["hash"])
-    assert first["predecessor"]["key_id"] == old[0]["key_id"] != first["key_id"]
+    assert first["predecessor"]["mac_key"] == old[0]["mac_key"] != first["mac_key"]
     assert check(path).ok and check(path).entries == 2
     assert verify(aside, LocalFileKey(tmp_path / "old.key").key()).ok  # the old log still verifies with its key
     # A writer that has started does not rotate again: a log another key took over is an error.
@@ -255,8 +255,11 @@ def test_the_old_hmac_key_env_setting_names_its_replacement():
 
 
 def test_reserved_fields_cannot_be_set(tmp_path):
-    with pytest.raises(ValueError, match="reserved"):
-        AuditLog(tmp_path / "log.jsonl").append({"hash": "0" * 64})
+    log = AuditLog(tmp_path / "log.jsonl")
+    for field in ("hash", "mac", "mac_key"):
+        with pytest.raises(ValueError, match="reserved"):
+            log.append({field: "0" * 64})
+    assert log.append({"key_id": "crm-2"})["key_id"] == "crm-2"  # the gateway's API key id is an event field
 
 
 def _append_many(path, worker, count):

@@ -297,17 +297,6 @@ class ChainCheck:
         return VerifyReport("OK", verified, reason=f"{verified} entries, chain intact{signed}")
 
 
-def _file_sha256(fd: int, size: int) -> str:
-    digest, position = hashlib.sha256(), 0
-    while position < size:
-        data = os.pread(fd, min(READ_CHUNK, size - position), position)
-        if not data:
-            break
-        digest.update(data)
-        position += len(data)
-    return digest.hexdigest()
-
-
 def _inode(info: os.stat_result) -> tuple[int, int]:
     return info.st_dev, info.st_ino
 
@@ -370,7 +359,7 @@ class AuditLog:
                 rotate_reason = ("unsigned" if check.signer is None else "other-key") if (
                     check.lines and check.signer != self.key_id and not self._started) else None
                 if rotate_reason:
-                    self._rotate(fd, info.st_size, check, rotate_reason)
+                    self._rotate(info.st_size, check, rotate_reason)
                     continue
                 if info.st_size > check.offset:
                     raise AuditError(f"{self.path} ends with an incomplete line; run "
@@ -419,12 +408,14 @@ class AuditLog:
         check.read(fd, info.st_size)
         return check
 
-    def _rotate(self, fd: int, size: int, check: ChainCheck, reason: str) -> None:
+    def _rotate(self, size: int, check: ChainCheck, reason: str) -> None:
         """Move the locked log aside and put a new one in its place whose first entry describes it."""
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         aside = self.path.with_name(f"{self.path.name}.{stamp}.{reason}")
+        with open(self.path, "rb") as handle:  # the locked file: the path was checked to name it
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
         entry = self._entry(1, GENESIS_HASH, {"event": "log_rotated", "reason": reason, "predecessor": {
-            "file": aside.name, "sha256": _file_sha256(fd, size), "lines": check.lines + (size > check.offset),
+            "file": aside.name, "sha256": digest, "lines": check.lines + (size > check.offset),
             "last_hash": check.prev_hash, "mac_key": check.signer, "check": str(check.report())}})
         # The new log is complete before it takes the name, so no process sees the path missing or empty.
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex}.new")

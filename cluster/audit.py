@@ -146,7 +146,11 @@ class LocalFileKey:
                                  f"{stat.S_IMODE(info.st_mode):04o}); make a new key, or chmod 600 it if no one "
                                  "else can have read it")
             if stat.S_IMODE(info.st_mode) != 0o600:
-                os.fchmod(fd, 0o600)
+                try:
+                    os.fchmod(fd, 0o600)
+                except PermissionError:
+                    raise AuditError(f"audit key file {self.path} has mode {stat.S_IMODE(info.st_mode):04o} and "
+                                     "cannot be made 0600 by this user (not its owner)") from None
             key = os.read(fd, KEY_BYTES + 1)
         finally:
             os.close(fd)

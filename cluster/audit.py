@@ -360,8 +360,9 @@ class AuditLog:
                 if replaced:  # another process rotated the log while we waited: append to the new one
                     continue
                 check = self._checked_to_end(fd, info)
+                # Whose log it is, line 1 says: if that line itself is broken, no one can tell, so it is not rotated.
                 rotate_reason = ("unsigned" if check.signer is None else "other-key") if (
-                    check.lines and check.signer != self.key_id and not self._started) else None
+                    check.lines and check.first_bad_line != 1 and check.signer != self.key_id and not self._started) else None
                 if rotate_reason:
                     self._rotate(info.st_size, check, rotate_reason)
                     continue

@@ -44,7 +44,10 @@ def resolve_version(cfg: DeployConfig) -> dict:
 
 def run_deploy(cfg: DeployConfig) -> str:
     entry = resolve_version(cfg)
-    endpoint = cfg.endpoint.model_copy(update={"model_dir": entry["path"]})
+    monitoring = cfg.endpoint.monitoring
+    if not monitoring.version:  # predictions are logged under the registry's version, not the folder's name
+        monitoring = monitoring.model_copy(update={"version": entry["version"]})
+    endpoint = cfg.endpoint.model_copy(update={"model_dir": entry["path"], "monitoring": monitoring})
     base_url = deploy(cfg.import_path, endpoint)
     print(f"[deploy] {cfg.name} {entry['version']} serving as model {endpoint.model_id!r} at {base_url}/v1")
     return base_url

@@ -16,8 +16,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.monitoring import PREDICTION_SCHEMA, PREDICTIONS, MonitoringSettings, ParquetLog, text_stats
-from jobs.config import MonitorConfig
+from cluster.monitoring import (
+    PREDICTION_SCHEMA, PREDICTIONS, REQUEST_ID_PATTERN, MonitoringSettings, ParquetLog, text_stats,
+)
+from jobs.config import BatchInferConfig, MonitorConfig
 from jobs.monitor import main as monitor_main
 from jobs.monitoring.run import read_log, run_monitor, window_bounds
 from jobs.monitoring.stats import classification_metrics, ks_test, label_mix_test, psi
@@ -211,3 +213,101 @@ def test_the_monitor_command_writes_summary_report_and_gauges(logs, tmp_path):
 def test_a_monitor_of_an_empty_root_reports_no_versions(tmp_path):
     summary = run_monitor(MonitorConfig(root=str(tmp_path / "nothing"), output=str(tmp_path / "out")))
     assert summary["versions"] == {} and summary["alerts"] == [] and summary["feedback_rows"] == 0
+
+
+def test_batch_inference_rows_are_logged_as_predictions_with_stable_ids(tmp_path):
+    from jobs.inference.run import log_batch_predictions
+
+    cfg = BatchInferConfig(model_dir="m", input={"parquet": "in.parquet", "text_column": "tweet"}, output="out",
+                           monitoring={"enabled": True, "root": str(tmp_path / "monitoring"), "version": "v0003"})
+    rows = pd.DataFrame({"tweet": ["late again", "fine"], "row_id": [7, 8], "prediction": ["negative", "neutral"],
+                         "prediction_confidence": [0.9, 0.6], "prob_negative": [0.9, 0.3], "prob_neutral": [0.05, 0.6],
+                         "prob_positive": [0.05, 0.1]})
+    assert log_batch_predictions(rows, cfg, tmp_path / "out", tmp_path / "model", LABELS) == 2
+    assert log_batch_predictions(rows[:1], cfg, tmp_path / "out", tmp_path / "model", LABELS) == 1
+    logged = read_log(str(tmp_path / "monitoring"), PREDICTIONS, PREDICTION_SCHEMA)
+    ids = logged["request_id"].tolist()
+    assert len(ids) == 3 and len(set(ids)) == 2  # a row keeps its id across runs into the same output
+    assert all(re.fullmatch(REQUEST_ID_PATTERN, request_id) for request_id in ids)
+    assert set(logged["version"]) == {"v0003"} and set(logged["source"]) == {"batch"}
+    assert logged["text"].isna().all() and sorted(logged["text_chars"]) == [4, 10, 10]
+
+
+# ----- alert rules and dashboard -----
+
+MONITORING_CONFIGS = REPO / "configs" / "monitoring"
+PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset"}
+DURATION = r"[0-9]+(ms|s|m|h|d|w|y)"
+
+
+def metric_names(expr: str) -> set[str]:
+    """The series an expression reads: identifiers that are not functions, keywords, label names in
+    `{...}` or `by (...)`, durations in `[...]`, or numbers."""
+    bare = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\b(by|without|on|ignoring)\s*\([^)]*\)|\"[^\"]*\"", " ", expr)
+    return {name for name in re.findall(r"\b[A-Za-z_][A-Za-z0-9_:]*\b(?!\s*\()", bare) if name not in PROMQL_WORDS}
+
+
+@pytest.fixture
+def known_metrics(logs):
+    """Every series Prometheus gets: the gateway's Ray metrics as Ray exports them (`ray_` prefix, a
+    counter's `_total`, a histogram's `_bucket`/`_count`/`_sum`), and the monitor's textfile gauges."""
+    from ray.util import metrics
+
+    from serving.gateway import GatewayMetrics
+    from jobs.monitoring.report import write_textfile
+
+    names = set()
+    for metric in vars(GatewayMetrics()).values():
+        name = f"ray_{metric.info['name']}"
+        if isinstance(metric, metrics.Counter):
+            names.add(f"{name}_total")
+        elif isinstance(metric, metrics.Histogram):
+            names.update(f"{name}{suffix}" for suffix in ("_bucket", "_count", "_sum"))
+        else:
+            names.add(name)
+    textfile = write_textfile(run_monitor(MonitorConfig(**logs)), Path(logs["output"]) / "gauges.prom")
+    names.update(family.name for family in text_string_to_metric_families(textfile.read_text()))
+    return names
+
+
+def test_the_metric_name_extraction():
+    assert metric_names('sum by (route) (rate(ray_x_total{status=~"5.."}[5m])) / sum(rate(ray_y_total[5m])) > 0.05') == {
+        "ray_x_total", "ray_y_total"}
+    assert metric_names("time() - a_seconds > 2 * 86400 and b < 0.01") == {"a_seconds", "b"}
+
+
+def test_alert_rules_follow_prometheus_schema_and_read_existing_metrics(known_metrics):
+    path = MONITORING_CONFIGS / "alerts.yaml"
+    rules = yaml.safe_load(path.read_text())
+    assert set(rules) == {"groups"} and rules["groups"]
+    alerts = []
+    for group in rules["groups"]:
+        assert set(group) == {"name", "rules"} and group["rules"]
+        for rule in group["rules"]:
+            assert set(rule) == {"alert", "expr", "for", "labels", "annotations"}, rule
+            assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", rule["alert"]) and re.fullmatch(DURATION, rule["for"])
+            assert rule["labels"]["severity"] in {"page", "warning", "info"}
+            assert {"summary", "description"} <= set(rule["annotations"])
+            assert all(isinstance(value, str) for value in (*rule["labels"].values(), *rule["annotations"].values()))
+            unknown = metric_names(rule["expr"]) - known_metrics
+            assert not unknown, f"{rule['alert']} reads metrics nothing exports: {unknown}"
+            alerts.append(rule["alert"])
+    assert len(alerts) == len(set(alerts))
+    assert any("lakeforge_monitor_" in rule["expr"] for group in rules["groups"] for rule in group["rules"])
+    promtool = shutil.which("promtool")
+    if promtool:  # Prometheus's own check, where it is installed
+        subprocess.run([promtool, "check", "rules", str(path)], check=True)
+
+
+def test_the_dashboard_is_valid_json_with_panels_reading_existing_metrics(known_metrics):
+    dashboard = json.loads((MONITORING_CONFIGS / "grafana-dashboard.json").read_text())
+    assert dashboard["title"] and dashboard["uid"] and dashboard["panels"]
+    read = set()
+    for panel in dashboard["panels"]:
+        assert panel["title"] and panel["type"] and panel["targets"]
+        for target in panel["targets"]:
+            names = metric_names(target["expr"])
+            assert names and not names - known_metrics, f"{panel['title']}: {names - known_metrics}"
+            read |= names
+    # Every gateway metric of the monitoring logs, and every monitor gauge, is on the dashboard.
+    assert {name for name in known_metrics if "monitor" in name and not name.endswith(("_count", "_sum"))} <= read

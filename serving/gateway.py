@@ -332,14 +332,15 @@ class Gateway(OpenAiIngress):
 
     def close(self) -> None:
         """Write the open failed-authentication windows' summaries and every pending audit entry, then
-        stop the writer; idempotent. Serve calls it (as `__del__`) when the replica shuts down."""
+        stop the writer, then write the monitoring logs' waiting records; idempotent. Serve calls it (as
+        `__del__`) when the replica shuts down."""
         writer = getattr(self, "audit_writer", None)
         if writer is None:  # __init__ did not get that far
             return
         self.audit_summaries(self.failed_auth.drain())
         writer.close(SHUTDOWN_FLUSH_S)
-        for log in (self.prediction_log, self.feedback_log):
-            if log is not None:
+        for log in (getattr(self, "prediction_log", None), getattr(self, "feedback_log", None)):
+            if log is not None:  # written by now, or lost and counted: close never raises into shutdown
                 log.close()
 
     def __del__(self):

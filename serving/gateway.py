@@ -605,11 +605,6 @@ class Gateway(OpenAiIngress):
                                   usage={"prompt_tokens": record["prompt_tokens"], "completion_tokens": 0})
         return JSONResponse(answer.model_dump())
 
-    def model_version(self, model_id: str) -> str:
-        """The version a model's predictions are logged under: an adapter's name, else the configured
-        version or the model folder's name (a registry version's folder is its version)."""
-        return adapter_name(model_id) or self.settings.monitoring.version or Path(self.settings.model_dir).name
-
     def log_predictions(self, request_id: str, model_id: str, texts: list[str], prompts: list[list[int]],
                         results: list[dict]) -> None:
         """Count the predictions and queue them for the prediction log; nothing here waits for storage."""
@@ -619,7 +614,11 @@ class Gateway(OpenAiIngress):
             self.metrics.confidence.observe(result["probabilities"][result["label"]], tags={"model": base})
         if self.prediction_log is None:
             return
-        now, version, keep_text = utc_now(), self.model_version(model_id), self.settings.monitoring.log_text
+        monitoring = self.settings.monitoring
+        # An adapter's predictions go under its name, the base model's under the configured version or
+        # its folder's name (a registry version's folder is named by its version).
+        version = adapter_name(model_id) or monitoring.version or Path(self.settings.model_dir).name
+        now, keep_text = utc_now(), monitoring.log_text
         self.prediction_log.append([
             {"request_id": request_id, "index": index, "time": now, "source": "gateway", "model": model_id,
              "version": version, "label": result["label"], "confidence": result["probabilities"][result["label"]],

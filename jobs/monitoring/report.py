@@ -12,7 +12,6 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
 from jobs.html import png_tag, render
-from jobs.monitoring.run import latest_windows
 
 TEXTFILE = "lakeforge_monitor.prom"
 # Gauge name -> (help, the latest window's value, or None where it was not measured).
@@ -37,12 +36,15 @@ LAST_RUN = "lakeforge_monitor_last_run_timestamp_seconds"
 
 
 def write_textfile(summary: dict, path: Path) -> Path:
-    """The latest window's figures per version as gauges (`version` label), written atomically."""
+    """The latest window's figures per version as gauges (`version` label), written atomically
+    (prometheus_client writes a temporary file and renames it)."""
     registry = CollectorRegistry()
     gauges = {name: Gauge(name, text, ["version"], registry=registry) for name, (text, _) in GAUGES.items()}
     f1 = Gauge("lakeforge_monitor_f1", "F1 of one label on the latest window's labelled predictions.",
                ["version", "label"], registry=registry)
-    for version, window in latest_windows(summary).items():
+    for version, windows in summary["versions"].items():
+        # The version's last window that saw predictions: its current state.
+        window = next((w for w in reversed(windows) if w["predictions"]), windows[-1])
         for name, (_, value) in GAUGES.items():
             measured = value(window)
             if measured is not None:

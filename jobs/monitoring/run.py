@@ -152,9 +152,3 @@ def run_monitor(cfg: MonitorConfig, now: datetime | None = None) -> dict:
             "versions": versions,
             "alerts": [f"{version} {window['start']}: {alert}" for version, windows in versions.items()
                        for window in windows for alert in window["alerts"]]}
-
-
-def latest_windows(summary: dict) -> dict[str, dict]:
-    """Each version's last window that saw predictions (the current state, for the gauges)."""
-    return {version: next((w for w in reversed(windows) if w["predictions"]), windows[-1])
-            for version, windows in summary["versions"].items()}

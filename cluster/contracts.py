@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from cluster.config import StrictModel
+from cluster.monitoring import MonitoringSettings
 from cluster.pii import PiiSettings
 from cluster.security import SecuritySettings
 
@@ -124,6 +125,9 @@ class EndpointSettings(StrictModel):
         description="Authentication, authorization, rate limits and audit of every route; the default opens only "
         "the health routes and accepts no key or token, so a deployment must configure its callers.",
     )
+    monitoring: MonitoringSettings = Field(
+        default_factory=MonitoringSettings,
+        description="Prediction log of /v1/classify and the feedback route /v1/feedback (`jobs.monitor` reads both).")
     host: str = Field(default="127.0.0.1", description="Address the Serve HTTP proxy binds; 0.0.0.0 for other machines.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the Serve HTTP proxy.")
     app_name: str = Field(default="lakeforge", description="Serve application name.")

@@ -19,7 +19,8 @@ entry). `g, <role>, <parent role>` lines let custom roles inherit. The built-in 
 - admin:   every route, every model of every tenant, up to restricted;
 - app:     the inference routes (/v1/chat/completions, /v1/completions, /v1/classify, /v1/models) on
            its own tenant's and shared models, up to confidential;
-- analyst: /v1/models and /v1/classify on its own tenant's and shared models, up to internal.
+- analyst: /v1/models and /v1/classify on its own tenant's and shared models, up to internal;
+- app and analyst may also send /v1/feedback (a prediction's right label) on the models they may use.
 A principal's `clearance` attribute, when present, can only lower its roles' ceiling, never raise it: a
 token's claims narrow what the policy grants, the policy alone grants.
 A principal with several roles is allowed if any one role allows the call.
@@ -88,6 +89,10 @@ DEFAULT_POLICY: tuple[str, ...] = (
     *(f"p, app, {route}, confidential, tenant" for route in INFERENCE_ROUTES),
     "p, analyst, /v1/models, internal, tenant",
     "p, analyst, /v1/classify, internal, tenant",
+    # Feedback (the right label of a prediction) comes from the application that asked for the
+    # prediction, or from analysts reviewing predictions; on the models they may classify with.
+    "p, app, /v1/feedback, confidential, tenant",
+    "p, analyst, /v1/feedback, internal, tenant",
 )
 
 # Request: one of the principal's roles, the route, how the model relates to the principal's tenant

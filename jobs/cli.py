@@ -4,6 +4,7 @@
     lakeforge finetune|evaluate|explain CONFIG [key=value ...]
     lakeforge batch CONFIG [key=value ...]       # python -m jobs.batch_infer
     lakeforge deploy CONFIG [key=value ...]      # python -m jobs.deploy
+    lakeforge monitor CONFIG [key=value ...]     # python -m jobs.monitor
     lakeforge cluster up|down|status             # the local head node (python -m cluster.ray_cluster)
     lakeforge keys new|record ...                # python -m cluster.security
     lakeforge audit verify FILE                  # python -m cluster.audit
@@ -32,7 +33,7 @@ from pydantic_core import PydanticUndefined
 from cluster import audit, security
 from cluster.config import StrictModel, describe_field
 from jobs import lineage
-from jobs.config import BatchInferConfig, DeployConfig, RunConfig
+from jobs.config import BatchInferConfig, DeployConfig, MonitorConfig, RunConfig
 
 REFERENCE = "docs/configuration.md"
 # A sentence ends at a full stop before a capital, not inside "e.g. US" or "i.e. The".
@@ -55,6 +56,8 @@ JOBS = {
     "explain": JobCommand("explain", RunConfig, "explain the run's model on its test predictions (integrated gradients, SHAP)"),
     "batch": JobCommand("batch_infer", BatchInferConfig, "batch inference: a table in, predictions out (vLLM on Ray Data)"),
     "deploy": JobCommand("deploy", DeployConfig, "serve a registered model version (the current one, or version=vNNNN)"),
+    "monitor": JobCommand("monitor", MonitorConfig, "online quality and drift of served models from the prediction and "
+                          "feedback logs; write monitor.json, monitor.html and Prometheus gauges"),
 }
 CLUSTER_ACTIONS = {
     "up": "start (or reuse) the local head node and print its dashboard address",

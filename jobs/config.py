@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from cluster.config import PATH_SEGMENT, StrictModel
 from cluster.contracts import EndpointSettings
+from cluster.monitoring import MonitoringSettings
 from cluster.storage import is_uri, path_inside
 from cluster.pii import PiiSettings
 
@@ -573,6 +574,10 @@ class BatchInferConfig(StrictModel):
     part_rows: int = Field(default=256, ge=1, description="Most rows per output part; a crash loses at most the rows not yet in a written part.")
     max_new_tokens: int = Field(default=128, ge=1, description="Models without labels: longest greedy answer in tokens.")
     engine: BatchEngineSection = Field(default_factory=BatchEngineSection, description="vLLM engine settings.")
+    monitoring: MonitoringSettings = Field(
+        default_factory=MonitoringSettings,
+        description="Also log the rows written by this run to the prediction log (`source` batch), for jobs.monitor; "
+        "the flush settings do not apply (the job writes its rows at the end).")
 
 
 class DeployConfig(StrictModel):
@@ -585,3 +590,69 @@ class DeployConfig(StrictModel):
     force: bool = Field(default=False, description="Deploy a named version even though the promotion gate rejected it.")
     import_path: str = Field(default="serving.app:build_app", description="Serve app builder, as a Serve config's import_path.")
     endpoint: EndpointSettings = Field(default_factory=EndpointSettings, description="Endpoint settings; model_dir is taken from the version.")
+
+
+class MonitorReference(StrictModel):
+    """The training data the production traffic is compared with: the run's train and test splits."""
+
+    train: str = Field(description="Parquet file or folder of the training split (a run's <run>/data/train): the text "
+                                   "lengths production inputs are compared with.")
+    test: str = Field(description="Parquet file or folder of the test split (a run's <run>/data/test): the label mix "
+                                  "predictions are compared with.")
+    text_column: str = Field(default="text", description="Column holding the text.")
+    label_column: str = Field(default="label", description="Column holding the label.")
+
+
+class FeedbackTable(StrictModel):
+    """Right labels delivered in bulk (a labelling tool's export) rather than through /v1/feedback."""
+
+    path: str = Field(description="A Parquet file or folder, or a CSV file (by its .csv suffix).")
+    request_id_column: str = Field(default="request_id", description="Column holding the prediction's request id.")
+    index_column: str | None = Field(default="index", description="Column holding the text's position in its request; "
+                                                                  "None: every row is position 0.")
+    label_column: str = Field(default="label", description="Column holding the right label.")
+
+
+class MonitorThresholds(StrictModel):
+    """When a window's figures count as an alert (the summary's `alerts`, the report's flags)."""
+
+    min_predictions: int = Field(default=50, ge=1, description="Windows with fewer predictions are reported but not "
+                                                               "tested for drift (too few to tell).")
+    min_feedback: int = Field(default=30, ge=1, description="Windows with fewer labelled predictions get no quality alert.")
+    psi: float = Field(default=0.2, gt=0, description="Alert when the text-length PSI exceeds this (0.1-0.25: a "
+                                                     "moderate shift, above 0.25: a large one).")
+    ks_pvalue: float = Field(default=0.01, gt=0, lt=1, description="A length shift also needs the KS p-value below this.")
+    label_mix_pvalue: float = Field(default=0.01, gt=0, lt=1,
+                                    description="Alert when the chi-square p-value of the predicted label mix against "
+                                                "the test split's is below this.")
+    min_macro_f1: float | None = Field(default=None, ge=0, le=1,
+                                       description="Alert when a window's macro-F1 (on its labelled predictions) is "
+                                                   "below this; None: no absolute floor.")
+    max_macro_f1_drop: float = Field(default=0.05, ge=0, le=1,
+                                     description="Alert when a window's macro-F1 upper bootstrap bound is more than this "
+                                                 "below the reference window's macro-F1 (the first window of the version "
+                                                 "with enough feedback).")
+
+
+class MonitorConfig(StrictModel):
+    """Online metrics and drift of served models, per time window and model version, from the prediction
+    and feedback logs (`monitoring.root` of the endpoint and of batch inference)."""
+
+    root: str = Field(description="The monitoring root the endpoint's and batch inference's logs are written under.")
+    output: str = Field(description="Folder the summary (monitor.json), the report (monitor.html) and the "
+                                    "Prometheus textfile (lakeforge_monitor.prom) are written to.")
+    window_hours: float = Field(default=24, gt=0, description="Length of a window in hours; windows are aligned to "
+                                                              "multiples of it since 1970-01-01 UTC.")
+    windows: int = Field(default=7, ge=1, description="Windows reported, the last one ending at `end`.")
+    end: str | None = Field(default=None, description="End of the last window (ISO 8601, UTC when no zone); None: now, "
+                                                      "rounded up to a window boundary (the current, partial window).")
+    reference: MonitorReference | None = Field(default=None, description="The training data drift is measured "
+                                                                          "against; None: no drift tests.")
+    feedback_tables: list[FeedbackTable] = Field(default_factory=list, description="Bulk feedback, joined like "
+                                                                                   "/v1/feedback's (the later label wins).")
+    thresholds: MonitorThresholds = Field(default_factory=MonitorThresholds, description="Alert thresholds.")
+    bootstrap_samples: int = Field(default=500, ge=10, description="Bootstrap resamples of the metric intervals.")
+    seed: int = Field(default=0, description="Seed of the bootstrap.")
+    textfile: str | None = Field(default=None, description="Also write the gauges to this path (a node exporter's "
+                                                          "textfile collector directory/lakeforge_monitor.prom); None: "
+                                                          "only <output>/lakeforge_monitor.prom.")

@@ -52,7 +52,10 @@ def resolve_version(cfg: DeployConfig) -> dict:
 
 def run_deploy(cfg: DeployConfig) -> str:
     entry = resolve_version(cfg)
-    endpoint = cfg.endpoint.model_copy(update={"model_dir": entry["path"]})
+    monitoring = cfg.endpoint.monitoring
+    if not monitoring.version:  # predictions are logged under the registry's version, not the folder's name
+        monitoring = monitoring.model_copy(update={"version": entry["version"]})
+    endpoint = cfg.endpoint.model_copy(update={"model_dir": entry["path"], "monitoring": monitoring})
     base_url = deploy(cfg.import_path, endpoint)
     ModelRegistry(cfg.storage_root, cfg.name).record_deployment(
         entry["version"], url=f"{base_url}/v1", model_id=endpoint.model_id, app_name=endpoint.app_name,

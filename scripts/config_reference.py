@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cluster.config import StrictModel, describe_field, nested_models
 from cluster.contracts import EndpointSettings
-from jobs.config import BatchInferConfig, DeployConfig, RunConfig
+from jobs.config import BatchInferConfig, DeployConfig, MonitorConfig, RunConfig
 from serving.queue_consumer import ConsumerSettings
 
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
@@ -44,6 +44,8 @@ ROOTS = (
     Root(BatchInferConfig, "Batch inference config",
          "Read by `lakeforge batch CONFIG` (`python -m jobs.batch_infer --config CONFIG`)",
          "`configs/batch_infer/tweets.yaml`"),
+    Root(MonitorConfig, "Monitor config", "Read by `python -m jobs.monitor --config CONFIG`",
+         "`configs/monitoring/monitor.yaml`"),
     Root(ConsumerSettings, "Queue consumer settings", "Read by `python -m serving.queue_consumer --config CONFIG`; "
          "also `args` of a Serve config naming `serving.queue_consumer:build_consumer_app`",
          "`configs/queue_consumer/consumer.yaml`"),

@@ -21,6 +21,7 @@ from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletio
 
 from cluster.config import PATH_SEGMENT, PATH_SEGMENT_RULE
 from cluster.contracts import EndpointSettings, RequestLimits
+from cluster.monitoring import REQUEST_ID_PATTERN
 from serving.limits import CHAT_ROLES
 
 JSON_MEDIA = "application/json"
@@ -141,9 +142,35 @@ class ClassifyResponse(BaseModel):
     """Answer of POST /v1/classify: label probabilities by label scoring, one result per text."""
 
     object: Literal["classification"] = Field(description="Always `classification`.")
+    id: str = Field(description="The request's id (32 hex digits): send it to POST /v1/feedback with the right "
+                                "label once it is known.")
     model: str = Field(description="The model id that scored the texts.")
     results: list[LabelScores] = Field(description="One result per text, in the request's order.")
     usage: ClassifyUsage = Field(description="Tokens used.")
+
+
+FEEDBACK_LABEL_CHARS = 128
+
+
+class FeedbackRequest(BaseModel):
+    """Body of POST /v1/feedback: the right label of a text /v1/classify scored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: Optional[str] = Field(default=None, pattern=MODEL_ID_PATTERN, max_length=256,
+                                 description="The model id the text was classified with (its labels are the ones "
+                                             "accepted); the endpoint's base model when left out.")
+    request_id: str = Field(pattern=REQUEST_ID_PATTERN, description="The `id` of the /v1/classify answer.")
+    index: int = Field(default=0, ge=0, lt=1024, description="The text's position in that request's `texts` (0 for `text`).")
+    label: str = Field(min_length=1, max_length=FEEDBACK_LABEL_CHARS, description="The right label: one of the model's labels.")
+
+
+class FeedbackResponse(BaseModel):
+    """Answer of POST /v1/feedback: the feedback is queued for the feedback log."""
+
+    object: Literal["feedback"] = Field(description="Always `feedback`.")
+    request_id: str = Field(description="The request id the label is for.")
+    index: int = Field(description="The text's position in that request.")
+    label: str = Field(description="The label recorded.")
 
 
 class HealthResponse(BaseModel):
@@ -155,12 +182,14 @@ class HealthResponse(BaseModel):
 
 STATUS_MEANINGS = {
     400: "The request breaks a documented constraint (a field's type or bound, a message role, an adapter name that "
-         "is not a plain folder name), or the engine refused it (a prompt longer than the model's context); the "
+         "is not a plain folder name, a feedback label that is not one of the model's labels or a request id not in "
+         "the form /v1/classify answers), or the engine refused it (a prompt longer than the model's context); the "
          "message names the parameter.",
     401: "No credentials, or credentials that are not valid.",
     403: "Authenticated, but this caller's roles may not call the route, use the model (its tenant or "
          "classification), or ask for that many tokens or completions (the role's caps, `security.param_limits`).",
-    404: "No such model: an unknown base model, or an adapter that is not served.",
+    404: "No such model: an unknown base model, or an adapter that is not served; or (POST /v1/feedback) this "
+         "endpoint does not collect feedback (`monitoring.enabled` is false).",
     408: "The engine did not answer within the gateway's router timeout.",
     413: "The prompt text (all prompts, all messages' text, or all texts to classify, together) is longer than "
          "`limits.max_prompt_chars` characters.",

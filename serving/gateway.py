@@ -16,7 +16,10 @@ ray.serve.llm's) and adds:
 - error answers that name the problem (ray.serve.llm's name internal exception classes), all in one
   error body, and an OpenAPI schema at /openapi.json that documents every status and bound
   (`serving.api`);
-- `POST /v1/classify`: label probabilities by label scoring through vLLM's prompt log-probs;
+- `POST /v1/classify`: label probabilities by label scoring through vLLM's prompt log-probs; with
+  `monitoring.enabled`, every prediction is queued for the prediction log (`cluster.monitoring`), written
+  by a background thread: a log that cannot be written is counted and logged, never fails the request;
+- `POST /v1/feedback`: the right label of a prediction, for the feedback log (`jobs.monitor` joins both);
 - `GET /health`: fails (503) when an engine's own health check fails, not only when a process dies.
 """
 
@@ -28,6 +31,7 @@ import logging
 import math
 import re
 import time
+import uuid
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -53,6 +57,7 @@ from starlette.routing import Match
 from vllm.entrypoints.generate.base.protocol import StreamOptions
 
 from cluster.contracts import ARTIFACT_FILE, EndpointSettings, ModelArtifact
+from cluster.monitoring import FEEDBACK, FEEDBACK_SCHEMA, PREDICTION_SCHEMA, PREDICTIONS, ParquetLog, text_stats, utc_now
 from cluster.prompting import label_probabilities, label_token_ids, prompt_ids
 from cluster.audit import AuditError, AuditLog, AuditWriter
 from cluster.security import (
@@ -61,8 +66,8 @@ from cluster.security import (
 from cluster.storage import path_inside
 from cluster.text import Preprocessor
 from serving.api import (
-    JSON_MEDIA, ChatCompletionBody, ClassifyRequest, ClassifyResponse, CompletionBody, HealthResponse, answers,
-    describe, error_body, generated, problem,
+    JSON_MEDIA, ChatCompletionBody, ClassifyRequest, ClassifyResponse, CompletionBody, FeedbackRequest,
+    FeedbackResponse, HealthResponse, answers, describe, error_body, generated, problem,
 )
 from serving.limits import (
     InvalidRequest, adapter_name, check_limits, default_max_tokens, prompt_text, request_params,
@@ -154,6 +159,17 @@ class GatewayMetrics:
         self.output_tokens = metrics.Counter("lakeforge_output_tokens", "Completion tokens generated.", tag_keys=tags)
         self.tokens_per_s = metrics.Histogram("lakeforge_output_tokens_per_s", "Completion tokens per second of one request.",
                                               boundaries=[1, 5, 10, 25, 50, 100, 250, 500, 1000], tag_keys=tags)
+        # The prediction and feedback logs (tag `log`: predictions or feedback), and what the model predicts.
+        self.logged = metrics.Counter("lakeforge_monitoring_logged", "Records queued for a monitoring log.", tag_keys=("log",))
+        self.log_failures = metrics.Counter("lakeforge_monitoring_write_failures",
+                                            "Records lost because their monitoring log part could not be written.",
+                                            tag_keys=("log",))
+        self.log_dropped = metrics.Counter("lakeforge_monitoring_dropped",
+                                           "Records dropped because the monitoring log's buffer was full.", tag_keys=("log",))
+        self.predictions = metrics.Counter("lakeforge_predictions", "Texts classified, by predicted label.",
+                                           tag_keys=("model", "label"))
+        self.confidence = metrics.Histogram("lakeforge_prediction_confidence", "Probability of the predicted label.",
+                                            boundaries=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99], tag_keys=("model",))
 
     def observe(self, record: dict) -> None:
         # Tags are never client text: every new value is a new series, and Ray's metrics fail (a 500) on
@@ -266,6 +282,14 @@ class Gateway(OpenAiIngress):
         self.audit_writer = AuditWriter(self.audit, retry_s=AUDIT_RETRY_S, on_error=partial(_audit_failed, self.audit.path),
                                         on_recovery=partial(_audit_recovered, self.audit.path))
         self.metrics = GatewayMetrics()
+        self.prediction_log = self.feedback_log = None
+        monitoring = self.settings.monitoring
+        if monitoring.enabled:
+            self.prediction_log, self.feedback_log = (
+                ParquetLog(monitoring.root, kind, schema, monitoring,
+                           on_failure=lambda rows, error, kind=kind: self.metrics.log_failures.inc(rows, tags={"log": kind}),
+                           on_drop=lambda rows, kind=kind: self.metrics.log_dropped.inc(rows, tags={"log": kind}))
+                for kind, schema in ((PREDICTIONS, PREDICTION_SCHEMA), (FEEDBACK, FEEDBACK_SCHEMA)))
         # The engine's tokenizer and chat template, so /v1/classify scores the evaluation's tokens.
         self.tokenizer = AutoTokenizer.from_pretrained(self.settings.model_dir)
         self.base_artifact = self._read_artifact(Path(self.settings.model_dir))
@@ -308,12 +332,16 @@ class Gateway(OpenAiIngress):
 
     def close(self) -> None:
         """Write the open failed-authentication windows' summaries and every pending audit entry, then
-        stop the writer; idempotent. Serve calls it (as `__del__`) when the replica shuts down."""
+        stop the writer, then write the monitoring logs' waiting records; idempotent. Serve calls it (as
+        `__del__`) when the replica shuts down."""
         writer = getattr(self, "audit_writer", None)
         if writer is None:  # __init__ did not get that far
             return
         self.audit_summaries(self.failed_auth.drain())
         writer.close(SHUTDOWN_FLUSH_S)
+        for log in (getattr(self, "prediction_log", None), getattr(self, "feedback_log", None)):
+            if log is not None:  # written by now, or lost and counted: close never raises into shutdown
+                log.close()
 
     def __del__(self):
         self.close()
@@ -571,9 +599,53 @@ class Gateway(OpenAiIngress):
                             "probabilities": dict(zip(artifact.labels, probabilities)),
                             "logprobs": dict(zip(artifact.labels, logprobs))})
         record["prompt_tokens"] = sum(map(len, prompts))
-        answer = ClassifyResponse(object="classification", model=model_id, results=results,
+        record["request_id"] = uuid.uuid4().hex  # ours, not the client's x-request-id: feedback must find one prediction
+        self.log_predictions(record["request_id"], model_id, texts, prompts, results)
+        answer = ClassifyResponse(object="classification", id=record["request_id"], model=model_id, results=results,
                                   usage={"prompt_tokens": record["prompt_tokens"], "completion_tokens": 0})
         return JSONResponse(answer.model_dump())
+
+    def log_predictions(self, request_id: str, model_id: str, texts: list[str], prompts: list[list[int]],
+                        results: list[dict]) -> None:
+        """Count the predictions and queue them for the prediction log; nothing here waits for storage."""
+        base = get_base_model_id(model_id)
+        for result in results:
+            self.metrics.predictions.inc(tags={"model": base, "label": result["label"]})
+            self.metrics.confidence.observe(result["probabilities"][result["label"]], tags={"model": base})
+        if self.prediction_log is None:
+            return
+        monitoring = self.settings.monitoring
+        # An adapter's predictions go under its name, the base model's under the configured version or
+        # its folder's name (a registry version's folder is named by its version).
+        version = adapter_name(model_id) or monitoring.version or Path(self.settings.model_dir).name
+        now, keep_text = utc_now(), monitoring.log_text
+        self.prediction_log.append([
+            {"request_id": request_id, "index": index, "time": now, "source": "gateway", "model": model_id,
+             "version": version, "label": result["label"], "confidence": result["probabilities"][result["label"]],
+             "probabilities": result["probabilities"],
+             # The prompt's tokens include the system prompt and template: the same offset for every text.
+             **text_stats(text, len(prompt)), "text": text if keep_text else None}
+            for index, (text, prompt, result) in enumerate(zip(texts, prompts, results))])
+        self.metrics.logged.inc(len(results), tags={"log": PREDICTIONS})
+
+    async def feedback(self, body: FeedbackRequest, request: Request) -> Response:
+        """Queue the right label of a prediction for the feedback log: 400 for a label the model does
+        not have, 404 when this endpoint collects no feedback. Whether the request id was answered is
+        checked by the monitor job's join (another replica may have answered it)."""
+        model_id = await self.admit(request, body.model, {})
+        if self.feedback_log is None:
+            raise OpenAIHTTPException(404, "this endpoint does not collect feedback (monitoring.enabled is false)",
+                                      type="NotFound")
+        labels = self.artifact(model_id).labels
+        if body.label not in labels:
+            raise OpenAIHTTPException(400, f"label {body.label!r} is not a label of model {model_id!r} "
+                                           f"(its labels: {', '.join(labels)})", type="InvalidRequest")
+        principal = request.state.principal
+        self.feedback_log.append([{"request_id": body.request_id, "index": body.index, "time": utc_now(),
+                                   "label": body.label, "source": "gateway", "subject": principal.subject}])
+        self.metrics.logged.inc(tags={"log": FEEDBACK})
+        answer = FeedbackResponse(object="feedback", request_id=body.request_id, index=body.index, label=body.label)
+        return JSONResponse(answer.model_dump(), status_code=202)
 
     # ----- health -----
 
@@ -631,5 +703,8 @@ ENDPOINTS = {
     "classify": lambda app: app.post("/v1/classify", response_model=ClassifyResponse,
                                      summary="Label probabilities of texts, by label scoring",
                                      responses=answers(400, 403, 404, 413, 415)),
+    "feedback": lambda app: app.post("/v1/feedback", response_model=FeedbackResponse, status_code=202,
+                                     summary="The right label of a classified text, for monitoring",
+                                     responses=answers(400, 403, 404, 415)),
     "health": lambda app: app.get(HEALTH_ROUTE, response_model=HealthResponse, summary="Whether every engine answers"),
 }

@@ -88,6 +88,8 @@ DISPATCH = [
      ["--config", "configs/batch_infer/tweets.yaml", "output=out"]),
     (["deploy", "configs/deploy.yaml", "version=v0002", "force=true"], "jobs.deploy",
      ["--config", "configs/deploy.yaml", "version=v0002", "force=true"]),
+    (["monitor", "configs/monitoring/monitor.yaml", "windows=14"], "jobs.monitor",
+     ["--config", "configs/monitoring/monitor.yaml", "windows=14"]),
     (["cluster", "up"], "cluster.ray_cluster", ["up"]),
     (["cluster", "down"], "cluster.ray_cluster", ["down"]),
     (["cluster", "status"], "cluster.ray_cluster", ["status"]),

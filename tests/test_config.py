@@ -9,16 +9,18 @@ import yaml
 from cluster.config import ConfigError, load_config, load_config_or_exit
 from cluster.contracts import EndpointSettings
 from cluster.security import ApiKeyRecord, JwtSettings, ModelAccess, RateLimit
-from jobs.config import BatchInferConfig, RunConfig, SourceSection, TaskSection
+from jobs.config import BatchInferConfig, MonitorConfig, RunConfig, SourceSection, TaskSection
 from jobs.deploy import DeployConfig
 from serving.queue_consumer import ConsumerSettings
 from tests.conftest import SHIPPED_CONFIG, config_models, undescribed_fields, write_new_dataset_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Every shipped config is validated by the model of what reads it: serve.yaml is Ray's own
-# Serve schema (tests/test_serve_config.py); the rest by the job or app that reads them.
-SCHEMAS = {"deploy.yaml": DeployConfig, "batch_infer": BatchInferConfig, "queue_consumer": ConsumerSettings}
-SHIPPED = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.name != "serve.yaml")
+# Serve schema (tests/test_serve_config.py), monitoring/alerts.yaml Prometheus's rules
+# (tests/test_monitoring.py); the rest by the job or app that reads them.
+SCHEMAS = {"deploy.yaml": DeployConfig, "batch_infer": BatchInferConfig, "queue_consumer": ConsumerSettings,
+           "monitoring": MonitorConfig}
+SHIPPED = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.name not in ("serve.yaml", "alerts.yaml"))
 RUN_CONFIGS = [p for p in SHIPPED if p.parent.name == "configs" and p.name not in SCHEMAS]
 
 

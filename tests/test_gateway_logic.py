@@ -6,7 +6,9 @@ import asyncio
 import errno
 import json
 import logging
+import math
 import os
+import re
 import threading
 import time
 
@@ -21,6 +23,9 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 import cluster.audit
 from bench.api_fuzz import fuzz, load_schema
+from cluster.contracts import ModelArtifact
+from cluster.monitoring import FEEDBACK, FEEDBACK_SCHEMA, PREDICTION_SCHEMA, PREDICTIONS
+from jobs.monitoring.run import read_log
 from cluster.security import new_api_key
 from serving.gateway import AUDIT_DOWN, AUDIT_RETRY_S, ENDPOINTS, Gateway, gateway_app
 
@@ -47,8 +52,8 @@ class EngineHandle:
 
 @pytest.fixture
 def endpoint(tiny_model_dir, tmp_path):
-    """make(engine_error=None, security={}) -> (gateway, client, keys); `gateway.engine_bodies` holds what
-    reached the engine; `security` adds security settings. Gateways are closed (audit flushed) at teardown."""
+    """make(engine_error=None, security={}, monitoring={}) -> (gateway, client, keys); `gateway.engine_bodies`
+    holds what reached the engine; `security` adds security settings, `monitoring` the monitoring section. Gateways are closed (audit flushed) at teardown."""
     adapters = tmp_path / "adapters"
     for name in ("acme-a", "acme-b", "beta-a"):
         (adapters / name).mkdir(parents=True)
@@ -60,9 +65,10 @@ def endpoint(tiny_model_dir, tmp_path):
 
     gateways = []
 
-    def make(engine_error: Exception | None = None, health_error: Exception | None = None, security: dict | None = None):
+    def make(engine_error: Exception | None = None, health_error: Exception | None = None, security: dict | None = None,
+             monitoring: dict | None = None):
         settings = {"model_id": "tiny", "model_dir": str(tiny_model_dir), "lora": {"adapters_dir": str(adapters)},
-                    "limits": {"max_tokens": 512},
+                    "limits": {"max_tokens": 512}, "monitoring": monitoring or {},
                     "security": {"open_routes": ["/health"], "api_keys": records, "models": MODELS,
                                  "param_limits": {"app": {"max_tokens": 32}}, "audit": {"path": str(tmp_path / "audit.jsonl")},
                                  **(security or {})}}
@@ -353,6 +359,7 @@ def test_the_schema_documents_every_status_and_the_limits_of_this_deployment(end
         ("post", "/v1/completions"): generating,
         ("post", "/v1/chat/completions"): generating,
         ("post", "/v1/classify"): generating - {"408"},
+        ("post", "/v1/feedback"): {"202", "400", "401", "403", "404", "415", "429", "500", "503"},
         ("get", "/health"): {"200", "500", "503"},  # open: no credentials, so no 401 or 429
     }
     for path, operations in schema["paths"].items():
@@ -455,3 +462,81 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_schema(end
     assert report["failures"] == [] and report["server_errors"] == 0
     answered = {status for by_name in report["statuses"].values() for counts in by_name.values() for status in counts}
     assert {"200", "400", "401", "403", "404", "415"} <= answered  # the run reached every kind of answer
+
+
+# ----- the prediction and feedback logs -----
+
+SENTIMENTS = ["negative", "neutral", "positive"]
+
+
+@pytest.fixture
+def classifier(endpoint, tmp_path, monkeypatch):
+    """make(**monitoring) -> (gateway, client, keys): adapter tiny:acme-a is a sentiment classifier whose
+    engine scores are fixed (negative 0.7, neutral 0.2, positive 0.1) and monitoring has these settings."""
+    ModelArtifact(name="tiny:acme-a", base_model="tiny", labels=SENTIMENTS).write(tmp_path / "adapters" / "acme-a")
+
+    def make(**monitoring):
+        gateway, client, keys = endpoint(monitoring=monitoring)
+
+        async def fixed_scores(model_id, prompt, labels):
+            return [math.log(0.7), math.log(0.2), math.log(0.1)]
+
+        monkeypatch.setattr(gateway, "_label_logprobs", fixed_scores)
+        return gateway, client, keys
+    return make
+
+
+def test_predictions_and_feedback_are_logged_and_feedback_is_checked(classifier, tmp_path):
+    root = tmp_path / "monitoring"
+    gateway, client, keys = classifier(enabled=True, root=str(root), version="ignored-for-adapters")
+    classified = post(client, keys, "app", "/v1/classify", {"model": "tiny:acme-a", "texts": ["late again", "ok flight"]})
+    assert classified.status_code == 200, classified.text
+    request_id = classified.json()["id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id) and classified.json()["results"][0]["label"] == "negative"
+
+    def feedback(role="app", **body):
+        return post(client, keys, role, "/v1/feedback", {"model": "tiny:acme-a", "request_id": request_id, **body})
+
+    accepted = feedback(index=1, label="neutral")
+    assert accepted.status_code == 202 and accepted.json() == {"object": "feedback", "request_id": request_id,
+                                                               "index": 1, "label": "neutral"}
+    refused = {"unknown label": feedback(label="angry"), "malformed id": feedback(label="neutral", request_id="r-1"),
+               "missing id": post(client, keys, "app", "/v1/feedback", {"model": "tiny:acme-a", "label": "neutral"}),
+               "other tenant": feedback(label="neutral", model="tiny:beta-a")}
+    assert {name: answer.status_code for name, answer in refused.items()} == {
+        "unknown label": 400, "malformed id": 400, "missing id": 400, "other tenant": 403}
+    assert refused["unknown label"].json()["error"]["message"] == (
+        "label 'angry' is not a label of model 'tiny:acme-a' (its labels: negative, neutral, positive)")
+    assert refused["malformed id"].json()["error"]["message"].startswith("body.request_id: String should match pattern")
+    assert refused["missing id"].json()["error"]["message"] == "body.request_id: Field required"
+    assert not list(root.rglob("part-*.parquet"))  # written in the background, by size or interval, not per request
+    gateway.close()
+    predictions = read_log(str(root), PREDICTIONS, PREDICTION_SCHEMA).sort_values("index")
+    assert predictions[["request_id", "index", "model", "version", "label", "text_chars", "text_words"]].values.tolist() == [
+        [request_id, 0, "tiny:acme-a", "acme-a", "negative", 10, 2], [request_id, 1, "tiny:acme-a", "acme-a", "negative", 9, 2]]
+    assert predictions["text"].isna().all() and (predictions["text_tokens"] > 2).all()  # the text only with log_text
+    assert dict(predictions["probabilities"].iloc[0])["negative"] == pytest.approx(0.7)
+    assert read_log(str(root), FEEDBACK, FEEDBACK_SCHEMA)[["request_id", "index", "label", "subject"]].values.tolist() == [
+        [request_id, 1, "neutral", "app"]]
+    classify_entry = next(entry for entry in audit_entries(gateway)
+                          if entry["event"] == "request" and entry["route"] == "/v1/classify")
+    assert classify_entry["request_id"] == request_id  # the audit entry and the prediction log meet on the id
+
+
+def test_a_prediction_log_that_cannot_be_written_never_fails_a_request(classifier, tmp_path, monkeypatch, caplog):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the log's folder should be")
+    gateway, client, keys = classifier(enabled=True, root=str(blocked), log_text=True)
+    lost = []
+    monkeypatch.setattr(gateway.metrics.log_failures, "inc", lambda value=1.0, tags=None: lost.append((value, tags)))
+    assert post(client, keys, "admin", "/v1/classify", {"model": "tiny:acme-a", "text": "late again"}).status_code == 200
+    with caplog.at_level(logging.ERROR):
+        gateway.prediction_log.flush()
+    assert lost == [(1, {"log": "predictions"})] and "1 records not written" in caplog.text
+
+
+def test_feedback_to_an_endpoint_without_monitoring_is_a_404(classifier):
+    _, client, keys = classifier()
+    answer = post(client, keys, "app", "/v1/feedback", {"model": "tiny:acme-a", "request_id": "a" * 32, "label": "neutral"})
+    assert (answer.status_code, answer.json()["error"]["message"]) == (
+        404, "this endpoint does not collect feedback (monitoring.enabled is false)")

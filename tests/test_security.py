@@ -190,11 +190,11 @@ MODELS = {
     "beta-support": ModelAccess(tenant="beta", classification="public"),
     "base": ModelAccess(tenant="*", classification="public"),
 }
-ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/models", "/admin/reload"]
+ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/models", "/v1/feedback", "/admin/reload"]
 ALLOWED_ROUTES = {
     "admin": set(ROUTES),
-    "app": {"/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/models"},
-    "analyst": {"/v1/classify", "/v1/models"},
+    "app": {"/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/models", "/v1/feedback"},
+    "analyst": {"/v1/classify", "/v1/models", "/v1/feedback"},
 }
 
 

@@ -7,17 +7,24 @@ and every label's probability. A model without labels answers greedily (`generat
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
 import ray
 
 from cluster.contracts import ModelArtifact
+from cluster.monitoring import PREDICTION_SCHEMA, PREDICTIONS, ParquetLog, text_stats, utc_now
 from cluster.prompting import label_token_ids
 from cluster.text import Preprocessor
 from jobs.config import BatchInferConfig
 from jobs.inference.prompts import Prompter, engine_config, label_logprob
 from jobs.inference.tables import MANIFEST, ROW_ID, PartWriter, check_identity, done_row_ids, read_table
+
+logger = logging.getLogger(__name__)
 
 def run_batch_inference(cfg: BatchInferConfig) -> dict:
     """Predict every input row not yet in the output; returns row counts of this run."""
@@ -79,6 +86,35 @@ def run_batch_inference(cfg: BatchInferConfig) -> dict:
                            "rerun to complete it")
     summary = {"rows_total": rows_total, "rows_done_before": rows_done_before, "rows_written": written,
                "output": str(out_dir), "columns": [*input_columns, ROW_ID, *prediction_columns]}
+    if cfg.monitoring.enabled and artifact.labels and written:
+        parts = pads.dataset(sorted(out_dir.glob("part-*.parquet")), format="parquet").to_table().to_pandas()
+        summary["rows_logged"] = log_batch_predictions(parts[~done[parts[ROW_ID].to_numpy()]], cfg, out_dir,
+                                                       model_dir, artifact.labels)
     manifest = json.loads((out_dir / MANIFEST).read_text())
     (out_dir / MANIFEST).write_text(json.dumps({**manifest, "complete": True, "last_run": summary}, indent=2))
     return summary
+
+
+def log_batch_predictions(rows: pd.DataFrame, cfg: BatchInferConfig, out_dir: Path, model_dir: Path,
+                          labels: list[str]) -> int:
+    """Write output rows to the prediction log (`cfg.monitoring`), as the gateway records a prediction;
+    returns how many were written. A row's request id is `batch-<output folder's id>-<row id>`, the same
+    on every rerun into that folder, so bulk feedback can name it. A log that cannot be written is
+    logged and leaves the predictions (the job's output) as they are."""
+    monitoring = cfg.monitoring
+    run_id = uuid.uuid5(uuid.NAMESPACE_URL, out_dir.as_uri()).hex
+    failed = []
+    log = ParquetLog(monitoring.root, PREDICTIONS, PREDICTION_SCHEMA, monitoring,
+                     on_failure=lambda count, error: failed.append(count))
+    now, version = utc_now(), monitoring.version or model_dir.name
+    log.append([{"request_id": f"batch-{run_id}-{row[ROW_ID]}", "index": 0, "time": now, "source": "batch",
+                 "model": model_dir.name, "version": version, "label": row["prediction"],
+                 "confidence": row["prediction_confidence"],
+                 "probabilities": {label: row[f"prob_{label}"] for label in labels},
+                 **text_stats(str(row[cfg.input.text_column])),
+                 "text": str(row[cfg.input.text_column]) if monitoring.log_text else None}
+                for row in rows.to_dict("records")])
+    log.close()
+    if failed:
+        logger.error("batch inference: %d of %d predictions not written to the prediction log", sum(failed), len(rows))
+    return len(rows) - sum(failed)

@@ -157,11 +157,18 @@ def test_redis_state_expires_once_the_buckets_would_be_full(redis_server):
 
 
 def test_the_redis_password_comes_from_the_environment_variable_named(redis_server, monkeypatch):
-    settings = redis_store(redis_server, "pw:", password_env="LAKEFORGE_TEST_REDIS_PASSWORD")
+    redis.Redis.from_url(redis_server).acl_setuser("limiter", enabled=True, passwords=["+from-the-node"],
+                                                   keys=["*"], commands=["+@all"])
+    settings = redis_store(redis_server.replace("redis://", "redis://limiter@"), "pw:",
+                           password_env="LAKEFORGE_TEST_REDIS_PASSWORD")
     with pytest.raises(ConfigError, match="LAKEFORGE_TEST_REDIS_PASSWORD"):
         RedisRateLimiter(settings)
+    monkeypatch.setenv("LAKEFORGE_TEST_REDIS_PASSWORD", "wrong")
+    with pytest.raises(RateLimitStoreUnavailable):  # refused by Redis: as if it were down (logged, counted)
+        RedisRateLimiter(settings).acquire("k", RateLimit(requests_per_minute=1), requests=1)
     monkeypatch.setenv("LAKEFORGE_TEST_REDIS_PASSWORD", "from-the-node")
-    assert RedisRateLimiter(settings).client.connection_pool.connection_kwargs["password"] == "from-the-node"
+    limiter = RedisRateLimiter(settings)
+    assert [limiter.acquire("k", RateLimit(requests_per_minute=1), requests=1) is None for _ in range(2)] == [True, False]
 
 
 @pytest.mark.parametrize("on_unavailable", ["refuse", "admit"])

@@ -46,14 +46,15 @@ class ConfigError(ValueError):
 ConfigT = TypeVar("ConfigT", bound=StrictModel)
 
 
-def refuse_password_in_url(url: str, field: str) -> str:
+def refuse_password_in_url(url: str, field: str, password_field: str) -> str:
     """`url` unchanged, or a ValueError when it holds a password (`scheme://user:password@host` or
     `?password=`): settings travel in config files, Serve's config and Ray's metadata, so a password
-    is named by an environment variable instead (`password_env`), read where the client runs."""
+    is named by an environment variable instead (the setting `password_field`), read where the
+    client runs."""
     parts = urlsplit(url)
     if parts.password or "password" in parse_qs(parts.query):
         raise ValueError(f"{field} holds a password: remove it from the URL, put it in an environment variable "
-                         f"on the nodes, and name that variable in password_env")
+                         f"on the nodes, and name that variable in {password_field}")
     return url
 
 
@@ -75,13 +76,13 @@ def hide_url_password(data, field: str):
 
 
 def password_from_env(name: str | None) -> str | None:
-    """The password in the environment variable `name` (None when no variable is named); a named
-    variable that is unset or empty is a ConfigError naming it."""
+    """The Redis password in the environment variable `name` (None when no variable is named); a
+    named variable that is unset or empty is a ConfigError naming it."""
     if name is None:
         return None
     password = os.environ.get(name)
     if not password:
-        raise ConfigError(f"password_env: the environment variable {name} (the password) is not set in this process")
+        raise ConfigError(f"the environment variable {name} (the Redis password) is not set in this process")
     return password
 
 

@@ -88,7 +88,7 @@ class RateLimitStoreSettings(StrictModel):
     @field_validator("redis_url")
     @classmethod
     def _no_password_in_url(cls, url: str | None) -> str | None:
-        return url if url is None else refuse_password_in_url(url, "redis_url")
+        return url if url is None else refuse_password_in_url(url, "redis_url", "password_env")
 
     @model_validator(mode="after")
     def _redis_settings_go_with_redis(self) -> "RateLimitStoreSettings":

@@ -86,7 +86,7 @@ class ConsumerSettings(StrictModel):
     @field_validator("redis_url")
     @classmethod
     def _no_password_in_url(cls, url: str) -> str:
-        return refuse_password_in_url(url, "redis_url")
+        return refuse_password_in_url(url, "redis_url", "redis_password_env")
 
     def key(self) -> str:
         """The API key, read now from api_key_file (checked: owner-only) or else $api_key_env."""

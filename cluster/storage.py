@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 URI_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -20,24 +21,27 @@ def is_uri(location: str) -> bool:
 
 
 def filesystem_for(location: str):
-    """(pyarrow filesystem, path inside it) for a local folder or an object-store URI.
+    """(pyarrow filesystem, path inside it) for a local folder or an object-store URI, built from
+    the location alone in the calling process.
 
-    The filesystem object travels to the Ray Train controller and workers, which are other
-    processes, possibly on other nodes. S3 credentials given to this process in its environment
-    (AWS_ACCESS_KEY_ID, ...) travel with it; without them each process uses its node's own
-    credential chain (instance role, profile). AWS_ENDPOINT_URL (an S3-compatible store) travels too.
+    Object-store credentials are never part of it: each process resolves its own from its node
+    (AWS_* environment variables, profile, instance role), lazily, so a filesystem pickled to
+    another process (Ray Train's controller and workers) carries the endpoint and region but no
+    keys, and the code Ray runs elsewhere (Ray Data tasks) is given the location and calls this
+    again. A URI with credentials in it (s3://KEY:SECRET@bucket/...) is refused: it would travel in
+    configs, job metadata and task arguments.
     """
     import pyarrow.fs as pafs
 
     if not is_uri(location):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
-    filesystem, path = pafs.FileSystem.from_uri(location)
-    if filesystem.type_name == "s3" and os.environ.get("AWS_ACCESS_KEY_ID"):
-        filesystem = pafs.S3FileSystem(
-            access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-            session_token=os.environ.get("AWS_SESSION_TOKEN"), region=filesystem.region,
-            endpoint_override=os.environ.get("AWS_ENDPOINT_URL"))
-    return filesystem, path
+    parts = urlsplit(location)
+    if "@" in parts.netloc:
+        # Named without what precedes '@', so the error repeats no secret.
+        raise ValueError(f"{parts.scheme}://...@{parts.netloc.rpartition('@')[2]}{parts.path}: credentials in a storage URI "
+                         f"are refused; remove them, and give each node its own (AWS_* environment variables, "
+                         f"a profile, an instance role)")
+    return pafs.FileSystem.from_uri(location)
 
 
 def uri_of(filesystem, path: str) -> str:

@@ -4,13 +4,17 @@
 ray.serve.llm's) and adds:
 - a middleware that authenticates every route outside `security.open_routes` (401; after
   `security.failed_auth.max_failures` failures from one client address in a window, 429 without an
-  audit entry each, one summary entry per address and window), applies the per-key request/token
-  rate limits (429 + Retry-After), and at the end of each response (after the last streamed chunk)
-  writes the request's audit entry and its Prometheus metrics;
+  audit entry each, one summary entry per address and window), takes a request from the key's
+  rate-limit bucket (429 + Retry-After; `cluster.rate_limits`: per replica, or shared in Redis), and
+  at the end of each response (after the last streamed chunk) writes the request's audit entry and
+  its Prometheus metrics;
 - audit writes on a background thread (`cluster.audit.AuditWriter`), batched one fsync per batch:
   a request awaits its entry without blocking the event loop;
 - per-route authorization (403, every decision audited) and request limits (400/413) before
   anything reaches the engine; `/v1/models` lists only what the caller may use;
+- LLM tokens reserved from the key's token bucket before the engine sees a request (max_tokens x n x
+  prompts; 429 when they are not there), settled from the usage the engine reports once the response
+  has ended (a stream cut before its usage chunk keeps the whole reservation);
 - fail closed on the audit log: a request that cannot be audited is answered 503, the cause logged;
   while the log is down, requests are refused (503) at once, one per second trying it again;
 - error answers that name the problem (ray.serve.llm's name internal exception classes), all in one
@@ -60,9 +64,8 @@ from cluster.contracts import ARTIFACT_FILE, EndpointSettings, ModelArtifact
 from cluster.monitoring import FEEDBACK, FEEDBACK_SCHEMA, PREDICTION_SCHEMA, PREDICTIONS, ParquetLog, text_stats, utc_now
 from cluster.prompting import label_probabilities, label_token_ids, prompt_ids
 from cluster.audit import AuditError, AuditLog, AuditWriter
-from cluster.security import (
-    AccessController, Authenticator, AuthError, Decision, FailedAuthLimiter, RateLimiter, client_address,
-)
+from cluster.rate_limits import MemoryRateLimiter, RateLimit, RateLimitStoreUnavailable, RedisRateLimiter
+from cluster.security import AccessController, Authenticator, AuthError, Decision, FailedAuthLimiter, client_address
 from cluster.storage import path_inside
 from cluster.text import Preprocessor
 from serving.api import (
@@ -78,6 +81,7 @@ HEALTH_TIMEOUT_S = 10
 AUDIT_RETRY_S = 1.0  # while the audit log is down, how often a request tries it again (the others get 503 at once)
 SHUTDOWN_FLUSH_S = 30.0  # how long shutdown waits for pending audit entries
 AUDIT_DOWN = "the audit log cannot be written, so requests are refused until it can (the gateway log says why)"
+RATE_LIMITS_DOWN = "the rate-limit store cannot be reached, so requests are refused until it can (the gateway log says why)"
 # Serve writes this logger to the replica's log file.
 logger = logging.getLogger("ray.serve")
 
@@ -85,6 +89,11 @@ logger = logging.getLogger("ray.serve")
 def error_response(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
     """An answer with the error body (`serving.api.ErrorBody`)."""
     return JSONResponse(error_body(status, message), status_code=status, headers=headers)
+
+
+def retry_after(seconds: float) -> dict:
+    """The Retry-After header for a wait of `seconds`: whole seconds, at least 1."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 # ray.serve.llm words an error "Message: <m> (Request ID: <id>), Internal exception: <module.Class>: <m>,
@@ -191,6 +200,7 @@ class GatewayMetrics:
 
 def _usage(payload: dict, record: dict) -> None:
     usage = payload.get("usage") or {}
+    record["_usage_seen"] = record.get("_usage_seen") or bool(usage)
     record["prompt_tokens"] = usage.get("prompt_tokens", record["prompt_tokens"])
     record["completion_tokens"] = usage.get("completion_tokens", record["completion_tokens"])
 
@@ -244,21 +254,17 @@ async def guard(request: Request, call_next):
         wait, summaries = gateway.failed_auth.fail(client)
         gateway.audit_summaries(summaries)
         if wait is not None:
-            seconds = max(1, math.ceil(wait))
             return await gateway.finish(record, error_response(
-                429, f"too many failed authentications from this address; retry in {seconds}s",
-                {"Retry-After": str(seconds)}), audit=False)
+                429, f"too many failed authentications from this address; retry in {max(1, math.ceil(wait))}s",
+                retry_after(wait)), audit=False)
         return await gateway.finish(record, error_response(401, str(error), {"WWW-Authenticate": "Bearer"}))
     record.update(subject=principal.subject, key_id=principal.key_id, tenant=principal.tenant,
                   _key=principal.key_id or principal.subject)
     request.state.principal = principal
-    limit = record["_limit"] = security.rate_limit_for(principal)
-    retry_after = gateway.limiter.check(record["_key"], limit)
-    if retry_after is not None:
-        seconds = max(1, math.ceil(retry_after))
-        return await gateway.finish(record, error_response(
-            429, f"rate limit of role(s) {', '.join(principal.roles)} reached; retry in {seconds}s",
-            {"Retry-After": str(seconds)}))
+    record["_limit"] = security.rate_limit_for(principal)
+    refusal = await gateway.charge(request, requests=1)
+    if refusal is not None:
+        return await gateway.finish(record, refusal)
     return await gateway.finish(record, await call_next(request))
 
 
@@ -275,7 +281,8 @@ class Gateway(OpenAiIngress):
         security = self.settings.security
         self.authenticator = Authenticator(security)
         self.access = AccessController(security)
-        self.limiter = RateLimiter()
+        store = security.rate_limit_store
+        self.limiter = RedisRateLimiter(store) if store.backend == "redis" else MemoryRateLimiter(store.max_keys)
         self.failed_auth = FailedAuthLimiter(security.failed_auth)
         self.audit = AuditLog.from_settings(security.audit)
         # The callbacks name the path, not the gateway: the writer's thread must not keep it alive.
@@ -352,9 +359,12 @@ class Gateway(OpenAiIngress):
             record["status"] = response.status_code
             record["latency_s"] = time.perf_counter() - record["_started"]
             record["outcome"] = "ok" if response.status_code < 400 else "error"
-            tokens = record["prompt_tokens"] + record["completion_tokens"]
-            if "_limit" in record and tokens:
-                self.limiter.record_tokens(record["_key"], record["_limit"], tokens)
+            reserved = record.get("_reserved", 0)
+            used = record["prompt_tokens"] + record["completion_tokens"]
+            if record.get("_streamed") and not record.get("_usage_seen"):
+                used = reserved  # the stream ended before its usage chunk: what it used is unknown
+            if "_limit" in record and record["_limit"].tokens_per_minute is not None and used != reserved:
+                await asyncio.to_thread(self.limiter.settle, record["_key"], record["_limit"], reserved, used)
             self.metrics.observe(record)
             if audit:
                 await self.write_audit(self._audit_entry(record))
@@ -384,6 +394,25 @@ class Gateway(OpenAiIngress):
         if self.settings.security.audit.log_prompts and record.get("prompt") is not None:
             entry["prompt"] = record["prompt"]
         return entry
+
+    async def charge(self, request: Request, requests: int = 0, tokens: int = 0) -> Optional[Response]:
+        """Take `requests` and `tokens` from the caller's rate-limit buckets: None when taken, else the
+        answer: 429 with the bucket's Retry-After, or 503 when the store is down and refuses. Off the
+        event loop: a Redis store is a network call."""
+        record, roles = request.state.record, ", ".join(request.state.principal.roles)
+        if record["_limit"] == RateLimit():  # unlimited: nothing to take, no thread to wait for
+            return None
+        try:
+            wait = await asyncio.to_thread(self.limiter.acquire, record["_key"], record["_limit"], requests, tokens)
+        except RateLimitStoreUnavailable as error:
+            return error_response(503, RATE_LIMITS_DOWN, retry_after(error.retry_after_s))
+        if wait is None:
+            return None
+        seconds = max(1, math.ceil(wait))
+        if tokens:
+            return error_response(429, f"token rate limit of role(s) {roles} reached: this request reserves {tokens} tokens "
+                                       f"(max_tokens x n x prompts); retry in {seconds}s", retry_after(wait))
+        return error_response(429, f"rate limit of role(s) {roles} reached; retry in {seconds}s", retry_after(wait))
 
     async def audit_decision(self, request: Request, route: str, model_id: Optional[str], decision: Decision) -> None:
         principal = request.state.principal
@@ -426,6 +455,13 @@ class Gateway(OpenAiIngress):
             body.max_tokens = params["max_tokens"] = default_max_tokens(self.settings.limits, cap, body.max_tokens)
         model_id = await self.admit(request, body.model, params)
         check_limits(params, self.settings.limits, prompt_logprobs=not self.adapters_dir)
+        if record["_limit"].tokens_per_minute is not None:
+            # The most the engine can generate for it, held until its usage is known (settled in `finish`).
+            reserve = params["max_tokens"] * params["n"] * params["prompts"]
+            refusal = await self.charge(request, tokens=reserve)
+            if refusal is not None:
+                return refusal
+            record["_reserved"] = reserve
         if call_method == "chat":
             self._prompt_as_trained(body, model_id)
         if self.settings.security.audit.log_prompts:
@@ -437,6 +473,7 @@ class Gateway(OpenAiIngress):
         body = engine_class.model_construct(body.model_fields_set, **dict(body))
         response = await self._process_llm_request(body, call_method=call_method, raw_request=request)
         if isinstance(response, StreamingResponse):
+            record["_streamed"] = True
             response.body_iterator = self._watch_stream(response.body_iterator, record)
         else:
             _usage(json.loads(response.body), record)

@@ -31,16 +31,21 @@ from pathlib import Path
 
 import redis
 import requests
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from ray import serve
 
-from cluster.config import StrictModel
+from cluster.config import StrictModel, hide_url_password, password_from_env, refuse_password_in_url
 
 
 class ConsumerSettings(StrictModel):
     """A Redis Streams consumer that answers requests through the OpenAI-compatible endpoint."""
 
-    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis server holding the streams (redis:// or rediss://).")
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0",
+                           description="Redis server holding the streams (redis:// or rediss://), without a password "
+                                       "(settings travel as deployment arguments; use redis_password_env).")
+    redis_password_env: str | None = Field(
+        default=None, description="Name of the environment variable holding the Redis password, read in the consumer's "
+                                  "own process (None: no password).")
     request_stream: str = Field(default="lakeforge:requests", description="Stream the requests are read from.")
     result_stream: str = Field(default="lakeforge:results", description="Stream each result is written to.")
     dead_letter_stream: str = Field(default="lakeforge:dead-letter", description="Stream poison requests go to, with the reason.")
@@ -76,7 +81,12 @@ class ConsumerSettings(StrictModel):
             raise ValueError("api_key: the API key is not a setting (settings travel as deployment arguments and "
                              "config files); put it in the environment variable named by api_key_env, or in "
                              "api_key_file on the consumer's node")
-        return data
+        return hide_url_password(data, "redis_url")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _no_password_in_url(cls, url: str) -> str:
+        return refuse_password_in_url(url, "redis_url", "redis_password_env")
 
     def key(self) -> str:
         """The API key, read now from api_key_file (checked: owner-only) or else $api_key_env."""
@@ -104,11 +114,11 @@ class PoisonMessage(Exception):
     """An entry that can never be answered: dead-letter it."""
 
 
-def redis_client(url: str) -> redis.Redis:
+def redis_client(url: str, password: str | None = None) -> redis.Redis:
     """A client that reads any bytes: bytes that are not UTF-8 become lone surrogates instead of a
     decoding error that would fail the whole read (every entry in it, again on every retry), and
     are written back unchanged, so a dead letter holds the entry's original bytes."""
-    return redis.Redis.from_url(url, decode_responses=True, encoding_errors="surrogateescape")
+    return redis.Redis.from_url(url, password=password, decode_responses=True, encoding_errors="surrogateescape")
 
 
 def _printable(text: str) -> str:
@@ -143,7 +153,7 @@ class QueueConsumer:
         self.settings = settings
         self.name = name or settings.consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.api_key = settings.key()
-        self.redis = client or redis_client(settings.redis_url)
+        self.redis = client or redis_client(settings.redis_url, password_from_env(settings.redis_password_env))
         self.http = requests.Session()
         self.last_error: dict[str, str] = {}  # entry id -> why its last delivery failed (for the dead letter)
         self.counts = {"answered": 0, "dead_lettered": 0, "failed_attempts": 0}

@@ -540,3 +540,61 @@ def test_feedback_to_an_endpoint_without_monitoring_is_a_404(classifier):
     answer = post(client, keys, "app", "/v1/feedback", {"model": "tiny:acme-a", "request_id": "a" * 32, "label": "neutral"})
     assert (answer.status_code, answer.json()["error"]["message"]) == (
         404, "this endpoint does not collect feedback (monitoring.enabled is false)")
+
+
+# ---------------------------------------------------------------- rate limits
+
+def test_requests_past_the_roles_limit_get_429_with_the_buckets_retry_after(endpoint):
+    gateway, client, keys = endpoint(security={"rate_limits": {"app": {"requests_per_minute": 2}}})
+    gateway.limiter.clock = FakeClock()
+    answers = [post(client, keys, "app", "/v1/chat/completions", chat()) for _ in range(3)]
+    assert [answer.status_code for answer in answers] == [200, 200, 429]
+    assert answers[2].headers["retry-after"] == "30"  # one request refills in 60/2 s
+    assert answers[2].json()["error"]["message"] == "rate limit of role(s) app reached; retry in 30s"
+    assert post(client, keys, "admin", "/v1/chat/completions", chat()).status_code == 200  # admin: no limit
+    assert [entry["status"] for entry in audit_entries(gateway) if entry["event"] == "request"] == [200, 200, 429, 200]
+
+
+def test_llm_tokens_are_reserved_before_the_engine_and_settled_from_the_usage(endpoint):
+    """The stand-in engine reports 2 tokens per request (1 prompt + 1 completion): each request holds
+    max_tokens x n x prompts while it runs and gets the unused part back when it ends."""
+    gateway, client, keys = endpoint(security={"rate_limits": {"app": {"tokens_per_minute": 100}}})
+    gateway.limiter.clock = FakeClock()
+    assert post(client, keys, "app", "/v1/chat/completions", chat(max_tokens=32, n=3)).status_code == 200  # holds 96
+    # Had the 96 not come back (2 used), this one (32) would not fit.
+    assert post(client, keys, "app", "/v1/completions", {"model": "tiny", "prompt": ["a", "b"], "max_tokens": 16}).status_code == 200
+    streamed = post(client, keys, "app", "/v1/chat/completions", chat(max_tokens=32, stream=True))
+    assert streamed.status_code == 200 and "[DONE]" in streamed.text  # settled from the stream's usage chunk
+    refused = post(client, keys, "app", "/v1/chat/completions", chat(max_tokens=32, n=4))  # 128, capped at the bucket
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "4"  # 94 left: 6 more take 3.6 s
+    assert "this request reserves 128 tokens (max_tokens x n x prompts)" in refused.json()["error"]["message"]
+    assert len(gateway.engine_bodies) == 3  # the refused one never reached the engine
+
+
+def test_limits_kept_in_redis_are_shared_with_the_other_replicas(endpoint, redis_server):
+    from cluster.rate_limits import RateLimit, RateLimitStoreSettings, RedisRateLimiter
+
+    store = {"backend": "redis", "redis_url": redis_server, "key_prefix": "gateway-shared:"}
+    gateway, client, keys = endpoint(security={"rate_limits": {"app": {"requests_per_minute": 3}}, "rate_limit_store": store})
+    other_replica = RedisRateLimiter(RateLimitStoreSettings(**store))
+    assert post(client, keys, "app", "/v1/chat/completions", chat()).status_code == 200
+    assert other_replica.acquire("app", RateLimit(requests_per_minute=3), requests=2) is None  # the key's id is "app"
+    refused = post(client, keys, "app", "/v1/chat/completions", chat())
+    assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 20
+
+
+@pytest.mark.parametrize("on_unavailable, status", [("refuse", 503), ("admit", 200)])
+def test_an_unreachable_rate_limit_store_refuses_with_503_or_admits(endpoint, on_unavailable, status):
+    from serving.gateway import RATE_LIMITS_DOWN
+    from tests.conftest import free_port
+
+    store = {"backend": "redis", "redis_url": f"redis://127.0.0.1:{free_port()}/0", "retry_s": 7,
+             "on_unavailable": on_unavailable}
+    gateway, client, keys = endpoint(security={"rate_limits": {"app": {"requests_per_minute": 100, "tokens_per_minute": 1000}},
+                                               "rate_limit_store": store})
+    answers = [post(client, keys, "app", "/v1/chat/completions", chat()) for _ in range(2)]
+    assert [answer.status_code for answer in answers] == [status] * 2
+    if status == 503:
+        assert answers[0].headers["retry-after"] == "7" and answers[0].json()["error"]["message"] == RATE_LIMITS_DOWN
+        assert gateway.engine_bodies == []
+    assert post(client, keys, "admin", "/v1/chat/completions", chat()).status_code == 200  # unlimited: Redis not asked

@@ -1,5 +1,6 @@
-"""serving.queue_consumer without a Redis server: how entries are decoded and answered, with a fake
-client recording what would be written (tests/test_queue_consumer.py runs the same against redis-server)."""
+"""serving.queue_consumer without Ray: how entries are decoded and answered, with a fake client
+recording what would be written (tests/test_queue_consumer.py runs the same against redis-server),
+and how the consumer authenticates to a real redis-server."""
 
 import json
 
@@ -146,3 +147,30 @@ def test_the_key_is_read_where_the_consumer_runs_from_env_or_an_owner_only_file(
         settings.key()
     with pytest.raises(ValueError, match="cannot be read"):
         ConsumerSettings(api_key_file=str(tmp_path / "missing")).key()
+
+
+@pytest.mark.parametrize("url", ["redis://:hunter2@cache:6379/0", "rediss://consumer:hunter2@cache:6380/0",
+                                 "redis://cache:6379/0?password=hunter2"])
+def test_a_redis_url_holding_a_password_is_refused_without_repeating_it(url):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="name that variable in redis_password_env") as refused:
+        ConsumerSettings(redis_url=url)
+    assert "hunter2" not in str(refused.value)
+
+
+def test_the_redis_password_is_read_from_the_variable_named_where_the_consumer_runs(redis_server, monkeypatch):
+    import redis
+
+    from cluster.config import ConfigError
+
+    redis.Redis.from_url(redis_server).acl_setuser("consumer", enabled=True, passwords=["+from-the-node"],
+                                                   keys=["*"], commands=["+@all"])
+    url = redis_server.replace("redis://", "redis://consumer@")
+    settings = ConsumerSettings(redis_url=url, redis_password_env="LAKEFORGE_TEST_REDIS_PASSWORD", request_stream="pw:requests")
+    with pytest.raises(ConfigError, match="LAKEFORGE_TEST_REDIS_PASSWORD"):
+        QueueConsumer(settings, name="c")
+    monkeypatch.setenv("LAKEFORGE_TEST_REDIS_PASSWORD", "from-the-node")
+    consumer = QueueConsumer(settings, name="c")  # joins its group: it authenticated
+    assert consumer.redis.xinfo_groups("pw:requests")[0]["name"] == "lakeforge"
+    assert "from-the-node" not in repr(settings.model_dump())

@@ -1,7 +1,6 @@
 import secrets
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from pydantic import ValidationError
 from cluster.config import ConfigError
 from cluster.security import (
     AccessController, AccessDenied, ApiKeyRecord, AuthError, Authenticator, FailedAuthLimiter, FailedAuthSettings,
-    JwtSettings, ModelAccess, ParamLimits, Principal, RateLimit, RateLimiter, SecuritySettings, client_address,
+    JwtSettings, ModelAccess, ParamLimits, Principal, RateLimit, SecuritySettings, client_address,
     new_api_key,
 )
 
@@ -299,7 +298,7 @@ def test_rate_limit_is_the_most_generous_of_the_roles():
     assert settings.rate_limit_for(who("admin")) == RateLimit()
 
 
-# ---------------------------------------------------------------- rate limiter
+# ---------------------------------------------------------------- failed authentication
 
 class FakeClock:
     def __init__(self):
@@ -308,61 +307,6 @@ class FakeClock:
     def __call__(self):
         return self.now
 
-
-def test_requests_per_minute_then_retry_after_and_recovery():
-    clock = FakeClock()
-    limiter, limit = RateLimiter(clock), RateLimit(requests_per_minute=3)
-    for second in range(3):
-        clock.now = 1000.0 + second * 10
-        assert limiter.check("k", limit) is None
-    clock.now = 1030.0
-    assert limiter.check("k", limit) == pytest.approx(30.0)  # the first request leaves the window at 1060
-    assert limiter.check("other-key", limit) is None  # keys are independent
-    clock.now = 1060.0
-    assert limiter.check("k", limit) is None
-    assert limiter.check("k", limit) == pytest.approx(10.0)
-
-
-def test_tokens_per_minute_including_tokens_recorded_afterwards():
-    clock = FakeClock()
-    limiter, limit = RateLimiter(clock), RateLimit(tokens_per_minute=100)
-    assert limiter.check("k", limit, tokens=40) is None
-    clock.now += 5
-    limiter.record_tokens("k", limit, 50)  # the completion's tokens
-    clock.now += 5
-    wait = limiter.check("k", limit, tokens=20)  # 90 used + 20 > 100: wait for the first 40 to expire
-    assert wait == pytest.approx(50.0)
-    assert limiter.check("k", limit, tokens=10) is None  # 100 exactly still fits
-    assert limiter.check("k", limit, tokens=101) == 60.0  # can never fit in one minute
-    clock.now += 50
-    # the 40 have expired: 50 + 10 remain, so 45 more must wait for the 50 (recorded at +5 s) to expire
-    assert limiter.check("k", limit, tokens=45) == pytest.approx(5.0)
-    clock.now += 5
-    assert limiter.check("k", limit, tokens=45) is None
-
-
-def test_unlimited_records_nothing():
-    limiter = RateLimiter(FakeClock())
-    assert all(limiter.check("k", RateLimit(), tokens=10**9) is None for _ in range(1000))
-
-
-def test_concurrent_checks_do_not_over_admit():
-    limiter, limit = RateLimiter(), RateLimit(requests_per_minute=50)
-    admitted, start = [], threading.Barrier(8)
-
-    def worker():
-        start.wait()
-        admitted.extend(limiter.check("shared", limit) is None for _ in range(40))
-
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sum(admitted) == 50 and len(admitted) == 320
-
-
-# ---------------------------------------------------------------- failed authentication
 
 def test_failed_auth_refuses_past_its_failures_until_the_window_closes_then_summarises():
     clock = FakeClock()

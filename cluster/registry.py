@@ -42,8 +42,10 @@ class ModelFilesChanged(RuntimeError):
         self.changed, self.missing, self.extra = changed, missing, extra
         problems = [f"{what}: {', '.join(files)}" for what, files in
                     (("changed", changed), ("missing", missing), ("not registered", extra)) if files]
-        super().__init__(f"model {name!r} {version}: its files differ from those registered ({'; '.join(problems)}); "
-                         "deploy another version, or register the model again")
+        remedy = ("deploy another version, or register the model again" if changed or missing else
+                  f"it was registered before files were hashed: after checking its folder, record them with "
+                  f"`lakeforge lineage {name} {version} --record-files`")
+        super().__init__(f"model {name!r} {version}: its files differ from those registered ({'; '.join(problems)}); {remedy}")
 
 
 def file_sha256(path: Path) -> str:
@@ -133,6 +135,18 @@ class ModelRegistry:
         deployment = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "url": url, "model_id": model_id,
                       "app_name": app_name, "forced": forced, "by": by}
         return self._update(version, lambda entry: entry.setdefault("deployments", []).append(deployment))
+
+    def record_files(self, version: str) -> dict:
+        """Hash the folder of a version registered before files were hashed and record the hashes, so
+        it can be deployed (a rollback to it) again; trusts the folder as it is now, so an operator
+        checks it first. Refused for a version that already has hashes: those are not rewritten."""
+        present = folder_sha256(self.folder(version))
+
+        def record(entry: dict) -> None:
+            if entry.get("files"):
+                raise ValueError(f"model {self.name!r} {version} already has its files' hashes; they are not rewritten")
+            entry["files"] = present
+        return self._update(version, record)
 
     def check_files(self, version: str) -> dict:
         """The version's entry if its folder holds exactly the files registered, with the same

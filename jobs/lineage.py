@@ -1,7 +1,7 @@
 """Where a registered model version came from and where it went: its lineage, from the source
 files to the endpoints it was deployed to.
 
-    python -m jobs.lineage NAME VERSION [--storage-root outputs] [--json] [--check-files]
+    python -m jobs.lineage NAME VERSION [--storage-root outputs] [--json] [--check-files] [--record-files]
 
 Reads what the registry recorded (`cluster/registry.py`): the sources' fingerprints, the data
 manifest, the code version and run config, the parent version, the training run, the evaluation
@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the version's lineage record as JSON")
     parser.add_argument("--check-files", action="store_true",
                         help="hash the version's files again and compare them with the registered hashes")
+    parser.add_argument("--record-files", action="store_true",
+                        help="for a version registered before files were hashed: hash its folder as it is now and record "
+                             "the hashes, so it can be deployed again (check the folder first)")
     parser.set_defaults(handler=show_lineage)
 
 
@@ -33,7 +36,7 @@ def show_lineage(args: argparse.Namespace) -> int:
     try:
         registry = ModelRegistry(args.storage_root, args.name)
         registry.folder(args.version)  # a version of '..' is refused before anything is read
-        entry = registry.get(args.version)
+        entry = registry.record_files(args.version) if args.record_files else registry.get(args.version)
     except (ValueError, KeyError) as error:
         print(f"lineage error: {error.args[0]}", file=sys.stderr)
         return 2

@@ -85,3 +85,16 @@ def test_hostile_or_unknown_names_are_refused(registry, capsys, name, version, e
 def test_the_lakeforge_command_runs_it(registry, capsys):
     assert cli.main(["lineage", "sentiment", "v0002", "--storage-root", str(registry.root.parent.parent)]) == 0
     assert "source tweets:" in capsys.readouterr().out
+
+
+def test_a_version_registered_before_hashing_is_refused_until_its_files_are_recorded(registry, capsys):
+    """v0001 stands for a version registered before files were hashed: deploy's check refuses it and
+    says how to record them; --record-files does once, and a second time is refused."""
+    entry = registry.get("v0001")
+    registry._update("v0001", lambda entry: entry.pop("files"))
+    code, out, _ = run(registry, capsys, "v0001", "--check-files")
+    assert code == 1 and "--record-files" in out and "not registered: model.safetensors" in out
+    code, _, _ = run(registry, capsys, "v0001", "--record-files", "--check-files")
+    assert code == 0 and registry.get("v0001")["files"] == entry["files"]
+    code, _, err = run(registry, capsys, "v0001", "--record-files")
+    assert code == 2 and "already has its files' hashes; they are not rewritten" in err

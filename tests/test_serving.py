@@ -362,19 +362,31 @@ def test_metrics_counters_move(served):
 def test_audit_log_verifies_and_holds_requests_and_decisions(served):
     from cluster.audit import LocalFileKey, verify
 
+    def completions_by_app_a():
+        entries = [json.loads(line) for line in served["audit"].read_text().splitlines()]
+        return entries, [e for e in entries if e["event"] == "request" and e["route"] == "/v1/completions"
+                         and e["key_id"] == "app-a"]
+
+    logged_before = len(completions_by_app_a()[1])
     assert call(served, "POST", "/v1/chat/completions", "app-a", json=chat_body("tiny:tenant-b-support")).status_code == 403
     assert call(served, "POST", "/v1/completions", "app-a",
                 json={"model": "tiny", "prompt": "a secret prompt", "max_tokens": 3}).status_code == 200
+    # Audit entries are written in batches off the event loop, and a request's entry once its usage is
+    # settled, after the answer: wait for this request's entry.
+    deadline = time.monotonic() + 60
+    while len(completions_by_app_a()[1]) == logged_before and time.monotonic() < deadline:
+        time.sleep(0.5)
     report = verify(served["audit"], LocalFileKey(f"{served['audit']}.key", create=False).key())
     assert report.ok, str(report)
-    entries = [json.loads(line) for line in served["audit"].read_text().splitlines()]
+    entries, completions = completions_by_app_a()
+    assert len(completions) == logged_before + 1
     denied = [e for e in entries if e["event"] == "decision" and not e["allowed"] and e["model"] == "tiny:tenant-b-support"
               and e["key_id"] == "app-a"]
     assert denied and "tenant 'b'" in denied[-1]["detail"]
     requests_logged = [e for e in entries if e["event"] == "request"]
     # (503s from an overflowing queue are answered by Serve's proxy, before the gateway sees them.)
     assert {401, 403, 429, 200, 400, 413} <= {e["status"] for e in requests_logged}
-    completion = [e for e in requests_logged if e["route"] == "/v1/completions" and e["key_id"] == "app-a"][-1]
+    completion = completions[-1]
     assert completion["status"] == 200 and completion["model"] == "tiny" and completion["subject"] == "app-a"
     assert completion["prompt_tokens"] > 0 and 1 <= completion["completion_tokens"] <= 3
     assert "a secret prompt" not in served["audit"].read_text()  # audit.log_prompts is off

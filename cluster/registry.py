@@ -78,10 +78,14 @@ class ModelRegistry:
         return next((v for v in index["versions"] if v["version"] == index["current"]), None)
 
     def get(self, version: str) -> dict:
-        for entry in self.versions():
+        return self._entry(self._index(), version)
+
+    def _entry(self, index: dict, version: str) -> dict:
+        """The version's entry in `index` (read once by the caller), or a KeyError naming the known ones."""
+        for entry in index["versions"]:
             if entry["version"] == version:
                 return entry
-        known = ", ".join(v["version"] for v in self.versions()) or "none"
+        known = ", ".join(v["version"] for v in index["versions"]) or "none"
         raise KeyError(f"model {self.name!r} has no version {version!r} (versions: {known})")
 
     def folder(self, version: str) -> Path:
@@ -165,9 +169,7 @@ class ModelRegistry:
         self.folder(version)
         with FileLock(self.root / LOCK, timeout=LOCK_TIMEOUT_SECONDS):
             index = self._index()
-            entry = next((entry for entry in index["versions"] if entry["version"] == version), None)
-            if entry is None:
-                raise KeyError(f"model {self.name!r} has no version {version!r}")
+            entry = self._entry(index, version)
             change(entry)
             self._write(index)
         return entry

@@ -91,9 +91,14 @@ def error_response(status: int, message: str, headers: Optional[dict] = None) ->
     return JSONResponse(error_body(status, message), status_code=status, headers=headers)
 
 
+def whole_seconds(wait: float) -> int:
+    """A wait as the whole seconds a client is told (Retry-After and the message): at least 1."""
+    return max(1, math.ceil(wait))
+
+
 def retry_after(seconds: float) -> dict:
-    """The Retry-After header for a wait of `seconds`: whole seconds, at least 1."""
-    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+    """The Retry-After header for a wait of `seconds`."""
+    return {"Retry-After": str(whole_seconds(seconds))}
 
 
 # ray.serve.llm words an error "Message: <m> (Request ID: <id>), Internal exception: <module.Class>: <m>,
@@ -255,7 +260,7 @@ async def guard(request: Request, call_next):
         gateway.audit_summaries(summaries)
         if wait is not None:
             return await gateway.finish(record, error_response(
-                429, f"too many failed authentications from this address; retry in {max(1, math.ceil(wait))}s",
+                429, f"too many failed authentications from this address; retry in {whole_seconds(wait)}s",
                 retry_after(wait)), audit=False)
         return await gateway.finish(record, error_response(401, str(error), {"WWW-Authenticate": "Bearer"}))
     record.update(subject=principal.subject, key_id=principal.key_id, tenant=principal.tenant,
@@ -408,7 +413,7 @@ class Gateway(OpenAiIngress):
             return error_response(503, RATE_LIMITS_DOWN, retry_after(error.retry_after_s))
         if wait is None:
             return None
-        seconds = max(1, math.ceil(wait))
+        seconds = whole_seconds(wait)
         if tokens:
             return error_response(429, f"token rate limit of role(s) {roles} reached: this request reserves {tokens} tokens "
                                        f"(max_tokens x n x prompts); retry in {seconds}s", retry_after(wait))

@@ -22,17 +22,23 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from cluster.storage import path_inside
 
 INDEX = "index.json"
-# fcntl locks: local disks and NFSv4 mounts (EFS) alike. A registration holds it for milliseconds.
+# fcntl locks: local disks and NFSv4 mounts (EFS) alike. A registration holds it for milliseconds;
+# the kernel ends a lock with its process, so a crashed run never leaves the registry locked.
 LOCK = ".index.lock"
 LOCK_TIMEOUT_SECONDS = 120
+
+
+class RegistryLockTimeout(TimeoutError):
+    """Another process held the registry's lock longer than LOCK_TIMEOUT_SECONDS."""
 
 
 class ModelFilesChanged(RuntimeError):
@@ -105,25 +111,29 @@ class ModelRegistry:
         """
         self.root.mkdir(parents=True, exist_ok=True)
         staging = self.root / f".staging-{os.getpid()}-{uuid.uuid4().hex}"  # a crash mid-copy leaves no half version
-        shutil.copytree(model_dir, staging)
-        for path in attachments:
-            if Path(path).is_file():
-                shutil.copy2(path, staging / Path(path).name)
-        files = folder_sha256(staging)
-        with FileLock(self.root / LOCK, timeout=LOCK_TIMEOUT_SECONDS):
-            index = self._index()
-            version = f"v{len(index['versions']) + 1:04d}"
-            target = self.root / version
-            staging.rename(target)  # fails, rather than overwrites, should a version folder exist unindexed
-            entry = {
-                "name": self.name, "version": version, "path": str(target), "run": run, "source_model_dir": str(model_dir),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "deployable": bool(gate["deployable"]),
-                "gate": gate, "metrics": metrics, "lineage": lineage or {}, "files": files, "deployments": [],
-            }
-            index["versions"].append(entry)
-            if entry["deployable"]:
-                index["current"] = version
-            self._write(index)
+        try:
+            shutil.copytree(model_dir, staging)
+            for path in attachments:
+                if Path(path).is_file():
+                    shutil.copy2(path, staging / Path(path).name)
+            files = folder_sha256(staging)
+            with self._locked():
+                index = self._index()
+                version = f"v{len(index['versions']) + 1:04d}"
+                target = self.root / version
+                staging.rename(target)  # fails, rather than overwrites, should a version folder with files exist unindexed
+                entry = {
+                    "name": self.name, "version": version, "path": str(target), "run": run, "source_model_dir": str(model_dir),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "deployable": bool(gate["deployable"]),
+                    "gate": gate, "metrics": metrics, "lineage": lineage or {}, "files": files, "deployments": [],
+                }
+                index["versions"].append(entry)
+                if entry["deployable"]:
+                    index["current"] = version
+                self._write(index)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed into its version
+            raise
         return entry
 
     def attach(self, version: str, path: str | Path) -> dict:
@@ -167,12 +177,29 @@ class ModelRegistry:
 
     def _update(self, version: str, change: Callable[[dict], None]) -> dict:
         self.folder(version)
-        with FileLock(self.root / LOCK, timeout=LOCK_TIMEOUT_SECONDS):
+        with self._locked():
             index = self._index()
             entry = self._entry(index, version)
             change(entry)
             self._write(index)
         return entry
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Held around every read-modify-write of the index, so runs registering or recording at once
+        take turns and none overwrites another's change."""
+        lock = FileLock(self.root / LOCK, timeout=LOCK_TIMEOUT_SECONDS)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise RegistryLockTimeout(
+                f"model {self.name!r}: the registry's lock {self.root / LOCK} was held by another process for over "
+                f"{LOCK_TIMEOUT_SECONDS} s (a registration holds it for milliseconds). A lock ends with its process, so "
+                f"a live one holds it, on this node (`fuser -v {self.root / LOCK}`) or another sharing the storage") from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _write(self, index: dict) -> None:
         """Called under the registry's lock, after `register` made the folder."""

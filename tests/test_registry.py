@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from cluster.registry import ModelFilesChanged, ModelRegistry
+from cluster import registry as registry_module
+from cluster.registry import ModelFilesChanged, ModelRegistry, RegistryLockTimeout
 
 
 def _model_folder(path, weights: bytes):
@@ -87,6 +88,44 @@ def test_runs_registering_at_once_get_distinct_versions_and_none_is_lost(tmp_pat
     assert [entry["version"] for entry in registry.versions()] == [f"v{n:04d}" for n in range(1, 21)]
     assert all((registry.root / version / "model.safetensors").is_file() for version in versions)
     assert not list(registry.root.glob(".staging-*"))
+
+
+
+def _record_many(root: str, start, count: int) -> None:
+    start.wait()
+    registry = ModelRegistry(root, "concurrent")
+    for n in range(count):
+        registry.record_deployment("v0001", url="http://127.0.0.1:8000/v1", model_id=f"pid{os.getpid()}-{n}",
+                                   app_name="lakeforge", forced=False, by="test")
+
+
+def test_deployments_recorded_at_once_are_all_kept(tmp_path):
+    """Two processes each record 25 deployments of one version at once: all 50 stay in the index
+    (without the lock each reads the index, appends its own and writes back over the other's)."""
+    import multiprocessing
+
+    ModelRegistry(tmp_path, "concurrent").register(_model_folder(tmp_path / "model", b"w"), _gate(True), metrics={}, run="r")
+    context = multiprocessing.get_context("spawn")
+    start = context.Manager().Barrier(2)
+    with context.Pool(2) as pool:
+        pool.starmap(_record_many, [(str(tmp_path), start, 25)] * 2)
+    deployments = ModelRegistry(tmp_path, "concurrent").get("v0001")["deployments"]
+    assert len({deployment["model_id"] for deployment in deployments}) == len(deployments) == 50
+
+
+def test_a_registry_locked_too_long_is_named_in_the_error(tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    registry = ModelRegistry(tmp_path, "m")
+    registry.register(_model_folder(tmp_path / "model", b"w"), _gate(True), metrics={}, run="r")
+    monkeypatch.setattr(registry_module, "LOCK_TIMEOUT_SECONDS", 0.2)
+    with FileLock(registry.root / ".index.lock"):  # another holder: flock conflicts between open files
+        with pytest.raises(RegistryLockTimeout, match=r"'m': the registry's lock .*\.index\.lock was held .* over 0.2 s"):
+            registry.register(tmp_path / "model", _gate(True), metrics={}, run="r2")
+        with pytest.raises(RegistryLockTimeout):
+            registry.record_deployment("v0001", url="u", model_id="m", app_name="a", forced=False, by="test")
+    assert [entry["version"] for entry in registry.versions()] == ["v0001"]
+    assert not list(registry.root.glob(".staging-*"))  # the copy made before waiting is removed
 
 
 LINEAGE = {"sources": {"tweets": {"/data/tweets.csv": {"sha256": "ab" * 32}}}, "parent_version": None}

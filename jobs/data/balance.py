@@ -113,11 +113,12 @@ def rebalance_class(group: pd.DataFrame, settings, target: int) -> pd.DataFrame:
     return out
 
 
-def balanced_sample(split: ray.data.Dataset, label_rows: dict[str, int], seed: int) -> ray.data.Dataset:
-    """The split's rows with every class cut to the smallest class's size, for the training stream:
-    each row is kept with probability smallest / its class's rows, decided by a hash of its key
-    (deterministic, independent of the split's own hash, in shard order). The shards stay whole, so
-    the baseline and evaluation still see every row."""
-    smallest = min(label_rows.values())
-    keep = {label: smallest / rows for label, rows in label_rows.items()}
+def balanced_sample(split: ray.data.Dataset, label_rows: dict[str, int], seed: int, min_rows: int = 1) -> ray.data.Dataset:
+    """The split's rows with every class cut to the smallest class's size, or to `min_rows` if that
+    is more (classes below it keep every row), for the training stream: each row is kept with
+    probability target / its class's rows, decided by a hash of its key (deterministic, independent
+    of the split's own hash, in shard order). The shards stay whole, so the baseline and evaluation
+    still see every row."""
+    target = max(min(label_rows.values()), min_rows)
+    keep = {label: min(1.0, target / rows) for label, rows in label_rows.items()}
     return split.filter(lambda row: split_position(row["key"], f"balance-{seed}") < keep[row["label"]])

@@ -125,9 +125,10 @@ def training_streams(cfg: RunConfig, task_dirs: dict[str, Path], manifests: dict
     streams = Streams(split_dataset(data_dir, "train"), split_dataset(data_dir, "validation").limit(train.max_validation_examples))
     if train.balance_classes:
         label_rows = manifests[primary]["splits"]["train"]["labels"]
-        streams.train = balanced_sample(streams.train, label_rows, train.seed)
-        print(f"[finetune] class-balanced training stream: about {min(label_rows.values())} rows of each of "
-              f"{len(label_rows)} labels (train split {label_rows})")
+        streams.train = balanced_sample(streams.train, label_rows, train.seed, train.balance_min_rows)
+        target = max(min(label_rows.values()), train.balance_min_rows)
+        print(f"[finetune] class-balanced training stream: about {target} rows of each of {len(label_rows)} labels, "
+              f"all rows of the smaller ones (train split {label_rows})")
     if not cfg.tasks:
         return streams
     # The examples max_steps optimizer steps consume, or one pass of the mixture when that is

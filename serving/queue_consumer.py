@@ -52,7 +52,10 @@ class ConsumerSettings(StrictModel):
     group: str = Field(default="lakeforge", description="Consumer group; consumers in one group share the requests.")
     consumer: str | None = Field(
         default=None, description="This consumer's name in the group (None: host name and process id; Serve replicas use their id).")
-    base_url: str = Field(default="http://127.0.0.1:8000", description="Base URL of the OpenAI-compatible endpoint (without /v1).")
+    base_url: str = Field(default="http://127.0.0.1:8000", description="Base URL of the OpenAI-compatible endpoint (without /v1): https:// when it serves TLS (the endpoint's tls).")
+    ca_file: str | None = Field(
+        default=None, description="CA certificate(s) an https:// base_url's certificate is checked against, on the node "
+                                  "the consumer runs on (None: the system's trusted CAs).")
     # No `api_key` setting: settings travel as a Serve deployment's arguments (Ray's metadata, the
     # pickled replica arguments) and in config files; the key is read where the consumer runs.
     api_key_env: str = Field(
@@ -155,6 +158,7 @@ class QueueConsumer:
         self.api_key = settings.key()
         self.redis = client or redis_client(settings.redis_url, password_from_env(settings.redis_password_env))
         self.http = requests.Session()
+        self.http.verify = settings.ca_file or True
         self.last_error: dict[str, str] = {}  # entry id -> why its last delivery failed (for the dead letter)
         self.counts = {"answered": 0, "dead_lettered": 0, "failed_attempts": 0}
         try:

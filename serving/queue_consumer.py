@@ -158,7 +158,6 @@ class QueueConsumer:
         self.api_key = settings.key()
         self.redis = client or redis_client(settings.redis_url, password_from_env(settings.redis_password_env))
         self.http = requests.Session()
-        self.http.verify = settings.ca_file or True
         self.last_error: dict[str, str] = {}  # entry id -> why its last delivery failed (for the dead letter)
         self.counts = {"answered": 0, "dead_lettered": 0, "failed_attempts": 0}
         try:
@@ -177,7 +176,9 @@ class QueueConsumer:
         requested_model = body.setdefault("model", self.settings.model)
         body["stream"] = False
         reply = self.http.post(f"{self.settings.base_url}/v1/chat/completions", json=body,
-                               headers={"Authorization": f"Bearer {self.api_key}"}, timeout=self.settings.request_timeout_s)
+                               headers={"Authorization": f"Bearer {self.api_key}"}, timeout=self.settings.request_timeout_s,
+                               # per call: a session's own `verify` loses to $REQUESTS_CA_BUNDLE
+                               verify=self.settings.ca_file or True)
         if reply.status_code == 401 or (reply.status_code == 403 and requested_model == self.settings.model):
             raise CredentialsRefused(f"endpoint {self.settings.base_url} refused the consumer's API key: "
                                      f"{reply.status_code} {reply.text[:200]}")

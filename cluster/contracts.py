@@ -115,10 +115,10 @@ class EndpointTls(StrictModel):
     `ssl_cert_reqs` to uvicorn), so callers authenticate with API keys or JWTs, as over HTTP."""
 
     certfile: str = Field(
-        description="Absolute path of the PEM certificate the proxy presents, followed by any intermediate CA "
+        min_length=1, description="Absolute path of the PEM certificate the proxy presents, followed by any intermediate CA "
         "certificates; it must name the address callers use (see hostname).")
     keyfile: str = Field(
-        description="Absolute path of certfile's PEM private key, unencrypted and readable by its owner only "
+        min_length=1, description="Absolute path of certfile's PEM private key, unencrypted and readable by its owner only "
         "(mode 0600 or stricter; anything looser is refused). Not encrypted because Serve would keep a key "
         "password in its controller's state, which its REST API shows.")
     ca_file: str = Field(
@@ -134,9 +134,9 @@ class EndpointTls(StrictModel):
     @field_validator("certfile", "keyfile", "ca_file")
     @classmethod
     def _absolute(cls, path: str, info) -> str:
-        # The proxies read the files in their own processes, whose working folder is not the deployer's.
+        # The files are read in other processes (the proxies, on every node), whose working folder is not the deployer's.
         if path and not Path(path).is_absolute():
-            raise ValueError(f"{info.field_name} must be an absolute path (the Serve proxies read it), not {path!r}")
+            raise ValueError(f"{info.field_name} must be an absolute path (other processes read it), not {path!r}")
         return path
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cluster.config import StrictModel
 from cluster.monitoring import MonitoringSettings
@@ -106,6 +106,40 @@ class AutoscalingSettings(StrictModel):
         return self
 
 
+class EndpointTls(StrictModel):
+    """HTTPS on the Serve proxy, with Serve's own TLS options (its uvicorn server terminates TLS).
+
+    Every Serve proxy reads the files itself, so they must be at these paths on each node that runs
+    one; `cluster.endpoints.deploy` checks them (readable, the key owner-only and unencrypted, the
+    pair matching) before Serve starts. Serve cannot require client certificates (it passes no
+    `ssl_cert_reqs` to uvicorn), so callers authenticate with API keys or JWTs, as over HTTP."""
+
+    certfile: str = Field(
+        min_length=1, description="Absolute path of the PEM certificate the proxy presents, followed by any intermediate CA "
+        "certificates; it must name the address callers use (see hostname).")
+    keyfile: str = Field(
+        min_length=1, description="Absolute path of certfile's PEM private key, unencrypted and readable by its owner only "
+        "(mode 0600 or stricter; anything looser is refused). Not encrypted because Serve would keep a key "
+        "password in its controller's state, which its REST API shows.")
+    ca_file: str = Field(
+        default="",
+        description="Absolute path of the CA certificate(s) the project's own callers of the endpoint (the deploy's "
+        "health check, the pipeline's serving check) verify certfile with; empty: the system's trusted CAs.")
+    hostname: str = Field(
+        default="",
+        description="Name the project's own callers reach the endpoint by and check its certificate against (e.g. "
+        "llm.internal, resolving to a node with a Serve proxy); empty: the endpoint's host (127.0.0.1 when "
+        "host is 0.0.0.0), which certfile must then name.")
+
+    @field_validator("certfile", "keyfile", "ca_file")
+    @classmethod
+    def _absolute(cls, path: str, info) -> str:
+        # The files are read in other processes (the proxies, on every node), whose working folder is not the deployer's.
+        if path and not Path(path).is_absolute():
+            raise ValueError(f"{info.field_name} must be an absolute path (other processes read it), not {path!r}")
+        return path
+
+
 class EndpointSettings(StrictModel):
     """How a model is served by Ray Serve + vLLM (the Serve app builder's argument)."""
 
@@ -130,9 +164,17 @@ class EndpointSettings(StrictModel):
         description="Prediction log of /v1/classify and the feedback route /v1/feedback (`jobs.monitor` reads both).")
     host: str = Field(default="127.0.0.1", description="Address the Serve HTTP proxy binds; 0.0.0.0 for other machines.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the Serve HTTP proxy.")
+    tls: EndpointTls | None = Field(
+        default=None, description="HTTPS on the Serve proxy (certificate and key files); None: plain HTTP. Like host "
+        "and port, applied when lakeforge deploys; `serve deploy` takes the Serve config's own `http_options` "
+        "(ssl_certfile, ssl_keyfile).")
     app_name: str = Field(default="lakeforge", description="Serve application name.")
     engine_overrides: dict = Field(default_factory=dict, description="Expert escape hatch: extra vLLM engine kwargs, passed through as given.")
     engine_env: dict[str, str] = Field(
         default_factory=dict,
         description="Extra environment of the engine processes, e.g. VLLM_CPU_OMP_THREADS_BIND=0-1 or LD_PRELOAD of "
                     "tcmalloc and libiomp5 on CPU (bench/serve_bench.py measures which help).")
+
+    def ca_bundle(self) -> str | bool:
+        """`verify` for the project's own HTTP clients of this endpoint: tls.ca_file, else the system's CAs."""
+        return self.tls.ca_file if self.tls is not None and self.tls.ca_file else True

@@ -5,14 +5,18 @@ Jobs deploy the serving app this way, by name, so `jobs` never imports `serving`
 
 from __future__ import annotations
 
+import os
+import ssl
+import stat
 import time
+from pathlib import Path
 
 import requests
 from ray import serve
 from ray._common.utils import import_attr
 
 from cluster.config import ConfigError
-from cluster.contracts import EndpointSettings
+from cluster.contracts import EndpointSettings, EndpointTls
 from cluster.security import KEY_RECORD_ENV, key_record_from_env, new_api_key
 
 
@@ -34,15 +38,49 @@ def with_local_key(settings: EndpointSettings) -> tuple[str, EndpointSettings]:
     return key, settings.model_copy(update={"security": security})
 
 
+def https_options(tls: EndpointTls) -> dict:
+    """Serve's HTTP options for `tls`, once its files pass the checks a proxy would otherwise fail
+    on later, in its own log: readable files, an owner-only unencrypted key, a key that is certfile's."""
+    for field in ("certfile", "keyfile", "ca_file"):
+        path = getattr(tls, field)
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            raise ConfigError(f"tls.{field}: {path} is not a readable file")
+    mode = stat.S_IMODE(Path(tls.keyfile).stat().st_mode)
+    if mode & 0o077:
+        raise ConfigError(f"tls.keyfile: {tls.keyfile} is readable by group or others (mode {mode:o}): chmod 600 it; "
+                          "whoever reads the key can pose as the endpoint")
+
+    def encrypted_key():
+        # Called by OpenSSL only for an encrypted key; without it OpenSSL would prompt on the terminal.
+        raise ConfigError(f"tls.keyfile: {tls.keyfile} is encrypted: Serve would keep its password in its "
+                          "controller's state; use an unencrypted key readable by its owner only (mode 0600)")
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.certfile, tls.keyfile,
+                                                                            password=encrypted_key)
+    except ssl.SSLError as error:
+        raise ConfigError(f"tls.certfile, tls.keyfile: not a PEM certificate and its private key "
+                          f"({error.reason or error})") from None
+    return {"ssl_certfile": tls.certfile, "ssl_keyfile": tls.keyfile}
+
+
 def deploy(import_path: str, settings: EndpointSettings, timeout_s: float = 900) -> str:
     """Deploy (or update) the app and wait until its engines are healthy; returns the base URL."""
     builder = import_attr(import_path)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(builder(settings.model_dump()), name=settings.app_name, route_prefix="/", blocking=False)
-    # A Serve instance already running on this cluster keeps its own proxy address (serve.start
-    # only warns): report where the app is really reachable, not the requested port.
+    tls_options = https_options(settings.tls) if settings.tls is not None else {}
+    serve.start(http_options={"host": settings.host, "port": settings.port, **tls_options})
+    # A Serve instance already running on this cluster keeps its own proxy options (serve.start
+    # only warns): its address is reported below, but a different TLS setting is refused, so an
+    # endpoint configured for HTTPS is never served over plain HTTP.
     http = serve.context._get_global_client().http_config
-    base_url = f"http://{'127.0.0.1' if http.host == '0.0.0.0' else http.host}:{http.port}"
+    if http.ssl_certfile != tls_options.get("ssl_certfile"):
+        running = f"HTTPS with {http.ssl_certfile}" if http.ssl_certfile else "plain HTTP"
+        raise ConfigError(f"tls: Serve already runs on this cluster with {running} on port {http.port}, and its proxy "
+                          f"options are fixed while it runs: `serve shutdown` it (every app) to start it with these settings")
+    serve.run(builder(settings.model_dump()), name=settings.app_name, route_prefix="/", blocking=False)
+    host = settings.tls.hostname if settings.tls is not None and settings.tls.hostname else http.host
+    scheme = "https" if settings.tls is not None else "http"
+    base_url = f"{scheme}://{'127.0.0.1' if host == '0.0.0.0' else host}:{http.port}"
     deadline = time.monotonic() + timeout_s
     while True:
         status = serve.status().applications.get(settings.app_name)
@@ -54,7 +92,7 @@ def deploy(import_path: str, settings: EndpointSettings, timeout_s: float = 900)
             raise TimeoutError(f"Serve app {settings.app_name} not running after {timeout_s:.0f}s")
         time.sleep(2)
     # The gateway's engine health route: open by default, and a 401 (closed by config) still proves it answers.
-    health = requests.get(f"{base_url}/health", timeout=30)
+    health = requests.get(f"{base_url}/health", timeout=30, verify=settings.ca_bundle())
     if health.status_code >= 500:
         raise RuntimeError(f"Serve app {settings.app_name} is running but unhealthy: {health.text}")
     return base_url

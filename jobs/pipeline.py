@@ -9,6 +9,7 @@ Writes <storage_root>/<name>/summary.json with the headline figures of every sta
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from pathlib import Path
 
@@ -41,7 +42,10 @@ def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, ap
     """
     import openai
 
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key)
+    verify = endpoint.ca_bundle()
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, http_client=openai.DefaultHttpxClient(
+        verify=ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify))
+    # `verify` on every call: a session's own `verify` loses to $REQUESTS_CA_BUNDLE (requests merges the environment over it).
     served_ids = [model.id for model in client.models.list().data]
     answers = []
     for row in predictions.head(cfg.serve.check_examples).itertuples():
@@ -57,17 +61,17 @@ def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, ap
         })
     chat_url, auth = f"{base_url}/v1/chat/completions", {"authorization": f"Bearer {api_key}"}
     if answers:
-        classified = requests.post(f"{base_url}/v1/classify", headers=auth, timeout=300, json={
+        classified = requests.post(f"{base_url}/v1/classify", headers=auth, timeout=300, verify=verify, json={
             "model": endpoint.model_id, "texts": [answer["text"] for answer in answers]})
         classified.raise_for_status()
         for answer, result in zip(answers, classified.json()["results"]):
             answer["classify_label"] = result["label"]
             answer["classify_probabilities"] = result["probabilities"]
     rejects = {
-        "no_credentials": requests.post(chat_url, json={"model": endpoint.model_id, "messages": [{"role": "user", "content": "hi"}]}, timeout=60).status_code,
-        "unknown_model": requests.post(chat_url, json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, headers=auth, timeout=60).status_code,
-        "over_long_prompt": requests.post(chat_url, json={"model": endpoint.model_id, "messages": [{"role": "user", "content": "word " * endpoint.max_model_len}]}, headers=auth, timeout=60).status_code,
-        "malformed_body": requests.post(chat_url, data="{not json", headers={"content-type": "application/json", **auth}, timeout=60).status_code,
+        "no_credentials": requests.post(chat_url, json={"model": endpoint.model_id, "messages": [{"role": "user", "content": "hi"}]}, timeout=60, verify=verify).status_code,
+        "unknown_model": requests.post(chat_url, json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, headers=auth, timeout=60, verify=verify).status_code,
+        "over_long_prompt": requests.post(chat_url, json={"model": endpoint.model_id, "messages": [{"role": "user", "content": "word " * endpoint.max_model_len}]}, headers=auth, timeout=60, verify=verify).status_code,
+        "malformed_body": requests.post(chat_url, data="{not json", headers={"content-type": "application/json", **auth}, timeout=60, verify=verify).status_code,
     }
     agree = sum(a["served_answer"] == a["offline_prediction"] for a in answers)
     classify_agree = sum(a["classify_label"] == a["offline_prediction"] for a in answers)

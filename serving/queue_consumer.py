@@ -52,7 +52,10 @@ class ConsumerSettings(StrictModel):
     group: str = Field(default="lakeforge", description="Consumer group; consumers in one group share the requests.")
     consumer: str | None = Field(
         default=None, description="This consumer's name in the group (None: host name and process id; Serve replicas use their id).")
-    base_url: str = Field(default="http://127.0.0.1:8000", description="Base URL of the OpenAI-compatible endpoint (without /v1).")
+    base_url: str = Field(default="http://127.0.0.1:8000", description="Base URL of the OpenAI-compatible endpoint (without /v1): https:// when it serves TLS (the endpoint's tls).")
+    ca_file: str | None = Field(
+        default=None, description="CA certificate(s) an https:// base_url's certificate is checked against, on the node "
+                                  "the consumer runs on (None: the system's trusted CAs).")
     # No `api_key` setting: settings travel as a Serve deployment's arguments (Ray's metadata, the
     # pickled replica arguments) and in config files; the key is read where the consumer runs.
     api_key_env: str = Field(
@@ -173,7 +176,9 @@ class QueueConsumer:
         requested_model = body.setdefault("model", self.settings.model)
         body["stream"] = False
         reply = self.http.post(f"{self.settings.base_url}/v1/chat/completions", json=body,
-                               headers={"Authorization": f"Bearer {self.api_key}"}, timeout=self.settings.request_timeout_s)
+                               headers={"Authorization": f"Bearer {self.api_key}"}, timeout=self.settings.request_timeout_s,
+                               # per call: a session's own `verify` loses to $REQUESTS_CA_BUNDLE
+                               verify=self.settings.ca_file or True)
         if reply.status_code == 401 or (reply.status_code == 403 and requested_model == self.settings.model):
             raise CredentialsRefused(f"endpoint {self.settings.base_url} refused the consumer's API key: "
                                      f"{reply.status_code} {reply.text[:200]}")

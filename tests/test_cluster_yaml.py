@@ -3,7 +3,11 @@ that the nodes' image runs this Ray version on a Python that pyproject accepts, 
 the file (the token comes from a secret store), and that docs/operations.md describes the same cluster."""
 
 import json
+import os
 import re
+import shutil
+import stat
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -12,9 +16,14 @@ import pytest
 import ray
 import yaml
 from packaging.specifiers import SpecifierSet
+from ray.util import get_node_ip_address
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET_ID = "lakeforge/ray-auth-token"
+TLS_CA_SECRET_IDS = ("lakeforge/ray-tls-ca", "lakeforge/ray-tls-ca-key")
+# Ray's TLS settings, as every process in the nodes' container gets them (docker run options).
+RAY_TLS_ENV = {"RAY_USE_TLS": "1", "RAY_TLS_SERVER_CERT": "/run/secrets/ray_tls/node.pem",
+               "RAY_TLS_SERVER_KEY": "/run/secrets/ray_tls/node.key", "RAY_TLS_CA_CERT": "/run/secrets/ray_tls/ca.pem"}
 MOUNT = "/mnt/lakeforge"
 # rayproject/ray tags: {Ray version}-py{major}{minor}-{platform}, the platform cpu or cuXXX (CUDA image).
 IMAGE_TAG = re.compile(r"^rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<major>\d)(?P<minor>\d+)-(?P<platform>cpu|cu\d+)$")
@@ -79,8 +88,8 @@ def test_the_token_reaches_every_node_from_the_secret_store_owner_only():
     config = load_cluster_yaml()
     # Not copied from the submitting machine or the repository.
     assert not any("auth_token" in f"{target} {source}" for target, source in config["file_mounts"].items())
-    fetch = [command for command in config["initialization_commands"] if "aws secretsmanager get-secret-value" in command]
-    assert len(fetch) == 1 and f"--secret-id {SECRET_ID}" in fetch[0]
+    fetch = [command for command in config["initialization_commands"] if f"--secret-id {SECRET_ID} " in command]
+    assert len(fetch) == 1
     assert "umask 077" in fetch[0] and "> ~/.ray/auth_token" in fetch[0] and "chmod 600 ~/.ray/auth_token" in fetch[0]
     # initialization_commands run on every node's host, before its container starts; Ray reads the
     # token where RAY_AUTH_TOKEN_PATH points, a read-only mount of that file.
@@ -90,6 +99,56 @@ def test_the_token_reaches_every_node_from_the_secret_store_owner_only():
     assert config["auth"]["ssh_user"] == "ubuntu"
     # Every node may read the secret: each node type names its instance profile (Ray gives only the head one).
     assert all("IamInstanceProfile" in node_type["node_config"] for node_type in config["available_node_types"].values())
+
+
+def test_every_ray_process_on_every_node_speaks_tls_with_its_nodes_own_certificate():
+    """Ray's TLS is on in the one container every node runs (so for `ray start` on head and workers,
+    and everything it starts), with a certificate each node makes at boot from the CA in Secrets Manager."""
+    config = load_cluster_yaml()
+    run_options = config["docker"]["run_options"]
+    assert [f"-e {name}={value}" for name, value in RAY_TLS_ENV.items() if f"-e {name}={value}" not in run_options] == []
+    assert "-v /home/ubuntu/.ray/tls:/run/secrets/ray_tls:ro" in run_options
+    assert all("docker" not in node_type for node_type in config["available_node_types"].values())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [command for command in config[key] if "ray start" in command]
+        assert starts and not [command for command in starts if "RAY_USE_TLS" in command or "RAY_TLS_" in command]
+    [make_certificate] = [command for command in config["initialization_commands"] if "openssl x509 -req" in command]
+    for secret_id in TLS_CA_SECRET_IDS:
+        assert f"--secret-id {secret_id} " in make_certificate
+    assert "chmod 700 ~/.ray/tls" in make_certificate and "umask 077" in make_certificate
+    assert "subjectAltName=IP:%s,IP:127.0.0.1" in make_certificate and '"$NODE_IP"' in make_certificate
+    # The CA key is removed whether or not signing worked (after the subshell, not chained with &&).
+    assert re.search(r"\); rm -f ca\.key\b", make_certificate)
+    header = (REPO / "cluster.yaml").read_text().split("cluster_name:")[0]
+    assert all(secret_id in header for secret_id in TLS_CA_SECRET_IDS)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_the_node_certificate_command_makes_a_certificate_the_ca_verifies(tmp_path):
+    """The boot command itself, with the two secrets read from local files instead of Secrets Manager."""
+    config = load_cluster_yaml()
+    [command] = [command for command in config["initialization_commands"] if "openssl x509 -req" in command]
+    ca = tmp_path / "ca"
+    ca.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "1", "-subj", "/CN=test-ca", "-keyout", ca / "ca.key", "-out", ca / "ca.pem"],
+                   check=True, capture_output=True)
+    fetch = "aws secretsmanager get-secret-value --region {region} --secret-id {secret} --query SecretString --output text"
+    region = config["provider"]["region"]
+    for secret_id, file in zip(TLS_CA_SECRET_IDS, ("ca.pem", "ca.key")):
+        command = command.replace(fetch.format(region=region, secret=secret_id), f"cat {ca / file}")
+    assert "aws " not in command
+    home = tmp_path / "home"
+    home.mkdir()
+    subprocess.run(["bash", "-c", command], env={**os.environ, "HOME": str(home)}, check=True, capture_output=True)
+    tls = home / ".ray" / "tls"
+    assert sorted(path.name for path in tls.iterdir()) == ["ca.pem", "node.key", "node.pem"]  # no CA key left
+    assert all(stat.S_IMODE(path.stat().st_mode) == 0o600 for path in tls.iterdir())
+    assert stat.S_IMODE(tls.stat().st_mode) == 0o700
+    subprocess.run(["openssl", "verify", "-CAfile", tls / "ca.pem", tls / "node.pem"], check=True, capture_output=True)
+    names = subprocess.run(["openssl", "x509", "-in", tls / "node.pem", "-noout", "-ext", "subjectAltName"],
+                           check=True, capture_output=True, text=True).stdout
+    assert f"IP Address:{get_node_ip_address()}" in names and "IP Address:127.0.0.1" in names
 
 
 LITERAL_SECRETS = {

@@ -174,3 +174,47 @@ def test_the_redis_password_is_read_from_the_variable_named_where_the_consumer_r
     consumer = QueueConsumer(settings, name="c")  # joins its group: it authenticated
     assert consumer.redis.xinfo_groups("pw:requests")[0]["name"] == "lakeforge"
     assert "from-the-node" not in repr(settings.model_dump())
+
+
+def test_an_https_endpoint_is_verified_with_the_ca_file(tmp_path):
+    """The consumer checks an https:// endpoint's certificate against `ca_file` (here a local HTTPS
+    server with a certificate of a CA the test makes), and refuses it without."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import requests
+
+    from tests.conftest import write_test_pki
+
+    pki = write_test_pki(tmp_path / "pki")
+
+    class ChatEndpoint(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            body = json.dumps({"choices": [{"message": {"content": "positive"}}]}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ChatEndpoint)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki["cert"], pki["key"])
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base_url = f"https://127.0.0.1:{server.server_address[1]}"
+        entry = {"body": json.dumps({"messages": [{"role": "user", "content": "hi"}]})}
+        trusting = QueueConsumer(ConsumerSettings(base_url=base_url, ca_file=str(pki["ca"])), name="c", client=FakeRedis())
+        assert trusting.answer(entry)["choices"][0]["message"]["content"] == "positive"
+        untrusting = QueueConsumer(ConsumerSettings(base_url=base_url), name="c", client=FakeRedis())
+        with pytest.raises(requests.exceptions.SSLError, match="CERTIFICATE_VERIFY_FAILED"):
+            untrusting.answer(entry)
+    finally:
+        server.shutdown()
+        server.server_close()

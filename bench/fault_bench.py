@@ -36,12 +36,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import concurrent.futures
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -253,6 +253,7 @@ def training_config(root: Path, name: str, args):
 
     return load_config(RunConfig, REPO / "configs" / "airline_sentiment.yaml", [
         f"storage_root={root}", f"model_cache={args.model_cache}", f"name={name}", "model.base=tiny-random",
+        "data.sample_every=20",  # every 20th tweet: the drill is about the kill, not the data stage
         "train.micro_batch_size=4", "train.gradient_accumulation_steps=1", "train.warmup_steps=1",
         f"train.max_steps={args.train_steps}", f"train.eval_every={args.train_eval_every}",
         "train.max_validation_examples=16", "train.keep_checkpoints=1", "tracking.enabled=false",
@@ -285,26 +286,24 @@ def training_drill_child(args) -> None:
         def validated_steps() -> list[int]:
             return [json.loads(line)["step"] for line in curve.read_text().splitlines()] if curve.is_file() else []
 
-        def kill_second_node() -> None:
-            # After the first checkpoint is stored (its folder, a moment after the validation line).
-            while not list((cfg.run_dir / "ray_train").glob("*/checkpoint_*")):
-                time.sleep(0.1)
-            time.sleep(0.5)
+        # The run goes on in a thread: Ray starts a node only from the main thread (signal handlers).
+        started = time.monotonic()
+        run = concurrent.futures.ThreadPoolExecutor(max_workers=1).submit(run_finetune, cfg, base_dir, data_dir)
+        # After the first checkpoint is stored (its folder, a moment after the validation line).
+        while not list((cfg.run_dir / "ray_train").glob("*/checkpoint_*")) and not run.done():
+            time.sleep(0.1)
+        time.sleep(0.5)
+        if not run.done():
             drill["step_at_kill"] = max(validated_steps(), default=0)
             killed_at = time.monotonic()
             cluster.remove_node(second, allow_graceful=False)  # SIGKILL: raylet, workers, the training worker
             drill["replacement_node"] = cluster.add_node(num_cpus=3, resources={"trainer": 1}).node_id
             drill["replacement_added_s"] = time.monotonic() - killed_at
-            while not [s for s in validated_steps() if s > drill["step_at_kill"]]:
+            while not [step for step in validated_steps() if step > drill["step_at_kill"]] and not run.done():
                 time.sleep(0.2)
             drill["next_validation_after_kill_s"] = time.monotonic() - killed_at
-
-        killer = threading.Thread(target=kill_second_node, daemon=True)
-        killer.start()
-        started = time.monotonic()
-        killed = run_finetune(cfg, base_dir, data_dir)
+        killed = run.result()
         drill["run_seconds"] = time.monotonic() - started
-        killer.join(timeout=5)
         keys = ("step", "train_loss", "val_loss", "resumed_from_step", "worker_nodes")
         drill.update({
             "kill_happened_mid_run": "step_at_kill" in drill and drill["step_at_kill"] < killed["final"]["step"],
@@ -347,7 +346,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--after-kill", type=float, default=30, help="least seconds of load after the kill")
     parser.add_argument("--max-wait", type=float, default=300, help="most seconds of load after the kill")
     parser.add_argument("--port", type=int, default=8152, help="Serve HTTP port of the drilled endpoint")
-    parser.add_argument("--train-steps", type=int, default=24)
+    parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--train-eval-every", type=int, default=4)
     parser.add_argument("--note", default="", help="recorded in the results (e.g. other load on the machine)")
     parser.add_argument("--output", default=str(RESULTS_FILE))

@@ -271,7 +271,9 @@ def training_drill_child(args) -> None:
 
     os.environ.pop("RAY_ADDRESS", None)
     root = Path(args.child_training)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "resources": {"trainer": 1}})
+    # No dashboard: its fixed port may be taken by another cluster on the same machine.
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 3, "resources": {"trainer": 1}, "include_dashboard": False})
     second = cluster.add_node(num_cpus=3, resources={"trainer": 1})
     ray.init(address=cluster.address)
     try:

@@ -56,6 +56,7 @@ bench: setup tcmalloc
 	$(PY) -m bench.pii_bench
 	$(PY) -m bench.serve_bench
 	$(PY) -m bench.api_fuzz
+	$(PY) -m bench.fault_bench
 
 down:
 	$(PY) -m cluster.ray_cluster down

@@ -101,6 +101,45 @@ def test_config_rejects_generative_settings_that_cannot_work():
         load_config(RunConfig, None, ["data.task=chat", "eval.generative_metric=bleu"])
 
 
+def test_the_report_of_a_generative_run_shows_metrics_with_intervals_and_answers_side_by_side(tmp_path):
+    """The report from an evaluation built of the real pieces (no cluster): per-row scores, their
+    means with paired intervals, the gate, the best and worst rows; every text escaped."""
+    from jobs.evaluation.analysis import answer_examples
+    from jobs.evaluation.gate import promotion_gate
+    from jobs.evaluation.metrics import generative_metrics
+    from jobs.evaluation.report import write_report
+
+    rows = support_rows()[:12]
+    prompts, references = [row["question"] for row in rows], [row["answer"] for row in rows]
+    answers = {"fine_tuned": references[:8] + ["<b>no idea</b>"] * 4, "base_zero_shot": ["Hello & welcome"] * 12,
+               "baseline_tfidf_retrieval": references[1:] + references[:1]}
+    predictions = {}
+    for system, generated in answers.items():
+        frame = pd.DataFrame({"key": [f"k{i:02d}" for i in range(12)], "text": prompts, "label": references,
+                              "generated": generated})
+        predictions[system] = frame.join(reference_scores(generated, references)).join(
+            format_check_results(generated, FormatChecks(max_words=6)))
+    metrics = ["rouge_l", "chrf", "exact_match", "format_max_words", "format_pass"]
+    report = {"task": "instruction", "test_examples": 12, "models": {"fine_tuned": "m", "base_zero_shot": "b"},
+              **{system: generative_metrics(frame, metrics) for system, frame in predictions.items()}}
+    report["fine_tuned"]["answer_perplexity"] = 3.5
+    report["bootstrap"] = paired_bootstrap(12, {system: {metric: lambda r, s=frame[metric].to_numpy(): float(s[r].mean())
+                                                         for metric in metrics} for system, frame in predictions.items()},
+                                           resamples=100)
+    report["examples"] = answer_examples(predictions, "rouge_l", 2)
+    report["gate"] = promotion_gate(report["bootstrap"], "rouge_l", 0.0)
+    assert report["fine_tuned"]["exact_match"] == pytest.approx(8 / 12) and report["base_zero_shot"]["rouge_l"] == 0.0
+    assert report["gate"]["deployable"] and report["gate"]["reference"] == "base_zero_shot"
+    assert [row["answers"]["fine_tuned"]["score"] for row in report["examples"]["best"]] == [1.0, 1.0]
+    assert report["examples"]["worst"][0]["answers"]["fine_tuned"]["text"] == "<b>no idea</b>"
+
+    page = write_report(tmp_path / "report.html", json.loads(json.dumps(report))).read_text()
+    assert "Promotion gate: Deployable" in page and "ROUGE-L [95% CI]" in page and "format: max words" in page
+    assert "fine_tuned - baseline_tfidf_retrieval" in page and "3.50" in page
+    assert "&lt;b&gt;no idea&lt;/b&gt;" in page and "<b>no idea</b>" not in page and "Hello &amp; welcome" in page
+    assert "Worst answers of fine_tuned by ROUGE-L" in page
+
+
 def _check_generative_evaluation(report: dict, predictions: dict, cfg: RunConfig, train_answers: set[str]) -> None:
     """What every generative evaluation must hold: the systems, metrics that are the means of the
     per-row scores recomputed from the answers, intervals around them, the baseline's answers from
@@ -118,7 +157,7 @@ def _check_generative_evaluation(report: dict, predictions: dict, cfg: RunConfig
             assert 0 <= low <= report[system][metric] <= high <= 1, (system, metric)
         for metric in ("rouge_l", "chrf", "exact_match"):
             assert report[system][metric] == pytest.approx(recomputed[metric].mean()), (system, metric)
-        assert report[system]["format_max_words"] == pytest.approx((frame["generated"].str.split().str.len() <= 8).mean())
+        assert report[system]["format_max_words"] == pytest.approx(frame["generated"].map(lambda answer: len(answer.split()) <= 8).mean())
         written = pd.read_parquet(cfg.run_dir / "predictions" / f"{system}.parquet")
         assert written["key"].tolist() == predictions["fine_tuned"]["key"].tolist(), system  # rows line up
     for system in ("fine_tuned", "base_zero_shot"):  # the reference answers' perplexity under each LLM
@@ -196,5 +235,7 @@ def test_pipeline_on_an_instruction_dataset_trains_evaluates_gates_and_reports(r
     gate = summary["version"]["gate"]
     low = report["bootstrap"]["differences"]["fine_tuned - base_zero_shot"]["rouge_l"][0]
     assert gate["metric"] == "rouge_l" and gate["deployable"] == (low > 0)
+    artifact = json.loads((Path(summary["model_dir"]) / "lakeforge_model.json").read_text())
+    assert artifact["labels"] == []  # served and batch-inferred as a generative model, not a classifier
     page = Path(summary["report"]).read_text()
     assert "ROUGE-L" in page and "Best answers of fine_tuned" in page

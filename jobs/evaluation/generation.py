@@ -42,9 +42,11 @@ def generate_answers(model_dir: Path, test, settings: EvalSection) -> pd.DataFra
     (log P(reference answer | prompt) and its token count)."""
     from ray.data.llm import build_processor
 
-    answer = {"max_tokens": settings.max_new_tokens, "temperature": 0.0, "seed": GENERATION_SEED, "prompt_logprobs": None}
-    # One token is the least vLLM generates; only the prompt's logprobs (the reference's) are read.
-    reference = {"max_tokens": 1, "temperature": 0.0, "seed": GENERATION_SEED, "prompt_logprobs": 0}
+    # Both requests ask for prompt logprobs although only the reference's are read: the rows' sampling
+    # params travel as one Arrow column, where None beside 0 turns the field into a float vLLM rejects.
+    answer = {"max_tokens": settings.max_new_tokens, "temperature": 0.0, "seed": GENERATION_SEED, "prompt_logprobs": 0}
+    # One token is the least vLLM generates: the reference request is there for its prompt logprobs.
+    reference = {**answer, "max_tokens": 1}
     columns = [column for column in PASSTHROUGH if column in test.schema().names]
 
     def postprocess(row: dict) -> dict:

@@ -118,6 +118,7 @@ def _generative_context(evaluation: dict) -> dict:
     intervals, systems = evaluation["bootstrap"]["systems"], _systems(evaluation)
     metrics = list(intervals[systems[0]])
     return {
+        "task": evaluation["task"],
         "metric_names": [METRIC_NAMES.get(metric, metric) for metric in metrics],
         "metrics": [{"name": name, "cells": [(evaluation[name][metric], intervals[name][metric]) for metric in metrics],
                      "perplexity": evaluation[name].get("answer_perplexity"),
@@ -143,11 +144,10 @@ def write_report(path: Path, evaluation: dict, explanations: dict | None = None,
         "explanations": _explanations(explanations) if explanations is not None else None,
     }
     if evaluation.get("task", "classification") != "classification":
-        page = render("model_report.html", **common, task=evaluation["task"], generative=_generative_context(evaluation),
-                      errors=None)
+        page = render("model_report.html", **common, generative=_generative_context(evaluation), errors=None)
     else:
         page = render(
-            "model_report.html", **common, task="classification", generative=None,
+            "model_report.html", **common, generative=None,
             metrics=_metrics_rows(evaluation),
             differences=list(evaluation["bootstrap"]["differences"].items()),
             per_class=_per_class_rows(evaluation),

@@ -58,7 +58,7 @@ def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir
     if generative:
         gate_metric = cfg.eval.generative_metric
         for system, frame in predictions.items():
-            if not frame["key"].equals(test_rows["key"]):
+            if frame["key"].tolist() != test_rows["key"].tolist():
                 raise RuntimeError(f"{system}: its answers are not for the test rows in key order")
             answers = frame["generated"].tolist()
             predictions[system] = frame = frame.join(reference_scores(answers, frame["label"].tolist())).join(

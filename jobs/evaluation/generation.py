@@ -53,7 +53,7 @@ def generate_answers(model_dir: Path, test, settings: EvalSection) -> pd.DataFra
         kept = {column: row[column] for column in (*columns, "request")}
         if row["request"] == "answer":
             return {**kept, "generated": row["generated_text"].strip(), "gold_logprob": np.nan, "answer_tokens": 0}
-        answer_ids = [int(token) for token in row["tokenized_prompt"][row["prompt_len"]:]]
+        answer_ids = [int(token) for token in row["prompt_token_ids"][row["prompt_len"]:]]  # what vLLM was sent
         return {**kept, "generated": None, "answer_tokens": len(answer_ids),
                 "gold_logprob": answer_logprob(row["prompt_logprobs"], answer_ids, row["prompt_len"])}
 

@@ -213,6 +213,7 @@ def test_evaluation_of_an_instruction_run_scores_every_system_and_the_gate_block
 def test_pipeline_on_an_instruction_dataset_trains_evaluates_gates_and_reports(ray_cluster, tmp_path, tiny_model_dir, capsys):
     """Issue 22 end to end: an instruction dataset through data, training, evaluation (fine-tuned,
     base, retrieval baseline, with intervals), the gate, registration and the report."""
+    from jobs.data.prepare import task_data_dirs
     from jobs.data.split import split_dataset
     from jobs.pipeline import run_pipeline
 
@@ -230,7 +231,7 @@ def test_pipeline_on_an_instruction_dataset_trains_evaluates_gates_and_reports(r
     report = json.loads((cfg.run_dir / "evaluation.json").read_text())
     predictions = {system: pd.read_parquet(cfg.run_dir / "predictions" / f"{system}.parquet")
                    for system in ("fine_tuned", "base_zero_shot", "baseline_tfidf_retrieval")}
-    train_answers = set(split_dataset(cfg.run_dir / "data" / cfg.primary_task.name, "train").to_pandas()["label"])
+    train_answers = set(split_dataset(task_data_dirs(cfg)[cfg.primary_task.name], "train").to_pandas()["label"])
     _check_generative_evaluation(report, predictions, cfg, train_answers)
     gate = summary["version"]["gate"]
     low = report["bootstrap"]["differences"]["fine_tuned - base_zero_shot"]["rouge_l"][0]

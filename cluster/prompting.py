@@ -81,3 +81,15 @@ def label_probabilities(scores):
     weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
     return weights / weights.sum(axis=-1, keepdims=True)
 
+
+
+def answer_logprob(prompt_logprobs: list, answer_ids: list[int], start: int) -> float:
+    """log P(answer | prompt) from vLLM's prompt logprobs of a request that is prompt + answer:
+    the answer's tokens start at position `start`. Batch inference scores labels with it, the
+    evaluation of generative runs the reference answers."""
+    total = 0.0
+    for k, token in enumerate(answer_ids):
+        entry = prompt_logprobs[start + k]
+        found = entry.get(token, entry.get(str(token)))  # keys may come back as strings from Arrow
+        total += float(found["logprob"])
+    return total

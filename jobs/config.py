@@ -391,7 +391,59 @@ class TrainSection(StrictModel):
         return self
 
 
+class BatchEngineSection(StrictModel):
+    """vLLM engine replicas that Ray Data runs the rows through."""
+
+    use_gpu: bool = Field(default=False, description="One GPU per engine replica (NVIDIA clusters with the `gpu` extra).")
+    cpus: float = Field(default=1.0, gt=0, description="Logical CPUs reserved per engine replica.")
+    replicas: int = Field(default=1, ge=1, description="Engine replicas working on the table in parallel (each holds a copy of the model).")
+    dtype: str = Field(default="float32", description="Weight dtype in vLLM: float32 on CPU, bfloat16 on GPUs.")
+    max_model_len: int = Field(default=1024, ge=16, description="Longest prompt+answer in tokens.")
+    max_num_seqs: int = Field(default=32, ge=1, description="Sequences vLLM batches together per step.")
+    cpu_kv_cache_gib: int = Field(default=1, ge=1, description="CPU only: RAM reserved for vLLM's KV cache, in GiB.")
+    batch_size: int = Field(default=64, ge=1, description="Rows per Ray Data batch handed to an engine replica.")
+    engine_overrides: dict = Field(default_factory=dict, description="Expert escape hatch: extra vLLM engine kwargs, passed through as given.")
+
+    def processor_config(self, model_dir: Path):
+        """The ray.data.llm processor config of these engines on `model_dir`: batch inference and the
+        evaluation of generative runs run their rows through the same engine setup."""
+        from ray.data.llm import vLLMEngineProcessorConfig
+
+        if self.use_gpu:
+            bundles, env_vars = [{"GPU": 1, "CPU": self.cpus}], {}
+        else:
+            # Without an explicit CPU bundle ray.data.llm asks for a GPU and waits forever.
+            bundles, env_vars = [{"CPU": self.cpus}], {"VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kv_cache_gib)}
+        return vLLMEngineProcessorConfig(
+            model_source=str(model_dir),
+            engine_kwargs={"dtype": self.dtype, "max_model_len": self.max_model_len,
+                           "max_num_seqs": self.max_num_seqs, **self.engine_overrides},
+            placement_group_config={"bundles": bundles},
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **env_vars}},
+            concurrency=self.replicas, batch_size=self.batch_size,
+            # Prompts arrive already templated and tokenized, exactly as in training.
+            chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
+        )
+
+
+class FormatChecks(StrictModel):
+    """Instruction and chat runs: checks of each generated answer's form, each reported as the share of
+    answers that pass it (and all of them together as format_pass)."""
+
+    max_words: int | None = Field(default=None, ge=1, description="An answer passes with at most this many words "
+                                                                  "(whitespace-separated); None: no length check.")
+    required_phrase: str | None = Field(default=None, min_length=1, description="An answer passes when it contains this "
+                                                                                "phrase (case-insensitive); None: no check.")
+    valid_json: bool = Field(default=False, description="An answer passes when it parses as JSON (json.loads).")
+
+    def enabled(self) -> bool:
+        return self.max_words is not None or self.required_phrase is not None or self.valid_json
+
+
 class EvalSection(StrictModel):
+    """Held-out evaluation. Classification runs score label likelihoods; instruction and chat runs
+    generate answers (vLLM, greedy) and compare them with the references."""
+
     max_test_examples: int | None = Field(
         default=600, ge=10,
         description="Score a uniform sample of this many test examples (None: the whole test split); CPU time is the limit.",
@@ -402,25 +454,40 @@ class EvalSection(StrictModel):
         "evaluation scores exactly these (max_test_examples is then not used) and fails if one is missing from the "
         "test split or present in train or validation. Relative to the working directory.",
     )
-    batch_size: int = Field(default=16, ge=1, description="Examples per forward pass when scoring labels.")
-    cpus: int = Field(default=2, ge=1, description="Logical CPUs (and torch threads) of the scoring actor.")
+    batch_size: int = Field(default=16, ge=1, description="Classification: examples per forward pass when scoring labels.")
+    cpus: int = Field(default=2, ge=1, description="Classification: logical CPUs (and torch threads) of the scoring actor.")
     generation_fraction: float = Field(
         default=0.15, ge=0, le=1,
-        description="Share of the test sample on which the LLMs also answer freely (greedy), to measure exact match "
+        description="Classification: share of the test sample on which the LLMs also answer freely (greedy), to measure exact match "
         "of the generated answer with the label; generation costs about as much again as scoring.",
     )
     gate_metric: Literal["accuracy", "macro_f1"] = Field(
-        default="macro_f1", description="Metric the promotion gate compares between the new model and the current one.")
+        default="macro_f1", description="Classification: metric the promotion gate compares between the new model and the current one.")
+    generative_metric: Literal["rouge_l", "chrf", "exact_match"] = Field(
+        default="rouge_l", description="Instruction and chat runs: metric the promotion gate compares, the mean over "
+        "test rows of the generated answer's ROUGE-L F1 (rouge-score), sentence chrF (sacrebleu, on a 0-1 scale) or "
+        "exact match (case, spacing and surrounding punctuation ignored) with the reference answer.")
     gate_min_improvement: float = Field(
         default=0.0, ge=0,
         description="The new model is deployable only if the lower end of the 95% paired bootstrap interval of "
-        "(new - current) on gate_metric exceeds this.",
+        "(new - current) on the gate's metric (gate_metric or generative_metric) exceeds this.",
     )
+    max_new_tokens: int = Field(default=64, ge=1, description="Instruction and chat runs: longest generated answer in "
+                                                             "tokens (greedy decoding, so the answers are reproducible).")
+    format_checks: FormatChecks = Field(default_factory=FormatChecks,
+                                        description="Instruction and chat runs: checks of each generated answer's form.")
+    side_by_side_examples: int = Field(
+        default=5, ge=0, description="Instruction and chat runs: test rows the report shows with every system's answer, "
+        "this many of the best and of the worst by generative_metric (fine-tuned model).")
+    engine: BatchEngineSection = Field(
+        default_factory=BatchEngineSection,
+        description="Instruction and chat runs: the vLLM engine generating the answers and scoring the references, "
+        "set up as batch inference's. Its max_model_len must hold data.max_seq_len + max_new_tokens.")
     terms: list[str] = Field(
         default=["delay", "thank", "cancel", "customer service"],
         description="Terms whose presence (case-insensitive) defines evaluation slices and dependence plots.",
     )
-    worst_errors: int = Field(default=12, ge=0, description="Most confident mistakes listed in the error analysis.")
+    worst_errors: int = Field(default=12, ge=0, description="Classification: most confident mistakes listed in the error analysis.")
 
 
 class ExplainSection(StrictModel):
@@ -491,7 +558,7 @@ class RunConfig(StrictModel):
     model: ModelSection = Field(default_factory=ModelSection, description="Starting weights.")
     data: DataSection = Field(
         default_factory=DataSection,
-        description="Source, cleaning, split and template of the primary task: the one evaluated (when classification) and served.")
+        description="Source, cleaning, split and template of the primary task: the one evaluated and served.")
     primary_task: TaskWeight = Field(
         default_factory=TaskWeight, description="Name and sampling weight of the primary task (`data`) when tasks are mixed in.")
     tasks: list[TaskSection] = Field(
@@ -524,6 +591,13 @@ class RunConfig(StrictModel):
             raise ValueError("train.balance_classes needs a single classification task (a task mixture sets its own shares)")
         if "max_model_len" not in self.serve.endpoint.model_fields_set:
             object.__setattr__(self.serve.endpoint, "max_model_len", 2 * self.data.max_seq_len)
+        if self.data.task == "classification" and self.eval.format_checks.enabled():
+            raise ValueError("eval.format_checks apply to instruction and chat runs (data.task); a classification "
+                             "run's answer is a label word")
+        if self.data.task != "classification" and self.data.max_seq_len + self.eval.max_new_tokens > self.eval.engine.max_model_len:
+            raise ValueError(f"eval.engine.max_model_len ({self.eval.engine.max_model_len}) must hold the longest test "
+                             f"prompt (data.max_seq_len {self.data.max_seq_len}) and its answer (eval.max_new_tokens "
+                             f"{self.eval.max_new_tokens})")
         return self
 
     def mixture(self) -> list[tuple[str, float]]:
@@ -554,20 +628,6 @@ class BatchInputSection(StrictModel):
         if self.sql is not None and self.database is None:
             raise ValueError("input.sql needs input.database (the SQLite file it runs on)")
         return self
-
-
-class BatchEngineSection(StrictModel):
-    """vLLM engine replicas that Ray Data runs the rows through."""
-
-    use_gpu: bool = Field(default=False, description="One GPU per engine replica (NVIDIA clusters with the `gpu` extra).")
-    cpus: float = Field(default=1.0, gt=0, description="Logical CPUs reserved per engine replica.")
-    replicas: int = Field(default=1, ge=1, description="Engine replicas working on the table in parallel (each holds a copy of the model).")
-    dtype: str = Field(default="float32", description="Weight dtype in vLLM: float32 on CPU, bfloat16 on GPUs.")
-    max_model_len: int = Field(default=1024, ge=16, description="Longest prompt+answer in tokens.")
-    max_num_seqs: int = Field(default=32, ge=1, description="Sequences vLLM batches together per step.")
-    cpu_kv_cache_gib: int = Field(default=1, ge=1, description="CPU only: RAM reserved for vLLM's KV cache, in GiB.")
-    batch_size: int = Field(default=64, ge=1, description="Rows per Ray Data batch handed to an engine replica.")
-    engine_overrides: dict = Field(default_factory=dict, description="Expert escape hatch: extra vLLM engine kwargs, passed through as given.")
 
 
 class BatchInferConfig(StrictModel):

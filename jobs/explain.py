@@ -19,6 +19,8 @@ from jobs.evaluation.explanations import explain, explain_inputs
 
 def main(argv: list[str] | None = None) -> None:
     cfg = load_config_or_exit(RunConfig, argv)
+    if cfg.data.task != "classification":
+        sys.exit(f"explain: explanations attribute a classifier's label probabilities; this is a {cfg.data.task} run")
     try:
         explain_inputs(cfg)  # before starting Ray: a missing input is a one-line error, not a traceback
     except FileNotFoundError as error:

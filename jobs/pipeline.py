@@ -25,20 +25,24 @@ from jobs.config import RunConfig
 from jobs.data.prepare import MANIFEST, prepare_run_inputs
 from jobs.evaluation.explanations import explain
 from jobs.evaluation.report import SYSTEMS, write_report
-from jobs.evaluation.run import run_evaluation
+from jobs.evaluation.run import headline_metrics, run_evaluation
 from jobs.train.run import run_finetune
 from jobs.train.tracking import MetricLogger, code_version
 
 
 def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, api_key: str, predictions) -> dict:
-    """Classify test rows through the endpoint with the official openai client and `/v1/classify`,
-    and probe bad requests.
+    """Send test rows through the endpoint with the official openai client (and, for classification,
+    `/v1/classify`), and probe bad requests.
 
     Both are compared with the served model's offline (label-likelihood) predictions. `/v1/classify`
     scores the labels exactly as the evaluation does, so it must agree on every row: a served model
     that silently differs from the evaluated one shows up there. A chat answer is free greedy text,
     which agrees once the model answers with a label word (the demo's model does; a barely trained
     one may not), so its agreement is reported, not required.
+
+    A generative run's served answer is compared with the offline greedy answer (vLLM both), and
+    their agreement reported: the endpoint is sent the last user turn alone, which for a chat row
+    with earlier turns is a different prompt.
     """
     import openai
 
@@ -47,12 +51,18 @@ def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, ap
         verify=ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify))
     # `verify` on every call: a session's own `verify` loses to $REQUESTS_CA_BUNDLE (requests merges the environment over it).
     served_ids = [model.id for model in client.models.list().data]
+    generative = cfg.data.task != "classification"
     answers = []
     for row in predictions.head(cfg.serve.check_examples).itertuples():
         reply = client.chat.completions.create(
             model=endpoint.model_id, messages=chat_messages(cfg.data.system_prompt, row.text),
-            max_tokens=4, temperature=0,
+            max_tokens=cfg.eval.max_new_tokens if generative else 4, temperature=0,
         )
+        if generative:
+            answers.append({"text": row.text, "reference": row.label,
+                            "served_answer": (reply.choices[0].message.content or "").strip(),
+                            "offline_answer": row.generated})
+            continue
         answer = (reply.choices[0].message.content or "").strip().split()
         answer = answer[0].strip(".,!").lower() if answer else ""
         answers.append({
@@ -60,7 +70,7 @@ def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, ap
             "offline_prediction": cfg.data.labels[row.pred_id],
         })
     chat_url, auth = f"{base_url}/v1/chat/completions", {"authorization": f"Bearer {api_key}"}
-    if answers:
+    if answers and not generative:
         classified = requests.post(f"{base_url}/v1/classify", headers=auth, timeout=300, verify=verify, json={
             "model": endpoint.model_id, "texts": [answer["text"] for answer in answers]})
         classified.raise_for_status()
@@ -73,15 +83,16 @@ def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, ap
         "over_long_prompt": requests.post(chat_url, json={"model": endpoint.model_id, "messages": [{"role": "user", "content": "word " * endpoint.max_model_len}]}, headers=auth, timeout=60, verify=verify).status_code,
         "malformed_body": requests.post(chat_url, data="{not json", headers={"content-type": "application/json", **auth}, timeout=60, verify=verify).status_code,
     }
+    checked = {"url": base_url, "model_id": endpoint.model_id, "models_listed": served_ids, "answers": answers,
+               "bad_request_status": rejects}
+    if generative:
+        agree = sum(a["served_answer"] == a["offline_answer"] for a in answers)
+        return {**checked, "served_matches_offline": f"{agree}/{len(answers)}"}
     agree = sum(a["served_answer"] == a["offline_prediction"] for a in answers)
     classify_agree = sum(a["classify_label"] == a["offline_prediction"] for a in answers)
     correct = sum(a["served_answer"] == a["label"] for a in answers)
-    return {
-        "url": base_url, "model_id": endpoint.model_id, "models_listed": served_ids,
-        "answers": answers, "served_matches_offline": f"{agree}/{len(answers)}",
-        "classify_matches_offline": f"{classify_agree}/{len(answers)}",
-        "served_correct": f"{correct}/{len(answers)}", "bad_request_status": rejects,
-    }
+    return {**checked, "served_matches_offline": f"{agree}/{len(answers)}",
+            "classify_matches_offline": f"{classify_agree}/{len(answers)}", "served_correct": f"{correct}/{len(answers)}"}
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
@@ -107,15 +118,18 @@ def run_pipeline(cfg: RunConfig) -> dict:
         previous_dir=Path(current["path"]) if current else None)
     mark = stage_done("evaluation", mark)
     MetricLogger(training["tracking"]["uri"], training["tracking"]["run_id"]).log({
-        "test_accuracy": report["fine_tuned"]["accuracy"], "test_macro_f1": report["fine_tuned"]["macro"]["f1"],
+        **{f"test_{metric}": value for metric, value in headline_metrics(report, "fine_tuned").items()},
         "gate_deployable": float(report["gate"]["deployable"])}, training["best_step"])
-    explanations = explain(cfg) if cfg.explain.enabled else None
+    explanations = None
+    if cfg.explain.enabled and cfg.data.task != "classification":
+        print(f"[pipeline] explanations skipped: they attribute label probabilities, and this is a {cfg.data.task} run")
+    elif cfg.explain.enabled:
+        explanations = explain(cfg)
     mark = stage_done("explanation", mark)
     manifest_path = data_dir / MANIFEST
     version = registry.register(
         training["model_dir"], gate=report["gate"], run=cfg.name,
-        metrics={"accuracy": report["fine_tuned"]["accuracy"], "macro_f1": report["fine_tuned"]["macro"]["f1"],
-                 "compared_with": report["models"]},
+        metrics={**headline_metrics(report, "fine_tuned"), "compared_with": report["models"]},
         attachments=[cfg.run_dir / "evaluation.json", cfg.run_dir / "explanations.json"],
         # What `python -m jobs.lineage` shows: the chain from the source files to this version.
         lineage={
@@ -129,8 +143,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
                          "checkpoint_uri": training["checkpoint_uri"], "best_step": training["best_step"],
                          "best_val_loss": training["best_val_loss"]},
             "evaluation": {"test_examples": report["test_examples"], "gate": report["gate"],
-                           "systems": {system: {"accuracy": report[system]["accuracy"], "macro_f1": report[system]["macro"]["f1"]}
-                                       for system in SYSTEMS if system in report}},
+                           "systems": {system: headline_metrics(report, system) for system in SYSTEMS if system in report}},
         })
     report_path = write_report(Path(version["path"]) / "report.html", report, explanations, version,
                                learning_curve=training["learning_curve"])
@@ -164,9 +177,9 @@ def summarize(run: str, manifest: dict, training: dict, report: dict, explanatio
             "export_max_abs_logit_diff", "mfu", "peak_memory_gib_max_worker", "tracking", "settings")},
         "test_split": {
             "examples": report["test_examples"],
-            **{system: {"accuracy": report[system]["accuracy"], "macro_f1": report[system]["macro"]["f1"],
-                        "interval_95": report["bootstrap"]["systems"][system],
-                        "expected_calibration_error": report[system]["calibration"]["ece"],
+            **{system: {**headline_metrics(report, system), "interval_95": report["bootstrap"]["systems"][system],
+                        **({"expected_calibration_error": report[system]["calibration"]["ece"]}
+                           if "calibration" in report[system] else {}),
                         **({"answer_perplexity": report[system]["answer_perplexity"]}
                            if "answer_perplexity" in report[system] else {})}
                for system in SYSTEMS if system in report},

@@ -2,9 +2,11 @@
 
     run            every system on the same held-out rows; writes evaluation.json
     scoring        LLM label likelihoods (and a sample of free answers)
-    baseline       TF-IDF + logistic regression, one fixed recipe
-    metrics        accuracy/precision/recall/F1, calibration, perplexity, paired bootstrap
-    analysis       worst errors and slices
+    generation     generative runs: LLM answers and reference likelihoods through vLLM
+    baseline       TF-IDF + logistic regression; TF-IDF retrieval for generative runs
+    metrics        accuracy/precision/recall/F1, calibration, ROUGE-L/chrF/exact match, format
+                   checks, perplexity, paired bootstrap
+    analysis       worst errors and slices; best and worst answers
     gate           the promotion decision
     explanations   integrated gradients, SHAP, dependence, faithfulness
     report         the HTML report page

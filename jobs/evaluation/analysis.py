@@ -1,5 +1,5 @@
 """Where the fine-tuned model errs: its worst and most confident mistakes per class, and metrics by
-slice (source, length, configured terms)."""
+slice (source, length, configured terms); for generative runs its best and worst answers."""
 
 from __future__ import annotations
 
@@ -54,3 +54,18 @@ def slice_metrics(predictions: dict[str, pd.DataFrame], labels: list[str], terms
             }
         result.append({"slice": name, "examples": int(mask.sum()), "systems": systems})
     return result
+
+
+def answer_examples(predictions: dict[str, pd.DataFrame], metric: str, count: int) -> dict:
+    """Generative runs: the fine-tuned model's best and worst test rows by `metric`, each with every
+    system's answer and score beside the prompt and the reference (the frames' rows line up)."""
+    fine_tuned = predictions["fine_tuned"]
+    order = fine_tuned[metric].sort_values(kind="stable").index  # worst first; ties keep key order
+
+    def rows(chosen) -> list[dict]:
+        return [{"prompt": fine_tuned.at[i, "text"], "reference": fine_tuned.at[i, "label"],
+                 "answers": {system: {"text": frame.at[i, "generated"], "score": float(frame.at[i, metric])}
+                             for system, frame in predictions.items()}}
+                for i in chosen]
+
+    return {"metric": metric, "best": rows(order[::-1][:count]), "worst": rows(order[:count])}

@@ -1,4 +1,5 @@
-"""The classical yardstick: TF-IDF + logistic regression, one fixed recipe trained on every training row."""
+"""The classical yardsticks, fixed recipes fitted on the training rows: TF-IDF + logistic regression
+(classification), the answer of the most similar training prompt by TF-IDF cosine (generative runs)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,15 @@ def evaluate_baseline(data_dir: Path, test: pd.DataFrame, classes: int) -> pd.Da
     # classes_ takes the label column's dtype, which Ray may hand over as an object array.
     probs[:, classifier.classes_.astype(int)] = classifier.predict_proba(test["text"])
     return test.assign(pred_id=probs.argmax(axis=1), confidence=probs.max(axis=1), probabilities=list(probs))
+
+
+def retrieval_baseline(train_prompts: pd.Series, train_answers: pd.Series, prompts: pd.Series) -> np.ndarray:
+    """The classical yardstick of generative runs, fixed like `tfidf_baseline`: each prompt gets the
+    answer of the training prompt most similar to it by TF-IDF cosine (word 1-2 grams, sublinear tf);
+    of equally similar training prompts the first wins."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True).fit(train_prompts)
+    # TF-IDF rows are L2-normalised: their dot product is the cosine.
+    similarity = (vectorizer.transform(prompts) @ vectorizer.transform(train_prompts).T).toarray()
+    return np.asarray(train_answers, dtype=object)[similarity.argmax(axis=1)]

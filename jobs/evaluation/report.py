@@ -1,5 +1,6 @@
 """HTML report of a model version: evaluation (metrics with intervals, confusion matrices,
-reliability, slices, worst errors, gate decision) and explanations, in one self-contained page.
+reliability, slices, worst errors, gate decision; for generative runs reference metrics with
+intervals and the best and worst answers side by side) and explanations, in one self-contained page.
 
 The numbers, rows and figures are computed here; jobs/templates/model_report.html (and
 explanations.html) lays them out, with autoescaping. Plots are matplotlib figures embedded as base64
@@ -14,8 +15,14 @@ from markupsafe import Markup
 
 from jobs.html import png_tag, render
 
-# Report order: the candidate, what it must beat, where it started, what a classical model does.
-SYSTEMS = ("fine_tuned", "previous_version", "base_zero_shot", "baseline_tfidf_logreg")
+# Report order: the candidate, what it must beat, where it started, what a classical model does
+# (classification: TF-IDF + logistic regression; generative runs: the nearest training prompt's answer).
+RETRIEVAL_BASELINE = "baseline_tfidf_retrieval"
+SYSTEMS = ("fine_tuned", "previous_version", "base_zero_shot", "baseline_tfidf_logreg", RETRIEVAL_BASELINE)
+METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "rouge_l": "ROUGE-L", "chrf": "chrF",
+                "exact_match": "exact match", "format_max_words": "format: max words",
+                "format_required_phrase": "format: required phrase", "format_valid_json": "format: valid JSON",
+                "format_pass": "format: all checks"}
 
 
 def _systems(evaluation: dict) -> list[str]:
@@ -105,6 +112,23 @@ def _errors(errors: dict) -> dict:
             "per_class": [(label, rows) for label, rows in errors["per_class"].items() if rows]}
 
 
+def _generative_context(evaluation: dict) -> dict:
+    """The metric table (each metric with its interval), paired differences and side-by-side answers
+    of a generative run."""
+    intervals, systems = evaluation["bootstrap"]["systems"], _systems(evaluation)
+    metrics = list(intervals[systems[0]])
+    return {
+        "task": evaluation["task"],
+        "metric_names": [METRIC_NAMES.get(metric, metric) for metric in metrics],
+        "metrics": [{"name": name, "cells": [(evaluation[name][metric], intervals[name][metric]) for metric in metrics],
+                     "perplexity": evaluation[name].get("answer_perplexity"),
+                     "mean_answer_words": evaluation[name]["mean_answer_words"]} for name in systems],
+        "differences": [(pair, [d[metric] for metric in metrics]) for pair, d in evaluation["bootstrap"]["differences"].items()],
+        "examples": evaluation.get("examples"),
+        "example_metric": METRIC_NAMES.get(evaluation["examples"]["metric"]) if "examples" in evaluation else None,
+    }
+
+
 def write_report(path: Path, evaluation: dict, explanations: dict | None = None, version: dict | None = None,
                  learning_curve: list[dict] | None = None) -> Path:
     """Render one model version's evaluation (and explanations) as a self-contained HTML page."""
@@ -112,24 +136,26 @@ def write_report(path: Path, evaluation: dict, explanations: dict | None = None,
 
     matplotlib.use("Agg")  # no display on cluster nodes
     systems = _systems(evaluation)
-    page = render(
-        "model_report.html",
-        title=f"lakeforge model report: {evaluation['models'].get('fine_tuned', 'evaluation')}",
-        version=version or None,
-        gate=evaluation.get("gate"),
-        test_examples=evaluation["test_examples"],
-        level=evaluation["bootstrap"]["level"],
-        systems=systems,
-        metrics=_metrics_rows(evaluation),
-        differences=list(evaluation["bootstrap"]["differences"].items()),
-        per_class=_per_class_rows(evaluation),
-        confusion_figure=_confusion_figure(evaluation),
-        reliability_figure=_reliability_figure(evaluation),
-        slices=evaluation["slices"],
-        learning_curve=_learning_curve(learning_curve, evaluation) if learning_curve else None,
-        errors=_errors(evaluation["errors"]) if "errors" in evaluation else None,
-        explanations=_explanations(explanations) if explanations is not None else None,
-    )
+    common = {
+        "title": f"lakeforge model report: {evaluation['models'].get('fine_tuned', 'evaluation')}",
+        "version": version or None, "gate": evaluation.get("gate"), "test_examples": evaluation["test_examples"],
+        "level": evaluation["bootstrap"]["level"], "systems": systems,
+        "learning_curve": _learning_curve(learning_curve, evaluation) if learning_curve else None,
+        "explanations": _explanations(explanations) if explanations is not None else None,
+    }
+    if evaluation.get("task", "classification") != "classification":
+        page = render("model_report.html", **common, generative=_generative_context(evaluation), errors=None)
+    else:
+        page = render(
+            "model_report.html", **common, generative=None,
+            metrics=_metrics_rows(evaluation),
+            differences=list(evaluation["bootstrap"]["differences"].items()),
+            per_class=_per_class_rows(evaluation),
+            confusion_figure=_confusion_figure(evaluation),
+            reliability_figure=_reliability_figure(evaluation),
+            slices=evaluation["slices"],
+            errors=_errors(evaluation["errors"]) if "errors" in evaluation else None,
+        )
     path.write_text(page)
     return path
 

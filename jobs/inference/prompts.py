@@ -1,16 +1,15 @@
 """Batch inference's model side: every row prompted as in training (the model folder's system
-prompt and preprocessing, its chat template), and the vLLM engine that scores or answers them."""
+prompt and preprocessing, its chat template), and each label's score from vLLM's prompt logprobs.
+The vLLM engine setup is the config's (`BatchEngineSection.processor_config`), shared with the
+evaluation of generative runs."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pandas as pd
 
 from cluster.contracts import TextPreprocessing
-from cluster.prompting import prompt_ids
+from cluster.prompting import answer_logprob, prompt_ids
 from cluster.text import Preprocessor
-from jobs.config import BatchInferConfig
 
 class Prompter:
     """Ray Data UDF: template each row as in training; for classification one request per label
@@ -42,31 +41,4 @@ class Prompter:
 
 def label_logprob(row: dict, label_ids: list[list[int]]) -> float:
     """log P(label | prompt): the prompt logprobs at the label's positions."""
-    ids = label_ids[row["label_index"]]
-    total = 0.0
-    for k, token in enumerate(ids):
-        entry = row["prompt_logprobs"][row["prompt_len"] + k]
-        found = entry.get(token, entry.get(str(token)))  # keys may come back as strings from Arrow
-        total += float(found["logprob"])
-    return total
-
-
-def engine_config(cfg: BatchInferConfig, model_dir: Path):
-    from ray.data.llm import vLLMEngineProcessorConfig
-
-    engine = cfg.engine
-    if engine.use_gpu:
-        bundles, env_vars = [{"GPU": 1, "CPU": engine.cpus}], {}
-    else:
-        # Without an explicit CPU bundle ray.data.llm asks for a GPU and waits forever.
-        bundles, env_vars = [{"CPU": engine.cpus}], {"VLLM_CPU_KVCACHE_SPACE": str(engine.cpu_kv_cache_gib)}
-    return vLLMEngineProcessorConfig(
-        model_source=str(model_dir),
-        engine_kwargs={"dtype": engine.dtype, "max_model_len": engine.max_model_len,
-                       "max_num_seqs": engine.max_num_seqs, **engine.engine_overrides},
-        placement_group_config={"bundles": bundles},
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **env_vars}},
-        concurrency=engine.replicas, batch_size=engine.batch_size,
-        # Prompts arrive already templated and tokenized (Prompter), exactly as in training.
-        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
-    )
+    return answer_logprob(row["prompt_logprobs"], label_ids[row["label_index"]], row["prompt_len"])

@@ -21,7 +21,7 @@ from cluster.monitoring import PREDICTION_SCHEMA, PREDICTIONS, ParquetLog, text_
 from cluster.prompting import label_token_ids
 from cluster.text import Preprocessor
 from jobs.config import BatchInferConfig
-from jobs.inference.prompts import Prompter, engine_config, label_logprob
+from jobs.inference.prompts import Prompter, label_logprob
 from jobs.inference.tables import MANIFEST, ROW_ID, PartWriter, check_identity, done_row_ids, read_table
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def run_batch_inference(cfg: BatchInferConfig) -> dict:
         else:
             sampling = {"max_tokens": cfg.max_new_tokens, "temperature": 0.0}
             postprocess = lambda row: {**{c: row[c] for c in keep}, "generated_text": row["generated_text"]}  # noqa: E731
-        processor = build_processor(engine_config(cfg, model_dir),
+        processor = build_processor(cfg.engine.processor_config(model_dir),
                                     preprocess=lambda row: {**row, "sampling_params": sampling},
                                     postprocess=postprocess)
         results = processor(prompted).map_batches(

@@ -203,7 +203,9 @@ def export_best(cfg: RunConfig, base_dir: Path, checkpoint, metrics: dict) -> tu
     # CPU workers keep fp32 weights whatever the precision (bf16 there is autocast, which the probe skips).
     export_diff = verify_export(export_dir, probe_logits, EXPORT_TOLERANCE[metrics["precision"] if cfg.train.use_gpu else "fp32"])
     ModelArtifact(
-        name=cfg.serve.endpoint.model_id, base_model=cfg.model.base, labels=cfg.data.labels,
+        name=cfg.serve.endpoint.model_id, base_model=cfg.model.base,
+        # No labels: serving and batch inference answer freely (the labels field's default is the demo's).
+        labels=cfg.data.labels if cfg.data.task == "classification" else [],
         system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len,
         # What the data stage did to every text before templating: clean_text, then the PII rules.
         preprocessing=TextPreprocessing(clean=True, pii=cfg.data.pii if cfg.data.pii.enabled else None),

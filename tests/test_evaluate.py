@@ -19,9 +19,10 @@ def test_label_scores_equal_the_sequence_log_likelihood(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    labels = ["negative", "positive", "very mixed feelings"]  # the last one spans several tokens
+    # Two labels of several tokens: each continues the prompts' KV cache, cropped back in between.
+    labels = ["negative", "very mixed feelings", "positive", "quite positive overall"]
     label_ids = [tokenizer(label, add_special_tokens=False).input_ids for label in labels]
-    assert len(label_ids[2]) > 1
+    assert len(label_ids[1]) > 2 and len(label_ids[3]) > 1
     prompts = [tokenizer(text).input_ids for text in ("short", "a much longer prompt to force padding here")]
 
     scores = score_labels(model, prompts, label_ids, pad_id=2)

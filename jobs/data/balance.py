@@ -113,12 +113,17 @@ def rebalance_class(group: pd.DataFrame, settings, target: int) -> pd.DataFrame:
     return out
 
 
+def balanced_class_rows(label_rows: dict[str, int], min_rows: int = 1) -> int:
+    """Rows per class in the balanced training stream: the smallest class's, or min_rows if more."""
+    return max(min(label_rows.values()), min_rows)
+
+
 def balanced_sample(split: ray.data.Dataset, label_rows: dict[str, int], seed: int, min_rows: int = 1) -> ray.data.Dataset:
     """The split's rows with every class cut to the smallest class's size, or to `min_rows` if that
     is more (classes below it keep every row), for the training stream: each row is kept with
     probability target / its class's rows, decided by a hash of its key (deterministic, independent
     of the split's own hash, in shard order). The shards stay whole, so the baseline and evaluation
     still see every row."""
-    target = max(min(label_rows.values()), min_rows)
+    target = balanced_class_rows(label_rows, min_rows)
     keep = {label: min(1.0, target / rows) for label, rows in label_rows.items()}
     return split.filter(lambda row: split_position(row["key"], f"balance-{seed}") < keep[row["label"]])

@@ -15,7 +15,7 @@ from cluster.contracts import ModelArtifact, TextPreprocessing
 from cluster.prompting import label_token_ids
 from cluster.storage import filesystem_for, uri_of
 from jobs.config import RunConfig
-from jobs.data.balance import balanced_sample
+from jobs.data.balance import balanced_class_rows, balanced_sample
 from jobs.data.mixtures import mixture_dataset, mixture_pass
 from jobs.data.prepare import MANIFEST, task_data_dirs
 from jobs.data.split import split_dataset
@@ -126,8 +126,7 @@ def training_streams(cfg: RunConfig, task_dirs: dict[str, Path], manifests: dict
     if train.balance_classes:
         label_rows = manifests[primary]["splits"]["train"]["labels"]
         streams.train = balanced_sample(streams.train, label_rows, train.seed, train.balance_min_rows)
-        target = max(min(label_rows.values()), train.balance_min_rows)
-        print(f"[finetune] class-balanced training stream: about {target} rows of each of {len(label_rows)} labels, "
+        print(f"[finetune] class-balanced training stream: about {balanced_class_rows(label_rows, train.balance_min_rows)} rows of each of {len(label_rows)} labels, "
               f"all rows of the smaller ones (train split {label_rows})")
     if not cfg.tasks:
         return streams

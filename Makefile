@@ -55,6 +55,7 @@ bench: setup tcmalloc
 	$(PY) -m bench.data_bench
 	$(PY) -m bench.pii_bench
 	$(PY) -m bench.serve_bench
+	$(PY) -m bench.vllm_serve_bench
 	$(PY) -m bench.api_fuzz
 	$(PY) -m bench.fault_bench
 

@@ -260,6 +260,20 @@ def training_config(root: Path, name: str, args):
         "train.worker_resources={trainer: 1}", "train.placement_strategy=SPREAD"])
 
 
+def registered_checkpoint(storage: Path) -> str | None:
+    """The latest checkpoint Ray Train's controller has registered for a run under `storage`, if any."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    for snapshot in storage.glob(f"*/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        except (OSError, json.JSONDecodeError):  # being written
+            continue
+        if latest:
+            return latest["checkpoint_dir_name"]
+    return None
+
+
 def training_drill_child(args) -> None:
     """In a fresh process (a cluster of its own): the uninterrupted run, then the killed one."""
     import ray
@@ -291,10 +305,10 @@ def training_drill_child(args) -> None:
         # The run goes on in a thread: Ray starts a node only from the main thread (signal handlers).
         started = time.monotonic()
         run = concurrent.futures.ThreadPoolExecutor(max_workers=1).submit(run_finetune, cfg, base_dir, data_dir)
-        # After the first checkpoint is stored (its folder, a moment after the validation line).
-        while not list((cfg.run_dir / "ray_train").glob("*/checkpoint_*")) and not run.done():
+        # After the first checkpoint is registered: Ray Train resumes only from a checkpoint its controller
+        # recorded (in its manager snapshot) once every rank reported; a folder being uploaded does not count.
+        while not registered_checkpoint(cfg.run_dir / "ray_train") and not run.done():
             time.sleep(0.1)
-        time.sleep(0.5)
         if not run.done():
             drill["step_at_kill"] = max(validated_steps(), default=0)
             killed_at = time.monotonic()

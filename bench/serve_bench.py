@@ -196,7 +196,7 @@ async def one_request(client, url: str, model_id: str, messages: list[dict], max
             "tokens": tokens, "latency": time.perf_counter() - started}
 
 
-async def closed_loop(base_url: str, model_id: str, conversations, clients: int, max_new_tokens: int) -> dict:
+async def closed_loop(base_url: str, api_key: str, model_id: str, conversations, clients: int, max_new_tokens: int) -> dict:
     """`clients` workers, each sending its next request as soon as its previous answer ended."""
     import httpx
 
@@ -209,7 +209,8 @@ async def closed_loop(base_url: str, model_id: str, conversations, clients: int,
                                              max_new_tokens))
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(900), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900), limits=limits,
+                                 headers={"Authorization": f"Bearer {api_key}"}) as client:
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(clients)))
         seconds = time.perf_counter() - started
@@ -227,21 +228,21 @@ def run_endpoint(model_dir: Path, conversations, max_new_tokens: int, settings_f
     from ray import serve
 
     from cluster.contracts import EndpointSettings
-    from cluster.endpoints import deploy
+    from cluster.endpoints import deploy, with_local_key
     from cluster.ray_cluster import connect
 
     os.environ.pop("RAY_ADDRESS", None)  # an embedded cluster, never someone else's
     connect()
-    settings = EndpointSettings(model_dir=str(model_dir), **settings_fields)
+    api_key, settings = with_local_key(EndpointSettings(model_dir=str(model_dir), **settings_fields))
     started = time.perf_counter()
     base_url = deploy("serving.app:build_app", settings)
     result = {"deploy_seconds": time.perf_counter() - started, "settings": settings.model_dump(), "levels": {}}
     try:
-        asyncio.run(closed_loop(base_url, settings.model_id, conversations[:2], 2, 8))  # warm-up
+        asyncio.run(closed_loop(base_url, api_key, settings.model_id, conversations[:2], 2, 8))  # warm-up
         for clients in concurrency:
             # One client would take minutes for every prompt: it answers the first `requests_at_1`.
             subset = conversations[:requests_at_1] if clients == 1 else conversations
-            level = asyncio.run(closed_loop(base_url, settings.model_id, subset, clients, max_new_tokens))
+            level = asyncio.run(closed_loop(base_url, api_key, settings.model_id, subset, clients, max_new_tokens))
             result["levels"][str(clients)] = level
             print(f"[bench] endpoint, {clients} clients: {level['output_tokens_per_s']:.1f} tokens/s, "
                   f"TTFT p50 {level['ttft_s']['p50']:.3f}s, ITL p50 {level['inter_token_latency_s']['p50'] * 1e3:.1f} ms")

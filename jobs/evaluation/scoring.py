@@ -62,7 +62,7 @@ def score_labels(model, prompts: list[list[int]], label_token_ids: list[list[int
                 past_key_values=cache, use_cache=True).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             scores[:, j] += logprobs[:, torch.arange(steps), torch.as_tensor(ids[1:])].sum(dim=1)
-            cache.crop(width)  # back to the prompts alone for the next label
+            cache.crop(-steps)  # back to the prompts alone for the next label
     return scores
 
 

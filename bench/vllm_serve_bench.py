@@ -173,8 +173,7 @@ def main() -> None:
     endpoints = {variant: bench_endpoint(model_dir, args, variant) for variant in variants}
     ratios = {variant: row["output_throughput"] / bare["output_throughput"] for variant, row in endpoints.items()}
     print(f"\n{'server':32} {'out tok/s':>10} {'TTFT mean/p99 ms':>18} {'TPOT p50 ms':>12} {'ready s':>8} {'/bare':>6}")
-    for name, row in (("bare vLLM", bare), *((f"endpoint [{v}]", row) for v, row in endpoints.items())):
-        ratio = row["output_throughput"] / bare["output_throughput"]
+    for name, row, ratio in (("bare vLLM", bare, 1.0), *((f"endpoint [{v}]", row, ratios[v]) for v, row in endpoints.items())):
         print(f"{name:32} {row['output_throughput']:10.1f} {row['mean_ttft_ms']:8.0f}/{row['p99_ttft_ms']:<9.0f} "
               f"{row['p50_tpot_ms']:12.1f} {row['ready_seconds']:8.0f} {ratio:6.2f}")
     print("goals: endpoint >= 0.85x bare vLLM, TTFT p99 < 2 s, ready within 30 s")

@@ -76,9 +76,7 @@ class AuditKeySettings(StrictModel):
     @field_validator("path")
     @classmethod
     def _a_local_file(cls, value: str | None) -> str | None:
-        if value is not None and "://" in value:
-            raise ValueError("the audit key file needs a local file path, not a URI")
-        return value
+        return keys.refuse_uri(value, "the audit key file needs a local file path, not a URI")
 
 
 class AuditSettings(StrictModel):

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import Field, field_validator, model_validator
 
 from cluster.config import StrictModel
-from cluster.keys import KEY_BYTES, LocalFileKey
+from cluster.keys import KEY_BYTES, LocalFileKey, refuse_uri
 
 if TYPE_CHECKING:
     import pyarrow.parquet.encryption as pqe
@@ -78,9 +78,7 @@ class EncryptionSettings(StrictModel):
     @field_validator("key_file")
     @classmethod
     def _a_local_file(cls, value: str | None) -> str | None:
-        if value is not None and "://" in value:
-            raise ValueError("encryption.key_file needs a local file path, not a URI (the key must not sit in an object store)")
-        return value
+        return refuse_uri(value, "encryption.key_file needs a local file path, not a URI (the key must not sit in an object store)")
 
     @model_validator(mode="after")
     def _the_providers_setting(self) -> "EncryptionSettings":

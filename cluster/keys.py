@@ -77,3 +77,10 @@ class LocalFileKey:
             pass
         finally:
             temporary.unlink()
+
+
+def refuse_uri(path: str | None, message: str) -> str | None:
+    """A key file's configured path, refused with `message` when it is a URI: a key must stay on local disk."""
+    if path is not None and "://" in path:
+        raise ValueError(message)
+    return path

@@ -300,10 +300,11 @@ class TrainSection(StrictModel):
         "from it (global = micro x accumulation x workers), so changing num_workers keeps the optimization the same.",
     )
     packing: bool = Field(
-        default=False,
+        default=True,
         description="Sequence packing: lay each micro-batch's examples side by side in rows of up to packed_length "
         "tokens (positions restart per example, no attention across examples) instead of padding each to the longest. "
-        "Same examples per step and the same loss; less compute spent on padding.")
+        "Same examples per step and the same loss; less compute spent on padding (default true: 1.5x the useful "
+        "tokens/s on the tweets, 2x the steps/s on Reuters' long stories; docs/figures.md).")
     packed_length: int = Field(
         default=512, ge=16, description="Longest packed row in tokens when packing (an example longer than this gets a row of its own).")
     optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="AdamW, or SGD with momentum.")

@@ -118,23 +118,43 @@ def start_local_head(num_cpus: int = LOCAL_LOGICAL_CPUS) -> str:
     return f"http://127.0.0.1:{DASHBOARD_PORT}"
 
 
-def stop_local_head() -> None:
-    """Stop the local head and every process it started. `ray stop` ends Ray's own processes, but a
-    Serve replica's vLLM engine runs in child processes that outlive it (seen: each holding 3 GB and
-    a busy core long after `make down`), so this head's descendants are collected first and ended after."""
+def head_processes(port: int) -> list:
+    """This head's processes: those Ray started with its GCS port in their arguments (GCS server,
+    raylet, dashboard, monitors, client server) and every process they started (workers, job
+    drivers, a Serve replica's vLLM engine processes). Another cluster on this machine has another
+    port, so none of its processes is among them."""
     import psutil
 
-    descendants = []
+    def of_this_head(cmdline: list[str]) -> bool:
+        return any(arg == f"--gcs_server_port={port}"
+                   or (arg.startswith(("--gcs-address=", "--address=")) and arg.endswith(f":{port}")) for arg in cmdline)
+
+    found = {}
     for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if any(arg.endswith("/raylet") for arg in cmdline[:1]) and any(
-                arg.startswith("--gcs-address=") and arg.endswith(f":{HEAD_PORT}") for arg in cmdline):
-            try:
-                descendants += process.children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
-    subprocess.run([ray_cli(), "stop", "--force"], check=False)
-    for process in descendants:
+        try:
+            if of_this_head(process.info["cmdline"] or []):
+                for member in (process, *process.children(recursive=True)):
+                    found[member.pid] = member
+        except psutil.NoSuchProcess:
+            pass
+    return list(found.values())
+
+
+def stop_local_head(grace_seconds: float = 10) -> None:
+    """Stop the local head and every process it started, and nothing else: not `ray stop`, which
+    ends every Ray process of the user on the machine (another cluster, a test session). A Serve
+    replica's vLLM engine runs in child processes that would outlive their replica, so they are
+    ended too. SIGTERM first (Ray's processes clean up on it), SIGKILL what is left after the grace."""
+    import psutil
+
+    processes = head_processes(HEAD_PORT)
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=grace_seconds)
+    for process in alive:
         try:
             process.kill()
         except psutil.NoSuchProcess:

@@ -65,38 +65,54 @@ def test_the_head_port_is_not_redis_and_a_taken_port_is_named(monkeypatch):
             ray_cluster.start_local_head()
 
 
-def test_stopping_the_head_also_ends_what_its_processes_started(tmp_path, monkeypatch):
-    """A Serve replica's vLLM engine processes outlive `ray stop`: stop_local_head ends every
-    descendant of this head's raylet, and leaves other processes alone."""
+def test_stopping_the_head_ends_its_processes_and_what_they_started_and_no_other_cluster_s(tmp_path, monkeypatch):
+    """A Serve replica's vLLM engine processes outlive their replica: stop_local_head ends every
+    process of this head (named by its GCS port) and their descendants, and leaves another
+    cluster's processes (another port) and unrelated processes alone."""
     import subprocess
     import sys
     import time
 
     import psutil
 
-    # A port no head uses: the real default (6390) would end a demo running beside the tests.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    fake_raylet = tmp_path / "raylet"  # a process named like the head's raylet, with its GCS address
+    # Ports no head uses: the real default (6390) would end a demo running beside the tests.
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    port, other_port = ports
+    fake_raylet = tmp_path / "raylet"  # a process named like a head's raylet, with its GCS address
     fake_raylet.symlink_to(sys.executable)
     spawn = "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"
     raylet = subprocess.Popen([str(fake_raylet), "-c", spawn, f"--gcs-address=127.0.0.1:{port}"])
+    gcs = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", f"--gcs_server_port={port}"])
+    other_cluster = subprocess.Popen([str(fake_raylet), "-c", spawn, f"--gcs-address=127.0.0.1:{other_port}"])
     bystander = subprocess.Popen(["sleep", "300"])
+    grandchildren = []
     try:
         deadline = time.monotonic() + 30
-        while not psutil.Process(raylet.pid).children() and time.monotonic() < deadline:
+        while not (psutil.Process(raylet.pid).children() and psutil.Process(other_cluster.pid).children()) \
+                and time.monotonic() < deadline:
             time.sleep(0.1)
         (engine,) = psutil.Process(raylet.pid).children()
+        (other_engine,) = psutil.Process(other_cluster.pid).children()
+        grandchildren += [engine, other_engine]
         monkeypatch.setattr(ray_cluster, "HEAD_PORT", port)
-        monkeypatch.setattr(ray_cluster, "ray_cli", lambda: "true")  # `ray stop` itself is Ray's business
-        ray_cluster.stop_local_head()
-        assert ended(engine)  # killed (a zombie until the fake raylet, its parent, reaps it)
-        assert bystander.poll() is None  # not a descendant of the head: untouched
+        ray_cluster.stop_local_head(grace_seconds=5)
+        assert raylet.wait(timeout=30) is not None and gcs.wait(timeout=30) is not None
+        assert ended(engine)  # the head's descendants too
+        assert other_cluster.poll() is None and other_engine.is_running()  # another cluster: untouched
+        assert bystander.poll() is None  # not the head's: untouched
     finally:
-        for process in (raylet, bystander):
+        for process in (raylet, gcs, other_cluster, bystander):
             process.kill()
             process.wait()
+        for process in grandchildren:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def ended(process, seconds: float = 30) -> bool:

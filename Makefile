@@ -51,11 +51,12 @@ tcmalloc:
 bench: setup tcmalloc
 	$(PY) -m bench.train_bench
 	$(PY) -m bench.quality_bench
-	@test -d outputs/airline_sentiment/model && $(PY) -m bench.calibration_bench || echo "bench.calibration_bench needs a run: make demo first"
+	@if test -d outputs/airline_sentiment/model; then $(PY) -m bench.calibration_bench; else echo "bench.calibration_bench needs a run: make demo first"; fi
 	$(PY) -m bench.data_bench
 	$(PY) -m bench.pii_bench
 	$(PY) -m bench.serve_bench
 	$(PY) -m bench.vllm_serve_bench
+	@if test -d outputs/airline_sentiment/model; then $(PY) -m bench.classify_bench; else echo "bench.classify_bench needs a run: make demo first"; fi
 	$(PY) -m bench.api_fuzz
 	$(PY) -m bench.fault_bench
 

@@ -56,13 +56,12 @@ VARIANTS = {
 }
 
 
-def held_out_conversations(count: int, split_seed: int = 0) -> list[list[dict]]:
+def held_out_tweets(count: int, split_seed: int = 0) -> list[str]:
     """The first `count` distinct tweets by split hash: all in the held-out test split, which takes
     the lowest hash positions of every class (jobs.data.split.assign_splits)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    from cluster.prompting import chat_messages
     from cluster.text import clean_text
     from jobs.data.dedup import dedup_key
     from jobs.data.sources import resolve_source
@@ -76,7 +75,7 @@ def held_out_conversations(count: int, split_seed: int = 0) -> list[list[dict]]:
         if text:
             texts.setdefault(dedup_key(text), text)
     order = sorted(texts, key=lambda key: split_position(key, split_seed))
-    return [chat_messages(SYSTEM_PROMPT, texts[key]) for key in order[:count]]
+    return [texts[key] for key in order[:count]]
 
 
 def percentiles(values: list[float]) -> dict:
@@ -283,11 +282,12 @@ def main() -> None:
 
     import torch
 
+    from cluster.prompting import chat_messages
     from jobs.base_models import materialize
     from jobs.train.flops import measure_peak_flops
 
     model_dir = materialize(args.model, args.model_cache)
-    conversations = held_out_conversations(args.prompts)
+    conversations = [chat_messages(SYSTEM_PROMPT, text) for text in held_out_tweets(args.prompts)]
     prompts = prompt_token_ids(model_dir, conversations)
     flops = flops_per_token(model_dir)
     torch.set_num_threads(2)

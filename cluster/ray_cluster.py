@@ -27,6 +27,10 @@ DASHBOARD_PORT = 8265
 # The local head's GCS port. Not Ray's default 6379: that is also Redis's, and `make test` installs
 # a redis-server that an init system may start there. Named, so `ray status` finds this head only.
 HEAD_PORT = int(os.environ.get("LAKEFORGE_HEAD_PORT", "6390"))
+# The head's dashboard agent, which runs submitted jobs. Not Ray's default 52365: an embedded cluster
+# (a test session, a bench) started first takes that one, and the head's job submissions then fail
+# with "No available agent to submit job".
+DASHBOARD_AGENT_PORT = int(os.environ.get("LAKEFORGE_DASHBOARD_AGENT_PORT", "52390"))
 
 # Never upload these with `ray job submit --working-dir .` (ray #45602): the venv, model weights,
 # datasets and run outputs belong in storage, not in every job's package.
@@ -99,10 +103,11 @@ def start_local_head(num_cpus: int = LOCAL_LOGICAL_CPUS) -> str:
     submitted job can deploy a Serve endpoint that keeps running after the job ends.
     """
     if not local_head_running():
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", HEAD_PORT)) == 0:
-                raise RuntimeError(f"port {HEAD_PORT} is taken by another program, not a Ray head: "
-                                   f"set LAKEFORGE_HEAD_PORT to a free port")
+        for port, variable in ((HEAD_PORT, "LAKEFORGE_HEAD_PORT"), (DASHBOARD_AGENT_PORT, "LAKEFORGE_DASHBOARD_AGENT_PORT")):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    raise RuntimeError(f"port {port} is taken by another program, not this Ray head: "
+                                       f"set {variable} to a free port")
         ensure_auth_token()
         # Jobs run `python -m ...` from the raylet's PATH: put this interpreter's bin first so a
         # venv that was never activated still runs the job.
@@ -112,7 +117,8 @@ def start_local_head(num_cpus: int = LOCAL_LOGICAL_CPUS) -> str:
         env.pop("LAKEFORGE_API_KEY", None)
         subprocess.run(
             [ray_cli(), "start", "--head", f"--port={HEAD_PORT}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"],
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
+             f"--dashboard-agent-listen-port={DASHBOARD_AGENT_PORT}", "--disable-usage-stats"],
             check=True, env=env,
         )
     return f"http://127.0.0.1:{DASHBOARD_PORT}"

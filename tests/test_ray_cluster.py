@@ -53,15 +53,23 @@ def test_the_token_path_and_variable_are_honoured(tmp_path, token_path, monkeypa
     assert ray_cluster.ensure_auth_token() is None and not elsewhere.exists()
 
 
-def test_the_head_port_is_not_redis_and_a_taken_port_is_named(monkeypatch):
-    assert ray_cluster.HEAD_PORT != 6379
+@pytest.mark.parametrize("setting, variable", [("HEAD_PORT", "LAKEFORGE_HEAD_PORT"),
+                                               ("DASHBOARD_AGENT_PORT", "LAKEFORGE_DASHBOARD_AGENT_PORT")])
+def test_the_head_s_ports_are_not_the_defaults_others_take_and_a_taken_port_is_named(monkeypatch, setting, variable):
+    # Redis's port, and the dashboard agent port every embedded cluster (tests, benches) takes.
+    assert ray_cluster.HEAD_PORT != 6379 and ray_cluster.DASHBOARD_AGENT_PORT != 52365
+    with socket.socket() as unused:  # the other port free (a demo's head may hold the real one)
+        unused.bind(("127.0.0.1", 0))
+        free = unused.getsockname()[1]
+    monkeypatch.setattr(ray_cluster, "HEAD_PORT", free)
+    monkeypatch.setattr(ray_cluster, "DASHBOARD_AGENT_PORT", free)
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
-        monkeypatch.setattr(ray_cluster, "HEAD_PORT", port)
+        monkeypatch.setattr(ray_cluster, setting, port)
         monkeypatch.setattr(ray_cluster, "local_head_running", lambda: False)
-        with pytest.raises(RuntimeError, match=f"port {port} is taken.*LAKEFORGE_HEAD_PORT"):
+        with pytest.raises(RuntimeError, match=f"port {port} is taken.*{variable}"):
             ray_cluster.start_local_head()
 
 

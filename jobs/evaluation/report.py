@@ -1,6 +1,7 @@
 """HTML report of a model version: evaluation (metrics with intervals, confusion matrices,
 reliability, slices, worst errors, gate decision; for generative runs reference metrics with
-intervals and the best and worst answers side by side) and explanations, in one self-contained page.
+intervals and the best and worst answers side by side), a section per task of a multi-task run, and
+explanations, in one self-contained page.
 
 The numbers, rows and figures are computed here; jobs/templates/model_report.html (and
 explanations.html) lays them out, with autoescaping. Plots are matplotlib figures embedded as base64

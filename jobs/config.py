@@ -476,17 +476,19 @@ class EvalSection(StrictModel):
     max_new_tokens: int = Field(default=64, ge=1, description="Instruction and chat runs: longest generated answer in "
                                                              "tokens (greedy decoding, so the answers are reproducible).")
     format_checks: FormatChecks = Field(default_factory=FormatChecks,
-                                        description="Instruction and chat runs: checks of each generated answer's form.")
+                                        description="Instruction and chat runs: checks of each generated answer's form "
+                                                    "(the primary task's; further tasks get none).")
     side_by_side_examples: int = Field(
         default=5, ge=0, description="Instruction and chat runs: test rows the report shows with every system's answer, "
         "this many of the best and of the worst by generative_metric (fine-tuned model).")
     engine: BatchEngineSection = Field(
         default_factory=BatchEngineSection,
         description="Instruction and chat runs: the vLLM engine generating the answers and scoring the references, "
-        "set up as batch inference's. Its max_model_len must hold data.max_seq_len + max_new_tokens.")
+        "set up as batch inference's. Its max_model_len must hold max_seq_len + max_new_tokens of every generative task.")
     terms: list[str] = Field(
         default=["delay", "thank", "cancel", "customer service"],
-        description="Terms whose presence (case-insensitive) defines evaluation slices and dependence plots.",
+        description="Terms whose presence (case-insensitive) defines evaluation slices (of every classification task) "
+        "and dependence plots.",
     )
     worst_errors: int = Field(default=12, ge=0, description="Classification: most confident mistakes listed in the error analysis.")
 
@@ -559,13 +561,14 @@ class RunConfig(StrictModel):
     model: ModelSection = Field(default_factory=ModelSection, description="Starting weights.")
     data: DataSection = Field(
         default_factory=DataSection,
-        description="Source, cleaning, split and template of the primary task: the one evaluated and served.")
+        description="Source, cleaning, split and template of the primary task: the one served and gated (every task is "
+        "evaluated).")
     primary_task: TaskWeight = Field(
         default_factory=TaskWeight, description="Name and sampling weight of the primary task (`data`) when tasks are mixed in.")
     tasks: list[TaskSection] = Field(
         default_factory=list,
-        description="Further tasks mixed into training by sampling weight, each validated separately (val_loss/<name>); "
-        "empty: a single-task run on `data`.")
+        description="Further tasks mixed into training by sampling weight, each validated separately (val_loss/<name>) "
+        "and evaluated on its own test split by its kind; empty: a single-task run on `data`.")
     train: TrainSection = Field(default_factory=TrainSection, description="Ray Train + DeepSpeed settings.")
     eval: EvalSection = Field(default_factory=EvalSection, description="Held-out evaluation settings.")
     tracking: TrackingSection = Field(default_factory=TrackingSection, description="Experiment tracking (MLflow).")
@@ -595,10 +598,12 @@ class RunConfig(StrictModel):
         if self.data.task == "classification" and self.eval.format_checks.enabled():
             raise ValueError("eval.format_checks apply to instruction and chat runs (data.task); a classification "
                              "run's answer is a label word")
-        if self.data.task != "classification" and self.data.max_seq_len + self.eval.max_new_tokens > self.eval.engine.max_model_len:
-            raise ValueError(f"eval.engine.max_model_len ({self.eval.engine.max_model_len}) must hold the longest test "
-                             f"prompt (data.max_seq_len {self.data.max_seq_len}) and its answer (eval.max_new_tokens "
-                             f"{self.eval.max_new_tokens})")
+        # Every generative task is evaluated through the eval engine, a multi-task run's further ones too.
+        for section, data in [("data", self.data), *((f"tasks[{i}].data", task.data) for i, task in enumerate(self.tasks))]:
+            if data.task != "classification" and data.max_seq_len + self.eval.max_new_tokens > self.eval.engine.max_model_len:
+                raise ValueError(f"eval.engine.max_model_len ({self.eval.engine.max_model_len}) must hold the longest test "
+                                 f"prompt ({section}.max_seq_len {data.max_seq_len}) and its answer (eval.max_new_tokens "
+                                 f"{self.eval.max_new_tokens})")
         return self
 
     def mixture(self) -> list[tuple[str, float]]:

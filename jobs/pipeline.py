@@ -24,7 +24,7 @@ from cluster.registry import ModelFilesChanged, ModelRegistry, file_sha256
 from jobs.config import RunConfig
 from jobs.data.prepare import MANIFEST, prepare_run_inputs
 from jobs.evaluation.explanations import explain
-from jobs.evaluation.report import SYSTEMS, write_report
+from jobs.evaluation.report import SYSTEMS, task_reports, write_report
 from jobs.evaluation.run import headline_metrics, run_evaluation
 from jobs.train.run import run_finetune
 from jobs.train.tracking import MetricLogger, code_version
@@ -119,6 +119,8 @@ def run_pipeline(cfg: RunConfig) -> dict:
     mark = stage_done("evaluation", mark)
     MetricLogger(training["tracking"]["uri"], training["tracking"]["run_id"]).log({
         **{f"test_{metric}": value for metric, value in headline_metrics(report, "fine_tuned").items()},
+        **{f"test_{metric}/{task['task_name']}": value for task in task_reports(report)[1:]
+           for metric, value in headline_metrics(task, "fine_tuned").items()},
         "gate_deployable": float(report["gate"]["deployable"])}, training["best_step"])
     explanations = None
     if cfg.explain.enabled and cfg.data.task != "classification":
@@ -175,21 +177,35 @@ def summarize(run: str, manifest: dict, training: dict, report: dict, explanatio
         "training": {key: training[key] for key in (
             "best_step", "best_val_loss", "wall_seconds", "tokens_per_s", "time_shares", "train_tokens", "examples_seen", "learning_curve",
             "export_max_abs_logit_diff", "mfu", "peak_memory_gib_max_worker", "tracking", "settings")},
-        "test_split": {
-            "examples": report["test_examples"],
-            **{system: {**headline_metrics(report, system), "interval_95": report["bootstrap"]["systems"][system],
-                        **({"expected_calibration_error": report[system]["calibration"]["ece"]}
-                           if "calibration" in report[system] else {}),
-                        **({"answer_perplexity": report[system]["answer_perplexity"]}
-                           if "answer_perplexity" in report[system] else {})}
-               for system in SYSTEMS if system in report},
-            "paired_differences_95": report["bootstrap"]["differences"],
-        },
+        **evaluation_summary(report),
     }
     if explanations is not None:
         summary["explanations"] = {
             "faithfulness": {key: value for key, value in explanations["faithfulness"].items() if key != "per_example"},
             "completeness": explanations["completeness"]}
+    return summary
+
+
+def evaluation_summary(report: dict) -> dict:
+    """`test_split`: every system's held-out figures (with intervals) and the paired differences, of the
+    primary task; a multi-task run adds `tasks`: the same figures of every task under its name."""
+
+    def figures(task: dict) -> dict:
+        return {
+            "examples": task["test_examples"],
+            **{system: {**headline_metrics(task, system), "interval_95": task["bootstrap"]["systems"][system],
+                        **({"expected_calibration_error": task[system]["calibration"]["ece"]}
+                           if "calibration" in task[system] else {}),
+                        **({"answer_perplexity": task[system]["answer_perplexity"]}
+                           if "answer_perplexity" in task[system] else {})}
+               for system in SYSTEMS if system in task},
+            "paired_differences_95": task["bootstrap"]["differences"],
+        }
+
+    summary = {"test_split": figures(report)}
+    if "further_tasks" in report:
+        summary["tasks"] = {task["task_name"]: {"task": task["task"], "gated": task is report, **figures(task)}
+                            for task in task_reports(report)}
     return summary
 
 

@@ -176,17 +176,45 @@ def _check_generative_evaluation(report: dict, predictions: dict, cfg: RunConfig
     assert json.loads((cfg.run_dir / "evaluation.json").read_text())["gate"] == report["gate"]
 
 
+# The issue's multi-task case: a generative primary task and the tweet classification as a second task.
+TWEET_TASK = "tasks=[{name: tweets, data: {source: %s, system_prompt: 'Is this tweet negative, neutral or positive?'}}]"
+
+
+def _check_tweet_task(report: dict, cfg: RunConfig) -> None:
+    """The second task's evaluation: the classification metrics on its own test split and labels,
+    with intervals, its predictions in its own folder, outside the gate."""
+    from sklearn.metrics import f1_score
+
+    from jobs.data.prepare import MANIFEST, task_data_dirs
+
+    tweets = report["further_tasks"]["tweets"]
+    manifest = json.loads((task_data_dirs(cfg)["tweets"] / MANIFEST).read_text())
+    assert tweets["task"] == "classification" and tweets["labels"] == ["negative", "neutral", "positive"]
+    assert tweets["prompt_and_labels_from"] == "tasks[0].data" and "gate" not in tweets
+    assert tweets["test_examples"] == manifest["splits"]["test"]["rows"] >= 10
+    assert list(tweets["bootstrap"]["systems"]) == ["fine_tuned", "base_zero_shot", "baseline_tfidf_logreg"]
+    for system in tweets["bootstrap"]["systems"]:
+        frame = pd.read_parquet(cfg.run_dir / "task_predictions" / "tweets" / f"{system}.parquet")
+        assert len(frame) == tweets["test_examples"]
+        macro_f1 = f1_score(frame["label_id"], frame["pred_id"], labels=[0, 1, 2], average="macro", zero_division=0)
+        low, high = tweets["bootstrap"]["systems"][system]["macro_f1"]
+        assert tweets[system]["macro"]["f1"] == pytest.approx(macro_f1) and low <= macro_f1 <= high, system
+
+
 @pytest.mark.integration
-def test_evaluation_of_an_instruction_run_scores_every_system_and_the_gate_blocks_an_unchanged_model(
-        ray_cluster, tmp_path, tiny_model_dir):
+def test_evaluation_of_an_instruction_run_and_its_tweet_task_scores_every_system_and_the_gate_blocks_an_unchanged_model(
+        ray_cluster, tmp_path, tiny_model_dir, small_csv):
     """The evaluation on prepared shards, with the base model standing in for the fine-tuned one: the
-    two answer alike (greedy decoding), so every paired difference is 0 and the gate must block."""
+    two answer alike (greedy decoding), so every paired difference is 0 and the gate must block. A
+    second task, the tweets' sentiment, is scored by its own kind beside the instruction task, and
+    both show in the summary's figures and the report."""
     from jobs.data.prepare import prepare_run_inputs
     from jobs.data.split import split_dataset
     from jobs.evaluation.report import write_report
     from jobs.evaluation.run import run_evaluation
+    from jobs.pipeline import evaluation_summary
 
-    cfg = instruction_config(tmp_path, tiny_model_dir)
+    cfg = instruction_config(tmp_path, tiny_model_dir, "primary_task={name: support}", TWEET_TASK % small_csv)
     base_dir, data_dir, manifest = prepare_run_inputs(cfg)
     assert manifest["counts"]["kept"] == 100
 
@@ -199,25 +227,34 @@ def test_evaluation_of_an_instruction_run_scores_every_system_and_the_gate_block
     gate = report["gate"]
     assert gate["metric"] == "rouge_l" and gate["reference"] == "base_zero_shot"
     assert gate["difference_interval"] == [0.0, 0.0] and not gate["deployable"]
+    _check_tweet_task(report, cfg)
+    assert report["further_tasks"]["tweets"]["bootstrap"]["differences"]["fine_tuned - base_zero_shot"]["macro_f1"] == [0.0, 0.0]
+    summary = evaluation_summary(report)
+    assert list(summary["tasks"]) == ["support", "tweets"]
+    assert {"rouge_l", "chrf", "interval_95"} <= set(summary["tasks"]["support"]["fine_tuned"])
+    assert {"macro_f1", "accuracy", "expected_calibration_error", "interval_95"} <= set(summary["tasks"]["tweets"]["fine_tuned"])
 
     page = write_report(tmp_path / "report.html", report).read_text()
     assert "Not deployable" in page and "ROUGE-L" in page and "chrF" in page and "baseline_tfidf_retrieval" in page
     assert "Best answers of fine_tuned by ROUGE-L" in page and "Worst answers" in page
-    assert "Confusion" not in page
+    assert "Task support (instruction, the primary task)" in page and "Task tweets (classification)" in page
+    assert page.count("Confusion matrices") == 1 and "baseline_tfidf_logreg" in page  # the tweets' section alone
     prompt = predictions["fine_tuned"]["text"].iloc[0].replace("'", "&#39;")
     assert prompt in page
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_pipeline_on_an_instruction_dataset_trains_evaluates_gates_and_reports(ray_cluster, tmp_path, tiny_model_dir, capsys):
+def test_pipeline_on_an_instruction_dataset_trains_evaluates_gates_and_reports(ray_cluster, tmp_path, tiny_model_dir,
+                                                                              small_csv, capsys):
     """Issue 22 end to end: an instruction dataset through data, training, evaluation (fine-tuned,
-    base, retrieval baseline, with intervals), the gate, registration and the report."""
+    base, retrieval baseline, with intervals), the gate, registration and the report; with the tweet
+    classification as a second task, whose metrics the summary and the report show too."""
     from jobs.data.prepare import task_data_dirs
     from jobs.data.split import split_dataset
     from jobs.pipeline import run_pipeline
 
-    cfg = instruction_config(tmp_path, tiny_model_dir)
+    cfg = instruction_config(tmp_path, tiny_model_dir, "primary_task={name: support}", TWEET_TASK % small_csv)
     summary = run_pipeline(cfg)
 
     assert "explanations skipped" in capsys.readouterr().out and "explanations" not in summary
@@ -238,5 +275,10 @@ def test_pipeline_on_an_instruction_dataset_trains_evaluates_gates_and_reports(r
     assert gate["metric"] == "rouge_l" and gate["deployable"] == (low > 0)
     artifact = json.loads((Path(summary["model_dir"]) / "lakeforge_model.json").read_text())
     assert artifact["labels"] == []  # served and batch-inferred as a generative model, not a classifier
+    _check_tweet_task(report, cfg)
+    assert list(summary["tasks"]) == ["support", "tweets"] and summary["tasks"]["tweets"]["task"] == "classification"
+    assert summary["tasks"]["tweets"]["fine_tuned"]["macro_f1"] == report["further_tasks"]["tweets"]["fine_tuned"]["macro"]["f1"]
+    assert summary["tasks"]["support"]["fine_tuned"]["rouge_l"] == figures["fine_tuned"]["rouge_l"]
     page = Path(summary["report"]).read_text()
     assert "ROUGE-L" in page and "Best answers of fine_tuned" in page
+    assert "Task tweets (classification)" in page and "Confusion matrices" in page

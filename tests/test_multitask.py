@@ -37,6 +37,8 @@ def test_tasks_are_validated_and_named_in_errors():
         ("tasks=[{name: 'a b', data: {}}]", "tasks.0.name"),
         ("tasks=[{name: a}]", "tasks.0.data"),
         ("primary_task={weight: -1}", "primary_task.weight"),
+        # A further generative task is evaluated through the eval engine too: its prompts must fit.
+        ("tasks=[{name: qa, data: {task: instruction, max_seq_len: 1000}}]", "longest test prompt (tasks[0].data.max_seq_len 1000)"),
     ]:
         with pytest.raises(ConfigError) as error:
             load_config(RunConfig, SHIPPED_CONFIG, [override])
@@ -154,3 +156,100 @@ def test_a_two_task_run_mixes_by_weight_and_validates_each_task(ray_cluster, tmp
     for name in ("val_loss", "val_loss/tweets", "val_loss/qa"):
         assert [m.step for m in client.get_metric_history(run_id, name)] == [4, 8]
     assert "data_manifest_qa.json" in {a.path for a in client.list_artifacts(run_id)}
+
+
+# A generative primary task and two further tasks, one of each kind: every one is evaluated by its kind.
+TWEET_LABELS = ["unhappy", "calm", "happy"]  # not the primary's (the default) labels: each task scores its own
+EVALUATED_TASKS = [
+    "primary_task={name: support, weight: 2}", "data.task=instruction", "data.source=support.jsonl",
+    "data.system_prompt=Answer the customer.", "eval.format_checks.max_words=4", "eval.test_keys=pinned_keys.txt",
+    "tasks=[{name: tweets, data: {source: tweets.csv, labels: [%s], system_prompt: 'Mood of this tweet?'}}, "
+    "{name: qa, data: {task: instruction, source: qa.jsonl}}]" % ", ".join(TWEET_LABELS)]
+
+
+def made_up_predictions(data, settings, data_dir, llms, test_keys):
+    """Stands in for `task_predictions` (the part that needs Ray and the models): 12 test rows and each
+    system's per-row output of the task's kind, the fine-tuned model right more often than the others."""
+    keys = [f"{i:032x}" for i in range(12)]
+    rows = pd.DataFrame({"key": keys, "text": [f"{data_dir.name} row {i}" for i in range(12)]})
+    right = {"fine_tuned": 10, "base_zero_shot": 5, "baseline_tfidf_logreg": 7, "baseline_tfidf_retrieval": 7}
+    systems = [system for system, model in llms.items() if model is not None]
+    if data.task == "classification":
+        rows = rows.assign(label_id=np.arange(12) % len(data.labels), label=[data.labels[i % len(data.labels)] for i in range(12)])
+        systems.append("baseline_tfidf_logreg")
+        predictions = {system: rows.drop(columns="key").assign(
+            pred_id=np.where(np.arange(12) < right[system], rows["label_id"], (rows["label_id"] + 1) % len(data.labels)),
+            confidence=0.8, gold_logprob=-0.5, answer_tokens=1, generated=None) for system in systems}
+    else:
+        rows = rows.assign(label=[f"It ships on day {i}." for i in range(12)])
+        systems.append("baseline_tfidf_retrieval")
+        predictions = {system: rows.assign(
+            generated=[label if i < right[system] else "no idea at all" for i, label in enumerate(rows["label"])],
+            gold_logprob=-2.0, answer_tokens=4) for system in systems}
+    made_up_predictions.calls.append({"folder": data_dir, "labels": data.labels, "test_keys": test_keys,
+                                      "system_prompt": data.system_prompt})
+    return rows, predictions
+
+
+def test_every_task_is_evaluated_on_its_own_split_by_its_kind_and_reported(tmp_path, monkeypatch):
+    """The per-task evaluation without a cluster: each task's systems give made-up per-row outputs
+    (`task_predictions`, the Ray part), the rest is the real evaluation. Each task is read from its
+    own shards, scored by its kind (a classification task on its own labels), written to its own
+    folder, summarized under its name and given a section of the report; the gate, the pinned test
+    keys and the format checks stay the primary task's."""
+    from jobs.data.prepare import task_data_dirs
+    from jobs.evaluation import run as evaluation_run
+    from jobs.evaluation.report import write_report
+    from jobs.pipeline import evaluation_summary
+
+    made_up_predictions.calls = []
+    monkeypatch.setattr(evaluation_run, "task_predictions", made_up_predictions)
+    cfg = load_config(RunConfig, None, [f"storage_root={tmp_path}", "name=mixed", *EVALUATED_TASKS])
+    folders = task_data_dirs(cfg)
+    report, predictions = evaluation_run.run_evaluation(cfg, tmp_path / "base", folders["support"], tmp_path / "model")
+
+    calls = made_up_predictions.calls
+    assert [call["folder"] for call in calls] == [folders["support"], folders["tweets"], folders["qa"]]
+    assert [call["test_keys"] for call in calls] == ["pinned_keys.txt", None, None]
+    assert calls[1]["labels"] == TWEET_LABELS and calls[1]["system_prompt"] == "Mood of this tweet?"
+    tweets, qa = report["further_tasks"]["tweets"], report["further_tasks"]["qa"]
+    assert report["task_name"] == "support" and report["task"] == "instruction" and "format_max_words" in report["fine_tuned"]
+    assert report["gate"]["metric"] == "rouge_l" and report["gate"]["deployable"]
+    assert "gate" not in tweets and "gate" not in qa
+    # The classification task: the primary classification path's metrics, on its own labels.
+    assert tweets["task"] == "classification" and tweets["labels"] == TWEET_LABELS
+    assert tweets["prompt_and_labels_from"] == "tasks[0].data" and tweets["system_prompt"] == "Mood of this tweet?"
+    assert set(tweets["fine_tuned"]["per_class"]) == set(TWEET_LABELS)
+    assert tweets["fine_tuned"]["accuracy"] == pytest.approx(10 / 12) and tweets["base_zero_shot"]["accuracy"] == pytest.approx(5 / 12)
+    assert set(tweets["bootstrap"]["systems"]) == {"fine_tuned", "base_zero_shot", "baseline_tfidf_logreg"}
+    low, high = tweets["bootstrap"]["systems"]["fine_tuned"]["macro_f1"]
+    assert low <= tweets["fine_tuned"]["macro"]["f1"] <= high and "slices" in tweets and "errors" in tweets
+    # The further generative task: reference metrics, but not the primary task's format checks.
+    assert qa["task"] == "instruction" and qa["fine_tuned"]["exact_match"] == pytest.approx(10 / 12)
+    assert not any(metric.startswith("format_") for metric in qa["bootstrap"]["systems"]["fine_tuned"])
+    assert qa["examples"]["metric"] == "rouge_l"
+
+    assert json.loads((cfg.run_dir / "evaluation.json").read_text()) == json.loads(json.dumps(report))
+    assert sorted(path.name for path in (cfg.run_dir / "predictions").iterdir()) == [
+        "base_zero_shot.parquet", "baseline_tfidf_retrieval.parquet", "fine_tuned.parquet"]
+    written = pd.read_parquet(cfg.run_dir / "task_predictions" / "tweets" / "fine_tuned.parquet")
+    assert written["text"].str.startswith("tweets row").all() and (cfg.run_dir / "task_predictions" / "qa" / "fine_tuned.parquet").is_file()
+    assert predictions["fine_tuned"]["text"].str.startswith("data row").all()  # the primary task's are returned
+
+    summary = evaluation_summary(report)
+    assert list(summary["tasks"]) == ["support", "tweets", "qa"]
+    assert [task["gated"] for task in summary["tasks"].values()] == [True, False, False]
+    figures = summary["tasks"]["tweets"]
+    assert figures["task"] == "classification" and figures["examples"] == 12
+    assert figures["fine_tuned"]["macro_f1"] == tweets["fine_tuned"]["macro"]["f1"] and "interval_95" in figures["fine_tuned"]
+    assert "fine_tuned - base_zero_shot" in figures["paired_differences_95"]
+    assert summary["tasks"]["qa"]["fine_tuned"]["rouge_l"] == qa["fine_tuned"]["rouge_l"]
+    assert {key: value for key, value in summary["tasks"]["support"].items() if key not in ("task", "gated")} == summary["test_split"]
+    assert "tasks" not in evaluation_summary({key: value for key, value in report.items() if key != "further_tasks"})
+
+    page = write_report(tmp_path / "report.html", report).read_text()
+    for heading in ("Task support (instruction, the primary task)", "Task tweets (classification)", "Task qa (instruction)"):
+        assert heading in page
+    assert "decided on the primary task, support" in page and page.count("Not part of the promotion gate") == 2
+    assert "<code>tasks[0].data</code>" in page and "Mood of this tweet?" in page
+    assert page.count("Confusion matrices") == 1 and "unhappy" in page and page.count("Best answers of fine_tuned") == 2

@@ -1,6 +1,7 @@
 """The evaluation stage: proof that the fine-tuned model is better, and why it answers as it does.
 
-    run            every system on the same held-out rows; writes evaluation.json
+    run            every system on the same held-out rows, each task of a multi-task run on its
+                   own; writes evaluation.json
     scoring        LLM label likelihoods (and a sample of free answers)
     generation     generative runs: LLM answers and reference likelihoods through vLLM
     baseline       TF-IDF + logistic regression; TF-IDF retrieval for generative runs

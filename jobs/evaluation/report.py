@@ -1,6 +1,7 @@
 """HTML report of a model version: evaluation (metrics with intervals, confusion matrices,
 reliability, slices, worst errors, gate decision; for generative runs reference metrics with
-intervals and the best and worst answers side by side) and explanations, in one self-contained page.
+intervals and the best and worst answers side by side), a section per task of a multi-task run, and
+explanations, in one self-contained page.
 
 The numbers, rows and figures are computed here; jobs/templates/model_report.html (and
 explanations.html) lays them out, with autoescaping. Plots are matplotlib figures embedded as base64
@@ -129,33 +130,45 @@ def _generative_context(evaluation: dict) -> dict:
     }
 
 
+def task_reports(evaluation: dict) -> list[dict]:
+    """Every task's evaluation, the primary (the report itself) first, then a multi-task run's further tasks."""
+    return [evaluation, *evaluation.get("further_tasks", {}).values()]
+
+
+def _task_section(evaluation: dict) -> dict:
+    """One task's part of the page: its metrics with intervals and paired differences, then by kind the
+    per-class tables, figures, slices and errors, or the side-by-side answers. A multi-task run's task
+    is named, with the config section its prompt and labels come from."""
+    section = {"name": evaluation.get("task_name"), "kind": evaluation.get("task", "classification"),
+               "test_examples": evaluation["test_examples"], "systems": _systems(evaluation),
+               "prompt_and_labels_from": evaluation.get("prompt_and_labels_from"),
+               "system_prompt": evaluation.get("system_prompt"), "primary": "further_tasks" in evaluation}
+    if section["kind"] != "classification":
+        return {**section, "generative": _generative_context(evaluation), "errors": None}
+    return {**section, "generative": None,
+            "metrics": _metrics_rows(evaluation),
+            "differences": list(evaluation["bootstrap"]["differences"].items()),
+            "per_class": _per_class_rows(evaluation),
+            "confusion_figure": _confusion_figure(evaluation),
+            "reliability_figure": _reliability_figure(evaluation),
+            "slices": evaluation["slices"],
+            "errors": _errors(evaluation["errors"]) if "errors" in evaluation else None}
+
+
 def write_report(path: Path, evaluation: dict, explanations: dict | None = None, version: dict | None = None,
                  learning_curve: list[dict] | None = None) -> Path:
-    """Render one model version's evaluation (and explanations) as a self-contained HTML page."""
+    """Render one model version's evaluation (and explanations) as a self-contained HTML page: a
+    section per task (one for a single-task run)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes
-    systems = _systems(evaluation)
-    common = {
-        "title": f"lakeforge model report: {evaluation['models'].get('fine_tuned', 'evaluation')}",
-        "version": version or None, "gate": evaluation.get("gate"), "test_examples": evaluation["test_examples"],
-        "level": evaluation["bootstrap"]["level"], "systems": systems,
-        "learning_curve": _learning_curve(learning_curve, evaluation) if learning_curve else None,
-        "explanations": _explanations(explanations) if explanations is not None else None,
-    }
-    if evaluation.get("task", "classification") != "classification":
-        page = render("model_report.html", **common, generative=_generative_context(evaluation), errors=None)
-    else:
-        page = render(
-            "model_report.html", **common, generative=None,
-            metrics=_metrics_rows(evaluation),
-            differences=list(evaluation["bootstrap"]["differences"].items()),
-            per_class=_per_class_rows(evaluation),
-            confusion_figure=_confusion_figure(evaluation),
-            reliability_figure=_reliability_figure(evaluation),
-            slices=evaluation["slices"],
-            errors=_errors(evaluation["errors"]) if "errors" in evaluation else None,
-        )
+    page = render(
+        "model_report.html",
+        title=f"lakeforge model report: {evaluation['models'].get('fine_tuned', 'evaluation')}",
+        version=version or None, gate=evaluation.get("gate"), level=evaluation["bootstrap"]["level"],
+        tasks=[_task_section(task) for task in task_reports(evaluation)],
+        learning_curve=_learning_curve(learning_curve, evaluation) if learning_curve else None,
+        explanations=_explanations(explanations) if explanations is not None else None)
     path.write_text(page)
     return path
 

@@ -27,9 +27,9 @@ def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir
     for classification also error analysis and slices, for generative runs (instruction, chat) the
     best and worst answers side by side. Writes evaluation.json and per-example predictions."""
     if cfg.eval.test_keys:
-        test = pinned_test_rows(data_dir, read_test_keys(cfg.eval.test_keys))
+        test = pinned_test_rows(data_dir, read_test_keys(cfg.eval.test_keys), cfg.security.encryption)
     else:
-        test = split_dataset(data_dir, "test")
+        test = split_dataset(data_dir, "test", cfg.security.encryption)
         if cfg.eval.max_test_examples:
             test = test.limit(cfg.eval.max_test_examples)  # shards are in hash order: a uniform sample
         test = test.materialize()
@@ -44,12 +44,13 @@ def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir
     columns = [column for column in ("key", "text", "label", "label_id", "source") if column in test.schema().names]
     test_rows = test.select_columns(columns).to_pandas()
     if generative:
-        train = split_dataset(data_dir, "train").select_columns(["text", "label"]).to_pandas()
+        train = split_dataset(data_dir, "train", cfg.security.encryption).select_columns(["text", "label"]).to_pandas()
         test_rows = test_rows.sort_values("key", ignore_index=True)  # the LLMs' rows are in key order too
         predictions[RETRIEVAL_BASELINE] = test_rows.assign(
             generated=retrieval_baseline(train["text"], train["label"], test_rows["text"]))
     else:
-        predictions["baseline_tfidf_logreg"] = evaluate_baseline(data_dir, test_rows.drop(columns="key"), len(labels))
+        predictions["baseline_tfidf_logreg"] = evaluate_baseline(data_dir, test_rows.drop(columns="key"), len(labels),
+                                                                     cfg.security.encryption)
     test_keys = sorted(test.unique("key"))
     report = {"task": cfg.data.task, "test_examples": test.count(), **({} if generative else {"labels": labels}),
               "test_keys_pinned": bool(cfg.eval.test_keys),

@@ -251,7 +251,8 @@ def test_encryption_at_rest_leaves_no_canary_under_storage_root(ray_cluster, tmp
     from cluster.encryption import DataKeyStore, EncryptionError, EncryptionSettings, KeyShredded, LocalKeyProvider, WrongKey
     from jobs.config import MonitorReference
     from jobs.data.prepare import KEY_STORE, prepare_run_inputs
-    from jobs.data.split import read_shards, split_dataset
+    from jobs.data.shard_encryption import read_table
+    from jobs.data.split import split_dataset
     from jobs.monitoring.run import load_reference
     from tests.conftest import tiny_run_config
 
@@ -278,9 +279,11 @@ def test_encryption_at_rest_leaves_no_canary_under_storage_root(ray_cluster, tmp
     assert manifest["encryption"]["scope"] == "data" and (sealed_cfg.run_dir / KEY_STORE / "data.key.json").exists()
     assert json.loads((sealed_dir / REPORT_JSON).read_text())["examples_left_out"]
 
-    # Every reader decrypts: the splits (training, evaluation), the set-aside rows, the monitor's reference.
+    # Every reader decrypts: Ray Data's (training, evaluation; prepare counted each split through it
+    # too), pyarrow's (the monitor's reference) for every folder, rows equal to the plain run's.
+    assert _plain_rows(split_dataset(sealed_dir, "test", encryption)) == _plain_rows(split_dataset(plain_dir, "test"))
     for folder in (*SPLITS, QUARANTINE, DUPLICATES):
-        assert _plain_rows(read_shards(sealed_dir / folder, encryption)) == _plain_rows(read_shards(plain_dir / folder, None))
+        assert read_table(sealed_dir / folder, encryption).to_pylist() == read_table(plain_dir / folder, None).to_pylist()
     reference = load_reference(MonitorReference(train=str(sealed_dir / "train"), test=str(sealed_dir / "test"),
                                                 encryption=encryption))
     assert len(reference["text_chars"]) == manifest["splits"]["train"]["rows"]
@@ -291,7 +294,7 @@ def test_encryption_at_rest_leaves_no_canary_under_storage_root(ray_cluster, tmp
     with pytest.raises(EncryptionError, match="key-encryption key file .*missing.key does not exist"):
         split_dataset(sealed_dir, "test", EncryptionSettings(enabled=True, key_file=str(tmp_path / "missing.key")))
     other = tmp_path / "other.key"
-    LocalKeyProvider(other).key_id  # makes it
+    LocalKeyProvider(other).wrap(bytes(32))  # makes the key file: another key-encryption key
     with pytest.raises(WrongKey, match="wrapped by key-encryption key"):
         split_dataset(sealed_dir, "test", EncryptionSettings(enabled=True, key_file=str(other)))
     DataKeyStore(sealed_cfg.run_dir / KEY_STORE, LocalKeyProvider(kek)).shred("data")

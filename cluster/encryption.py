@@ -15,7 +15,8 @@ the KEK's id, the wrapped key (base64) and when it was made; the plaintext key l
 - Parquet (`parquet_encryption`): pyarrow's modular encryption, with the scope's data key as the
   master key its per-file keys are wrapped with, so rotation and shredding cover shards too.
 
-Not yet wired into the pipeline: nothing under `storage_root` is encrypted by it today (docs/security.md).
+Wired into the data job (`security.encryption` of the run config, jobs/data/shard_encryption.py): its
+Parquet shards; checkpoints, exported models and the rest are not encrypted yet (docs/security.md).
 """
 
 from __future__ import annotations
@@ -206,15 +207,16 @@ class AwsKmsKeyProvider:
                           EncryptionContext=KMS_CONTEXT)["Plaintext"]
 
 
-def key_provider(settings: EncryptionSettings) -> KeyProvider:
-    """The provider `settings` name."""
+def key_provider(settings: EncryptionSettings, create_key_file: bool = True) -> KeyProvider:
+    """The provider `settings` name. `create_key_file=False` where a missing local key file must be an
+    error, not a new key: in readers, and in tasks on nodes that may not see the one the driver made."""
     if settings.provider == "aws_kms":
         if not settings.kms_key_id:
             raise EncryptionError("encryption.provider aws_kms needs encryption.kms_key_id")
         return AwsKmsKeyProvider(settings.kms_key_id)
     if not settings.key_file:
         raise EncryptionError("encryption.provider local_file needs encryption.key_file")
-    return LocalKeyProvider(settings.key_file)
+    return LocalKeyProvider(settings.key_file, create=create_key_file)
 
 
 def _now() -> str:

@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from cluster.config import PATH_SEGMENT, StrictModel
 from cluster.contracts import EndpointSettings
+from cluster.encryption import EncryptionSettings
 from cluster.monitoring import MonitoringSettings
 from cluster.storage import is_uri, path_inside
 from cluster.pii import PiiSettings
@@ -549,6 +550,18 @@ class TaskSection(TaskWeight):
     data: DataSection = Field(description="The task's source(s), task kind, template and cleaning, prepared into shards of its own.")
 
 
+class RunSecuritySection(StrictModel):
+    """Security settings of a run's jobs (the endpoint's are serve.endpoint.security)."""
+
+    encryption: EncryptionSettings = Field(
+        default_factory=EncryptionSettings,
+        description="Encryption at rest of what the run writes under storage_root. Today: the data job's Parquet "
+        "(train/validation/test shards, quarantine, duplicates), under the data key of the run's scope `data` "
+        "(`task_data.<name>` for further tasks) kept wrapped in <storage_root>/<name>/keys, and the quality "
+        "report without row examples. Not yet: checkpoints, exported models, the registry, predictions, "
+        "MLflow, reports (docs/security.md). Off by default.")
+
+
 class RunConfig(StrictModel):
     """A lakeforge fine-tuning run: data -> DeepSpeed training -> evaluation -> serving."""
 
@@ -574,6 +587,8 @@ class RunConfig(StrictModel):
     tracking: TrackingSection = Field(default_factory=TrackingSection, description="Experiment tracking (MLflow).")
     explain: ExplainSection = Field(default_factory=ExplainSection, description="Interpretability settings (jobs.explain).")
     serve: ServeSection = Field(default_factory=ServeSection, description="Serving at the end of the pipeline.")
+    security: RunSecuritySection = Field(default_factory=RunSecuritySection,
+                                         description="Security of the run's jobs: encryption at rest.")
 
     @field_validator("storage_root")
     @classmethod
@@ -674,6 +689,10 @@ class MonitorReference(StrictModel):
                                   "predictions are compared with.")
     text_column: str = Field(default="text", description="Column holding the text.")
     label_column: str = Field(default="label", description="Column holding the label.")
+    encryption: EncryptionSettings = Field(
+        default_factory=EncryptionSettings,
+        description="The run's security.encryption, needed when its shards are encrypted (the key-encryption key "
+        "that unwraps the run's data keys; the folder itself says which scope and key store).")
 
 
 class FeedbackTable(StrictModel):

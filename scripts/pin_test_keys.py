@@ -27,7 +27,7 @@ def main() -> None:
     cfg = load_config(RunConfig, args.config, args.overrides)
     connect()
     _, data_dir, _ = prepare_run_inputs(cfg)
-    keys = [row["key"] for row in split_dataset(data_dir, "test").select_columns(["key"]).limit(args.rows).take_all()]
+    keys = [row["key"] for row in split_dataset(data_dir, "test", cfg.security.encryption).select_columns(["key"]).limit(args.rows).take_all()]
     if len(keys) < args.rows:
         raise SystemExit(f"the test split has only {len(keys)} rows, fewer than --rows {args.rows}")
     Path(args.out).write_text("\n".join(keys) + "\n")

@@ -236,3 +236,69 @@ def test_rebalancing_oversamples_the_train_split_only_with_augmented_copies(ray_
     real_counts = train.loc[~train["augmented"], "label"].value_counts()
     majority = real_counts.idxmax()
     assert train_labels[majority] == real_counts[majority] and majority not in set(copies["label"])  # copies of minorities only
+
+
+def _plain_rows(dataset) -> list[dict]:
+    """A dataset's rows with arrays as lists, so two reads compare with ==."""
+    return [{key: value.tolist() if hasattr(value, "tolist") else value for key, value in row.items()}
+            for row in dataset.take_all()]
+
+
+def test_encryption_at_rest_leaves_no_canary_under_storage_root(ray_cluster, tmp_path, tiny_model_dir, small_csv):
+    """The canary sits in a kept row, in its exact duplicate and in a row quarantined for its label: the
+    plain run shows it in a split, the duplicates, the quarantine and the quality report; the encrypted
+    run nowhere under storage_root, while its shards read back equal to the plain ones."""
+    from cluster.encryption import DataKeyStore, EncryptionError, EncryptionSettings, KeyShredded, LocalKeyProvider, WrongKey
+    from jobs.config import MonitorReference
+    from jobs.data.prepare import KEY_STORE, prepare_run_inputs
+    from jobs.data.shard_encryption import read_table
+    from jobs.data.split import split_dataset
+    from jobs.monitoring.run import load_reference
+    from tests.conftest import tiny_run_config
+
+    canary = "ZQXCANARY4711"  # capitals and digits: case folding (dedup, the label check) keeps it as it is
+    source = tmp_path / "tweets.csv"
+    planted = [f"negative,0.9,my bag {canary} never reached Denver", f"negative,0.9,my bag {canary} never reached Denver",
+               f"furious,0.9,{canary} under a label that is not ours"]
+    source.write_bytes(small_csv.read_bytes() + "\n".join(planted).encode() + b"\n")
+    kek = tmp_path / "kek.key"  # outside storage_root, as the docs ask
+    encryption = EncryptionSettings(enabled=True, key_file=str(kek))
+    plain_cfg, sealed_cfg = (
+        tiny_run_config(tmp_path / name, tiny_model_dir, source, "data.near_dedup.enabled=false", *overrides)
+        for name, overrides in (("plain", ()), ("sealed", ("security.encryption.enabled=true", f"security.encryption.key_file={kek}"))))
+    _, plain_dir, _ = prepare_run_inputs(plain_cfg)
+    _, sealed_dir, manifest = prepare_run_inputs(sealed_cfg)
+
+    def holding_canary(root: Path) -> set[str]:
+        return {str(path.relative_to(root)).split("/")[0] for path in root.rglob("*")
+                if path.is_file() and canary.encode() in path.read_bytes()}
+
+    assert {QUARANTINE, DUPLICATES, REPORT_JSON, REPORT_HTML} <= holding_canary(plain_dir)
+    assert holding_canary(plain_dir) & set(SPLITS)  # the test can fail: each of these would leak
+    assert holding_canary(tmp_path / "sealed") == set()
+    assert manifest["encryption"]["scope"] == "data" and (sealed_cfg.run_dir / KEY_STORE / "data.key.json").exists()
+    assert json.loads((sealed_dir / REPORT_JSON).read_text())["examples_left_out"]
+
+    # Every reader decrypts: Ray Data's (training, evaluation; prepare counted each split through it
+    # too), pyarrow's (the monitor's reference) for every folder, rows equal to the plain run's.
+    assert _plain_rows(split_dataset(sealed_dir, "test", encryption)) == _plain_rows(split_dataset(plain_dir, "test"))
+    for folder in (*SPLITS, QUARANTINE, DUPLICATES):
+        assert read_table(sealed_dir / folder, encryption).to_pylist() == read_table(plain_dir / folder, None).to_pylist()
+    reference = load_reference(MonitorReference(train=str(sealed_dir / "train"), test=str(sealed_dir / "test"),
+                                                encryption=encryption))
+    assert len(reference["text_chars"]) == manifest["splits"]["train"]["rows"]
+
+    # Clear errors: no settings, a missing or another key-encryption key, a shredded scope.
+    with pytest.raises(EncryptionError, match=r"test is encrypted \(scope 'data'.*needs security.encryption"):
+        split_dataset(sealed_dir, "test")
+    with pytest.raises(EncryptionError, match="key-encryption key file .*missing.key does not exist"):
+        split_dataset(sealed_dir, "test", EncryptionSettings(enabled=True, key_file=str(tmp_path / "missing.key")))
+    other = tmp_path / "other.key"
+    LocalKeyProvider(other).wrap(bytes(32))  # makes the key file: another key-encryption key
+    with pytest.raises(WrongKey, match="wrapped by key-encryption key"):
+        split_dataset(sealed_dir, "test", EncryptionSettings(enabled=True, key_file=str(other)))
+    DataKeyStore(sealed_cfg.run_dir / KEY_STORE, LocalKeyProvider(kek)).shred("data")
+    with pytest.raises(KeyShredded, match="scope 'data' was shredded"):
+        split_dataset(sealed_dir, "train", encryption)
+    with pytest.raises(KeyShredded, match="scope 'data' was shredded"):
+        prepare_run_inputs(sealed_cfg)

@@ -85,6 +85,24 @@ def test_settings_reject_unknown_keys_missing_keys_and_uris():
 def test_settings_make_their_provider(tmp_path):
     provider = key_provider(EncryptionSettings(enabled=True, key_file=str(tmp_path / "kek.key")))
     assert isinstance(provider, LocalKeyProvider) and provider.key_file == tmp_path / "kek.key"
+    # Readers and Ray tasks never make a key file: a new KEK could not unwrap what the lost one wrapped.
+    reader = key_provider(EncryptionSettings(enabled=True, key_file=str(tmp_path / "gone.key")), create_key_file=False)
+    with pytest.raises(EncryptionError, match=r"key-encryption key file .*gone.key does not exist"):
+        reader.key_id
+    assert not (tmp_path / "gone.key").exists()
+
+
+def test_the_run_config_switch_is_off_by_default_and_strict(tmp_path):
+    from jobs.config import MonitorReference, RunConfig
+
+    assert RunConfig().security.encryption.enabled is False
+    on = RunConfig(security={"encryption": {"enabled": True, "key_file": str(tmp_path / "kek.key")}})
+    assert on.security.encryption == EncryptionSettings(enabled=True, key_file=str(tmp_path / "kek.key"))
+    with pytest.raises(ValidationError, match="extra"):
+        RunConfig(security={"encryption": {"enabled": True}, "audit": {}})
+    with pytest.raises(ValidationError, match="needs encryption.key_file"):
+        RunConfig(security={"encryption": {"enabled": True}})
+    assert MonitorReference(train="t", test="t").encryption.enabled is False
 
 
 # --- the local key-encryption key

@@ -167,7 +167,7 @@ EVALUATED_TASKS = [
     "{name: qa, data: {task: instruction, source: qa.jsonl}}]" % ", ".join(TWEET_LABELS)]
 
 
-def made_up_predictions(data, settings, data_dir, llms, test_keys):
+def made_up_predictions(data, settings, data_dir, llms, test_keys, encryption):
     """Stands in for `task_predictions` (the part that needs Ray and the models): 12 test rows and each
     system's per-row output of the task's kind, the fine-tuned model right more often than the others."""
     keys = [f"{i:032x}" for i in range(12)]

@@ -8,6 +8,9 @@ malformed row, wrong type, ...), filtered (fine but excluded by the config: leng
 duplicate, each set-aside row written with its source, file, row number, reason and raw value, and
 `read == kept + quarantined + filtered + duplicates` is checked per source before the manifest is
 written. Shards are cached: unchanged inputs, data config, tokenizer and code reuse them.
+
+With `security.encryption` on, every Parquet folder is encrypted under the run's data key
+(jobs/data/shard_encryption.py) and the quality report leaves its row examples out.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from jobs.data.balance import rebalance_class, target_size
 from jobs.data.cleaning import FILTER_REASONS, clean_batch
 from jobs.data.dedup import band_edges, band_keys, mark_exact_duplicates, mark_near_duplicates, near_duplicate_clusters
 from jobs.data.quality_report import write_quality_report
+from jobs.data.shard_encryption import ShardKey, write_parquet
 from jobs.data.sources import file_sha256, physical_records, read_source, scan_source
-from jobs.data.split import SPLITS, assign_split
+from jobs.data.split import SPLITS, assign_split, read_shards
 from jobs.data.templating import Templater
 
 MANIFEST = "manifest.json"
@@ -43,6 +47,7 @@ SHARD_COLUMNS = ["text", "label", "label_id", "input_ids", "loss_mask", "prompt_
                  "source", "source_row", "augmented"]
 SHUFFLE_PARTITION_ROWS = 50_000  # rows per hash partition of the dedup/split/count groupbys
 DATA_CODE = Path(__file__).parent  # the data stage's modules: a change to any of them rebuilds the shards
+KEY_STORE = "keys"  # <run>/keys: the wrapped data keys of the run's scopes
 
 
 @dataclass
@@ -72,10 +77,13 @@ class Written:
     kept_by_source: Counter = field(default_factory=Counter)
 
 
-def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dict:
+def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path, shard_key: ShardKey | None = None) -> dict:
     """Build (or reuse) the train/validation/test Parquet shards, the quarantine and duplicate
-    outputs and the quality report; returns the manifest."""
+    outputs and the quality report; returns the manifest. With `shard_key`, every Parquet folder is
+    encrypted under its scope's data key (made here on the first run) and the report shows no rows."""
     started = time.perf_counter()
+    if shard_key is not None:  # first: a shredded scope fails before any work, and is never re-keyed
+        shard_key.store(create_key_file=True).data_key(shard_key.scope, create=True)
     # The folder is rebuilt beside itself and swapped in, the old one deleted: a path ending in '..'
     # would rename and delete its grandparent (a task named '..' took the whole run folder).
     final_dir = Path(out_dir)
@@ -84,6 +92,8 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
     # One pass over each local file gives its hash (the shards' identity) and its records (the accounting).
     scans = {source.name: scan_source(source) for source in sources}
     identity = shard_identity(cfg, {name: fingerprint for name, (fingerprint, _) in scans.items()}, model_dir)
+    if shard_key is not None:  # plain shards are never reused by an encrypted run, nor encrypted ones by a plain run
+        identity["encrypted_under_scope"] = shard_key.scope
     reused = reusable_manifest(final_dir, identity)
     if reused:
         print(f"[data] reusing shards in {final_dir} (sources, config, tokenizer and code unchanged)")
@@ -102,17 +112,24 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
     # leaves the previous shards (and their manifest) as they were.
     building = final_dir.with_name(final_dir.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
-    written = write_splits(split, cfg, building)
-    write_set_aside(staged, deduplicated, building)
+    written = write_splits(split, cfg, building, shard_key)
+    write_set_aside(staged, deduplicated, building, shard_key)
     per_source, counts = account(sources, staged, deduplicated, written, undersampled)
     report = quality_report(counts, per_source, staged, deduplicated, split, written, undersampled, warnings)
     report["wall_s"] = round(time.perf_counter() - started, 1)
+    if shard_key is not None:  # rows are only ever on disk encrypted: the report keeps its figures, not its examples
+        report["quarantine_examples"] = {reason: [] for reason in report["quarantine_examples"]}
+        report["pii_examples"] = report["exact_duplicate_examples"] = report["near_duplicate_clusters"]["examples"] = []
+        report["examples_left_out"] = (f"encryption at rest is on: the rows are in the encrypted quarantine and "
+                                       f"duplicate shards (scope {shard_key.scope})")
     building.mkdir(parents=True, exist_ok=True)
     (building / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False))
     write_quality_report(report, building / REPORT_HTML)
     manifest = {"identity": identity, "sources": [source.model_dump() for source in sources], "task": cfg.task,
                 "tokenizer": str(model_dir), "counts": counts, "per_source": per_source, "splits": written.per_split,
                 "quality_report": {"json": str(final_dir / REPORT_JSON), "html": str(final_dir / REPORT_HTML)}}
+    if shard_key is not None:
+        manifest["encryption"] = {"scope": shard_key.scope, "key_store": str(shard_key.key_store)}
     (building / MANIFEST).write_text(json.dumps(manifest, indent=2))
     _swap_in(building, final_dir)
     print(f"[data] {json.dumps(counts)}")
@@ -247,16 +264,16 @@ def split_and_balance(deduplicated: ray.data.Dataset, cfg: DataSection, template
     return split, before - after
 
 
-def write_splits(split: ray.data.Dataset, cfg: DataSection, out_dir: Path) -> Written:
+def write_splits(split: ray.data.Dataset, cfg: DataSection, out_dir: Path, shard_key: ShardKey | None) -> Written:
     """One Parquet folder per split, in position order, counted from what is on disk."""
     written = Written()
     for name in SPLITS:
         part = split.filter(lambda row, name=name: row["split"] == name).select_columns(SHARD_COLUMNS).sort("position")
-        part.write_parquet(str(out_dir / name))
+        write_parquet(part, out_dir / name, shard_key)
         if not (out_dir / name).exists():  # an empty split writes no file
             raise ValueError(f"the {name} split is empty: {sum(written.kept_by_source.values())} rows kept so far; "
                              "more data or other fractions needed")
-        on_disk = ray.data.read_parquet(str(out_dir / name))  # count what is on disk, not what was meant
+        on_disk = read_shards(out_dir / name, shard_key.settings if shard_key else None)  # count what is on disk, not what was meant
         labels = _counts(on_disk, "label") if cfg.task == "classification" else {}
         originals = _counts(on_disk.filter(lambda row: not row["augmented"]), "source")
         written.kept_by_source.update(originals)
@@ -266,14 +283,14 @@ def write_splits(split: ray.data.Dataset, cfg: DataSection, out_dir: Path) -> Wr
     return written
 
 
-def write_set_aside(staged: Staged, deduplicated: Deduplicated, out_dir: Path) -> None:
+def write_set_aside(staged: Staged, deduplicated: Deduplicated, out_dir: Path, shard_key: ShardKey | None) -> None:
     """The quarantined and filtered rows, and the duplicates, each with where it came from."""
     if sum(n for (_, status), n in staged.counts.items() if status != "ok"):
-        staged.rows.filter(lambda row: row["status"] != "ok").select_columns(
-            ["source", "source_file", "source_row", "status", "raw"]).write_parquet(str(out_dir / QUARANTINE))
+        write_parquet(staged.rows.filter(lambda row: row["status"] != "ok").select_columns(
+            ["source", "source_file", "source_row", "status", "raw"]), out_dir / QUARANTINE, shard_key)
     if sum(n for (_, status), n in deduplicated.counts.items() if status != "ok"):
-        deduplicated.rows.filter(lambda row: row["status"] != "ok").select_columns(
-            ["source", "source_file", "source_row", "status", "key", "duplicate_of", "text", "label"]).write_parquet(str(out_dir / DUPLICATES))
+        write_parquet(deduplicated.rows.filter(lambda row: row["status"] != "ok").select_columns(
+            ["source", "source_file", "source_row", "status", "key", "duplicate_of", "text", "label"]), out_dir / DUPLICATES, shard_key)
 
 
 def account(sources: list[SourceSection], staged: Staged, deduplicated: Deduplicated, written: Written,
@@ -386,13 +403,19 @@ def task_data_dirs(cfg: RunConfig) -> dict[str, Path]:
 
 def prepare_run_inputs(cfg: RunConfig) -> tuple[Path, Path, dict]:
     """Base model folder and data shards of a run, both built once and reused by later jobs.
-    Returns the primary task's shards; those of further tasks are prepared too (task_data_dirs)."""
+    Returns the primary task's shards; those of further tasks are prepared too (task_data_dirs).
+    With security.encryption on, each task's shards are encrypted under a scope of their own."""
     base_dir = base_models.materialize(cfg.model.base, cfg.model_cache)
     dirs = task_data_dirs(cfg)
+    encryption = cfg.security.encryption
+
+    def shard_key(scope: str) -> ShardKey | None:
+        return ShardKey.of(encryption, cfg.run_dir / KEY_STORE, scope) if encryption.enabled else None
+
     for task in cfg.tasks:
-        prepare(task.data, base_dir, dirs[task.name])
+        prepare(task.data, base_dir, dirs[task.name], shard_key(f"task_data.{task.name}"))
     data_dir = dirs[cfg.primary_task.name]
-    return base_dir, data_dir, prepare(cfg.data, base_dir, data_dir)
+    return base_dir, data_dir, prepare(cfg.data, base_dir, data_dir, shard_key("data"))
 
 
 def _rows_where(ds: ray.data.Dataset, column: str, value) -> ray.data.Dataset:

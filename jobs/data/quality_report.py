@@ -64,6 +64,7 @@ def write_quality_report(report: dict, path: Path) -> Path:
         counts=counts,
         wall_s=report["wall_s"],
         warnings=report.get("warnings") or [],
+        examples_left_out=report.get("examples_left_out"),
         stages=[[name, rows] for name, rows in stages.items()],
         stages_figure=_bar(list(stages), list(stages.values()), "Rows after each stage"),
         per_source=[[name, e.get("physical_records", ""), e["rows_read"], e["kept"], sum(e["quarantined"].values()),

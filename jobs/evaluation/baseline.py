@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cluster.encryption import EncryptionSettings
 from jobs.data.split import split_dataset
 
 BASELINE_C_GRID = (1.0, 4.0, 16.0)  # inverse regularization strengths tried on the validation split
@@ -38,9 +39,10 @@ def tfidf_baseline(train: pd.DataFrame, validation: pd.DataFrame, classes: int):
     return make_pipeline(features, models[best]), best
 
 
-def evaluate_baseline(data_dir: Path, test: pd.DataFrame, classes: int) -> pd.DataFrame:
+def evaluate_baseline(data_dir: Path, test: pd.DataFrame, classes: int,
+                      encryption: EncryptionSettings | None = None) -> pd.DataFrame:
     """`tfidf_baseline` trained on every row of the train split, scored on the test rows."""
-    train, validation = (split_dataset(data_dir, split).select_columns(["text", "label_id"]).to_pandas()
+    train, validation = (split_dataset(data_dir, split, encryption).select_columns(["text", "label_id"]).to_pandas()
                          for split in ("train", "validation"))
     classifier, _ = tfidf_baseline(train, validation, classes)
     probs = np.zeros((len(test), classes))

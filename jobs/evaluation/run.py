@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cluster.encryption import EncryptionSettings
 from cluster.storage import path_inside
 from jobs.config import DataSection, EvalSection, FormatChecks, RunConfig
 from jobs.data.prepare import task_data_dirs
@@ -41,7 +42,7 @@ def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir
     `<run>/task_predictions/<task>/`."""
     llms = {"fine_tuned": finetuned_dir, "previous_version": previous_dir, "base_zero_shot": base_dir}
     report, predictions = evaluate_task(cfg.data, cfg.eval, data_dir, llms, cfg.run_dir / "predictions",
-                                        cfg.eval.test_keys, cfg.eval.format_checks)
+                                        cfg.eval.test_keys, cfg.eval.format_checks, cfg.security.encryption)
     if finetuned_dir is not None:
         gate_metric = cfg.eval.gate_metric if cfg.data.task == "classification" else cfg.eval.generative_metric
         report["gate"] = promotion_gate(report["bootstrap"], gate_metric, cfg.eval.gate_min_improvement)
@@ -54,7 +55,8 @@ def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir
         for index, task in enumerate(cfg.tasks):
             # The pinned test keys and the format checks are the primary task's (the gate's) settings.
             further, _ = evaluate_task(task.data, cfg.eval, folders[task.name], llms,
-                                       path_inside(cfg.run_dir / "task_predictions", task.name), None, FormatChecks())
+                                       path_inside(cfg.run_dir / "task_predictions", task.name), None, FormatChecks(),
+                                       cfg.security.encryption)
             report["further_tasks"][task.name] = {"task_name": task.name, "prompt_and_labels_from": f"tasks[{index}].data",
                                                   "system_prompt": task.data.system_prompt, **further}
     (cfg.run_dir / "evaluation.json").write_text(json.dumps(report, indent=2))
@@ -63,11 +65,12 @@ def run_evaluation(cfg: RunConfig, base_dir: Path, data_dir: Path, finetuned_dir
 
 
 def evaluate_task(data: DataSection, settings: EvalSection, data_dir: Path, llms: dict[str, Path | None],
-                  predictions_dir: Path, test_keys: str | None, format_checks: FormatChecks) -> tuple[dict, dict]:
+                  predictions_dir: Path, test_keys: str | None, format_checks: FormatChecks,
+                  encryption: EncryptionSettings | None) -> tuple[dict, dict]:
     """One task's report (its kind's metrics of every system, with intervals) and per-row predictions,
     written to `predictions_dir`. The prompts are the task's shard tokens, templated with its own
     `data` (system prompt, template); a classification task is scored on its own `data.labels`."""
-    test_rows, predictions = task_predictions(data, settings, data_dir, llms, test_keys)
+    test_rows, predictions = task_predictions(data, settings, data_dir, llms, test_keys, encryption)
     generative = data.task != "classification"
     keys = sorted(test_rows["key"])
     report = {"task": data.task, "test_examples": len(test_rows), **({} if generative else {"labels": data.labels}),
@@ -110,14 +113,15 @@ def evaluate_task(data: DataSection, settings: EvalSection, data_dir: Path, llms
 
 
 def task_predictions(data: DataSection, settings: EvalSection, data_dir: Path, llms: dict[str, Path | None],
-                     test_keys: str | None) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+                     test_keys: str | None, encryption: EncryptionSettings | None) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """A task's test rows (the pinned ones, or a uniform sample of max_test_examples) and every system's
     per-row predictions on them: each LLM given, fine-tuned first (so paired differences read
-    "fine_tuned - other"), then the task kind's classical baseline."""
+    "fine_tuned - other"), then the task kind's classical baseline. `encryption`: the run's
+    settings, to read shards the data job encrypted."""
     if test_keys:
-        test = pinned_test_rows(data_dir, read_test_keys(test_keys))
+        test = pinned_test_rows(data_dir, read_test_keys(test_keys), encryption)
     else:
-        test = split_dataset(data_dir, "test")
+        test = split_dataset(data_dir, "test", encryption)
         if settings.max_test_examples:
             test = test.limit(settings.max_test_examples)  # shards are in hash order: a uniform sample
         test = test.materialize()
@@ -130,12 +134,12 @@ def task_predictions(data: DataSection, settings: EvalSection, data_dir: Path, l
     columns = [column for column in ("key", "text", "label", "label_id", "source") if column in test.schema().names]
     test_rows = test.select_columns(columns).to_pandas()
     if generative:
-        train = split_dataset(data_dir, "train").select_columns(["text", "label"]).to_pandas()
+        train = split_dataset(data_dir, "train", encryption).select_columns(["text", "label"]).to_pandas()
         test_rows = test_rows.sort_values("key", ignore_index=True)  # the LLMs' rows are in key order too
         predictions[RETRIEVAL_BASELINE] = test_rows.assign(
             generated=retrieval_baseline(train["text"], train["label"], test_rows["text"]))
     else:
-        predictions["baseline_tfidf_logreg"] = evaluate_baseline(data_dir, test_rows.drop(columns="key"), len(data.labels))
+        predictions["baseline_tfidf_logreg"] = evaluate_baseline(data_dir, test_rows.drop(columns="key"), len(data.labels), encryption)
     return test_rows, predictions
 
 

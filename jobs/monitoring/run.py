@@ -14,7 +14,9 @@ import pyarrow.dataset as pads
 
 from cluster.monitoring import FEEDBACK, FEEDBACK_SCHEMA, PREDICTION_SCHEMA, PREDICTIONS, utc_now
 from cluster.storage import filesystem_for
+from cluster.encryption import EncryptionSettings
 from jobs.config import FeedbackTable, MonitorConfig, MonitorReference
+from jobs.data import shard_encryption
 from jobs.monitoring.stats import classification_metrics, ks_test, label_mix_test, psi
 
 KEY = ["request_id", "index"]
@@ -36,11 +38,11 @@ def read_log(root: str, kind: str, schema: pa.Schema, start: datetime | None = N
     return dataset.to_table(filter=condition).to_pandas()
 
 
-def read_table(path: str) -> pd.DataFrame:
-    """A Parquet file or folder, or a CSV file."""
+def read_table(path: str, encryption: EncryptionSettings | None = None) -> pd.DataFrame:
+    """A Parquet file or folder (a run's encrypted shards decrypted with `encryption`), or a CSV file."""
     if path.endswith(".csv"):
         return pacsv.read_csv(path).to_pandas()
-    return pads.dataset(path, format="parquet").to_table().to_pandas()
+    return shard_encryption.read_table(path, encryption).to_pandas()
 
 
 def bulk_feedback(table: FeedbackTable) -> pd.DataFrame:
@@ -76,7 +78,7 @@ def window_bounds(cfg: MonitorConfig, now: datetime | None = None) -> list[tuple
 
 
 def load_reference(reference: MonitorReference) -> dict:
-    train, test = read_table(reference.train), read_table(reference.test)
+    train, test = read_table(reference.train, reference.encryption), read_table(reference.test, reference.encryption)
     for name, frame, column in (("train", train, reference.text_column), ("test", test, reference.label_column)):
         if column not in frame.columns:
             raise ValueError(f"reference.{name} has no column {column!r}; it has {list(frame.columns)}")

@@ -122,7 +122,9 @@ def training_streams(cfg: RunConfig, task_dirs: dict[str, Path], manifests: dict
     max_validation_examples of its validation split; with further tasks, their weighted mixture."""
     train, primary = cfg.train, cfg.primary_task.name
     data_dir = task_dirs[primary]
-    streams = Streams(split_dataset(data_dir, "train"), split_dataset(data_dir, "validation").limit(train.max_validation_examples))
+    encryption = cfg.security.encryption
+    streams = Streams(split_dataset(data_dir, "train", encryption),
+                      split_dataset(data_dir, "validation", encryption).limit(train.max_validation_examples))
     if train.balance_classes:
         label_rows = manifests[primary]["splits"]["train"]["labels"]
         streams.train = balanced_sample(streams.train, label_rows, train.seed, train.balance_min_rows)
@@ -139,9 +141,9 @@ def training_streams(cfg: RunConfig, task_dirs: dict[str, Path], manifests: dict
     budget = train.max_steps * train.micro_batch_size * train.gradient_accumulation_steps * train.num_workers
     examples = min(budget, mixture_pass(weights, rows))
     streams.train, counts = mixture_dataset(
-        [split_dataset(folder, "train") for folder in task_dirs.values()], rows, weights, examples, train.seed)
+        [split_dataset(folder, "train", encryption) for folder in task_dirs.values()], rows, weights, examples, train.seed)
     first, *further = [
-        split_dataset(folder, "validation").limit(train.max_validation_examples).map_batches(
+        split_dataset(folder, "validation", encryption).limit(train.max_validation_examples).map_batches(
             lambda batch, task_id=task_id: batch.assign(task_id=task_id), batch_format="pandas")
         for task_id, folder in enumerate(task_dirs.values())]
     streams.validation = first.union(*further)

@@ -30,11 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.serve_bench import held_out_tweets, percentiles
-from bench.vllm_serve_bench import wait_for_first_answer
+from bench.vllm_serve_bench import MODEL_ID, wait_for_first_answer
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-MODEL_ID = "classify-bench"
 OFFLINE_BATCH = 16  # the evaluation's default batch size (eval.batch_size)
 
 
@@ -89,7 +88,7 @@ async def closed_loop(base_url: str, key: str, texts: list[str], clients: int, p
         for index in pending:
             body = {"model": MODEL_ID, **({"text": batches[index][0]} if per_request == 1 else {"texts": batches[index]})}
             sent = time.perf_counter()
-            response = await http.post(f"{base_url}/classify", json=body, headers={"Authorization": f"Bearer {key}"})
+            response = await http.post(f"{base_url}/v1/classify", json=body, headers={"Authorization": f"Bearer {key}"})
             latencies.append(time.perf_counter() - sent)
             if response.status_code != 200:
                 failures.append(f"{response.status_code}: {response.text[:200]}")

@@ -72,9 +72,10 @@ class Written:
     kept_by_source: Counter = field(default_factory=Counter)
 
 
-def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dict:
+def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path, optional_splits: tuple[str, ...] = ()) -> dict:
     """Build (or reuse) the train/validation/test Parquet shards, the quarantine and duplicate
-    outputs and the quality report; returns the manifest."""
+    outputs and the quality report; returns the manifest. A split in `optional_splits` may come out
+    empty (a few new rows for retraining): it has no folder and 0 rows; any other empty split fails."""
     started = time.perf_counter()
     # The folder is rebuilt beside itself and swapped in, the old one deleted: a path ending in '..'
     # would rename and delete its grandparent (a task named '..' took the whole run folder).
@@ -102,7 +103,7 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path) -> dic
     # leaves the previous shards (and their manifest) as they were.
     building = final_dir.with_name(final_dir.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
-    written = write_splits(split, cfg, building)
+    written = write_splits(split, cfg, building, optional_splits)
     write_set_aside(staged, deduplicated, building)
     per_source, counts = account(sources, staged, deduplicated, written, undersampled)
     report = quality_report(counts, per_source, staged, deduplicated, split, written, undersampled, warnings)
@@ -247,13 +248,17 @@ def split_and_balance(deduplicated: ray.data.Dataset, cfg: DataSection, template
     return split, before - after
 
 
-def write_splits(split: ray.data.Dataset, cfg: DataSection, out_dir: Path) -> Written:
-    """One Parquet folder per split, in position order, counted from what is on disk."""
+def write_splits(split: ray.data.Dataset, cfg: DataSection, out_dir: Path, optional_splits: tuple[str, ...] = ()) -> Written:
+    """One Parquet folder per split, in position order, counted from what is on disk (an empty
+    optional split: no folder, 0 rows)."""
     written = Written()
     for name in SPLITS:
         part = split.filter(lambda row, name=name: row["split"] == name).select_columns(SHARD_COLUMNS).sort("position")
         part.write_parquet(str(out_dir / name))
-        if not (out_dir / name).exists():  # an empty split writes no file
+        if not (out_dir / name).exists() and name in optional_splits:  # an empty split writes no file
+            written.per_split[name] = {"rows": 0, "labels": {}, "tokens": 0, "augmented_copies": 0}
+            continue
+        if not (out_dir / name).exists():
             raise ValueError(f"the {name} split is empty: {sum(written.kept_by_source.values())} rows kept so far; "
                              "more data or other fractions needed")
         on_disk = ray.data.read_parquet(str(out_dir / name))  # count what is on disk, not what was meant

@@ -5,6 +5,7 @@
     lakeforge batch CONFIG [key=value ...]       # python -m jobs.batch_infer
     lakeforge deploy CONFIG [key=value ...]      # python -m jobs.deploy
     lakeforge monitor CONFIG [key=value ...]     # python -m jobs.monitor
+    lakeforge retrain CONFIG [key=value ...]     # python -m jobs.retrain
     lakeforge cluster up|down|status             # the local head node (python -m cluster.ray_cluster)
     lakeforge keys new|record ...                # python -m cluster.security
     lakeforge audit verify FILE                  # python -m cluster.audit
@@ -58,6 +59,8 @@ JOBS = {
     "deploy": JobCommand("deploy", DeployConfig, "serve a registered model version (the current one, or version=vNNNN)"),
     "monitor": JobCommand("monitor", MonitorConfig, "online quality and drift of served models from the prediction and "
                           "feedback logs; write monitor.json, monitor.html and Prometheus gauges"),
+    "retrain": JobCommand("retrain", RunConfig, "continue from the current version on new labelled rows (feedback, new "
+                          "sources) and a replayed sample of the training split; evaluate, gate and register"),
 }
 CLUSTER_ACTIONS = {
     "up": "start (or reuse) the local head node and print its dashboard address",

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from cluster.audit import AuditSettings
 from cluster.config import PATH_SEGMENT, StrictModel
 from cluster.contracts import EndpointSettings
 from cluster.encryption import EncryptionSettings
@@ -562,6 +563,52 @@ class RunSecuritySection(StrictModel):
         "MLflow, reports (docs/security.md). Off by default.")
 
 
+class FeedbackTable(StrictModel):
+    """Right labels delivered in bulk (a labelling tool's export) rather than through /v1/feedback."""
+
+    path: str = Field(description="A Parquet file or folder, or a CSV file (by its .csv suffix).")
+    request_id_column: str = Field(default="request_id", description="Column holding the prediction's request id.")
+    index_column: str | None = Field(default="index", description="Column holding the text's position in its request; "
+                                                                  "None: every row is position 0.")
+    label_column: str = Field(default="label", description="Column holding the right label.")
+
+
+FEEDBACK_SOURCE = "feedback"  # the source name of the labelled predictions in a retraining run
+
+
+class RetrainSection(StrictModel):
+    """Batch retraining (`jobs.retrain`): continue from the registry's current version on new labelled
+    rows (feedback joined with the prediction log, new source files) mixed with a replayed sample of
+    the run's original training split, then the run's evaluation and gate against the current version."""
+
+    monitoring_root: str | None = Field(
+        default=None, description="The endpoint's monitoring.root: its feedback (and feedback_tables) joined with its "
+        "prediction log by request id gives labelled rows, only those predictions logged with their text "
+        "(monitoring.log_text: without the text a label cannot be trained on); None: no feedback rows.")
+    feedback_tables: list[FeedbackTable] = Field(
+        default_factory=list, description="Bulk feedback by request id, joined like /v1/feedback's (the later label wins).")
+    new_sources: list[SourceSection] = Field(
+        default_factory=list, description="New labelled source files, read with the run's data settings (columns, "
+        "labels, cleaning, PII rules, split rule); their names must differ from 'feedback'.")
+    replay_fraction: float = Field(
+        default=0.1, ge=0, le=1, description="Share of the original training split replayed beside the new rows, "
+        "against forgetting: a seeded sample of round(fraction x rows) rows, the same on every rerun. 0: the new rows alone.")
+    seed: int = Field(default=0, description="Seed of the replay sample and of the shuffle of new and replayed rows.")
+    feedback_gate_min_rows: int = Field(
+        default=100, ge=1, description="The new rows' own test split (held out by the run's split rule: the recent "
+        "feedback window) is evaluated like the original test split, against the current version; with at least "
+        "this many rows its gate must pass too, with fewer it is reported only (too few rows to prove a difference).")
+
+    @model_validator(mode="after")
+    def _distinct_source_names(self) -> "RetrainSection":
+        names = [source.name for source in self.new_sources]
+        if len(set(names)) != len(names) or FEEDBACK_SOURCE in names:
+            raise ValueError(f"retrain.new_sources names must be distinct and not {FEEDBACK_SOURCE!r}, got {names}")
+        if self.feedback_tables and self.monitoring_root is None:
+            raise ValueError("retrain.feedback_tables are joined with the prediction log: set retrain.monitoring_root")
+        return self
+
+
 class RunConfig(StrictModel):
     """A lakeforge fine-tuning run: data -> DeepSpeed training -> evaluation -> serving."""
 
@@ -589,6 +636,8 @@ class RunConfig(StrictModel):
     serve: ServeSection = Field(default_factory=ServeSection, description="Serving at the end of the pipeline.")
     security: RunSecuritySection = Field(default_factory=RunSecuritySection,
                                          description="Security of the run's jobs: encryption at rest.")
+    retrain: RetrainSection = Field(default_factory=RetrainSection,
+                                    description="Batch retraining from the current version (jobs.retrain).")
 
     @field_validator("storage_root")
     @classmethod
@@ -695,16 +744,6 @@ class MonitorReference(StrictModel):
         "that unwraps the run's data keys; the folder itself says which scope and key store).")
 
 
-class FeedbackTable(StrictModel):
-    """Right labels delivered in bulk (a labelling tool's export) rather than through /v1/feedback."""
-
-    path: str = Field(description="A Parquet file or folder, or a CSV file (by its .csv suffix).")
-    request_id_column: str = Field(default="request_id", description="Column holding the prediction's request id.")
-    index_column: str | None = Field(default="index", description="Column holding the text's position in its request; "
-                                                                  "None: every row is position 0.")
-    label_column: str = Field(default="label", description="Column holding the right label.")
-
-
 class MonitorThresholds(StrictModel):
     """When a window's figures count as an alert (the summary's `alerts`, the report's flags)."""
 
@@ -724,6 +763,40 @@ class MonitorThresholds(StrictModel):
                                      description="Alert when a window's macro-F1 upper bootstrap bound is more than this "
                                                  "below the reference window's macro-F1 (the first window of the version "
                                                  "with enough feedback).")
+
+
+class RetrainTrigger(StrictModel):
+    """When the monitor submits `jobs.retrain` as a Ray job; every decision is appended to the audit log."""
+
+    run_config: str = Field(description="The served model's run config (YAML): jobs.retrain's --config, and where its "
+                                        "registry is (storage_root, name). Relative to the working directory.")
+    overrides: list[str] = Field(default_factory=list, description="key=value overrides of the run config, applied "
+                                                                   "when reading it here and passed to jobs.retrain.")
+    drift: bool = Field(default=True, description="Retrain when the current version's latest window tested for drift "
+                                                  "shows input length drift (PSI and KS past thresholds.psi and "
+                                                  "thresholds.ks_pvalue) or a shifted predicted label mix "
+                                                  "(thresholds.label_mix_pvalue).")
+    max_f1_drop: float | None = Field(default=0.05, ge=0, le=1,
+                                      description="Retrain when the upper bootstrap bound of the macro-F1 of the current "
+                                                  "version's latest window with thresholds.min_feedback labelled "
+                                                  "predictions is more than this below the version's test macro-F1; "
+                                                  "None: not a trigger.")
+    min_new_rows: int | None = Field(default=1000, ge=1,
+                                     description="Retrain when at least this many predictions with a logged text and a "
+                                                 "known label were labelled since the newest registered version; None: "
+                                                 "not a trigger.")
+    min_hours_between: float = Field(default=24, ge=0,
+                                     description="Hold a submission back while the previous one is younger than this "
+                                                 "(<output>/retrain_trigger.json), so a lasting condition does not "
+                                                 "submit a retraining per monitor run.")
+    address: str | None = Field(default=None, description="Ray job submission address (the dashboard, e.g. "
+                                                          "http://head:8265); None: $RAY_ADDRESS.")
+    working_dir: str | None = Field(default=".", description="Folder uploaded as the job's working directory (with the "
+                                                             "excludes of `ray job submit` here); None: the cluster "
+                                                             "runs its own copy of the code.")
+    dry_run: bool = Field(default=False, description="Decide and audit, but submit nothing.")
+    audit: AuditSettings = Field(default_factory=AuditSettings, description="The audit log the decisions are appended to "
+                                                                            "(its log_prompts does not apply).")
 
 
 class MonitorConfig(StrictModel):
@@ -748,3 +821,6 @@ class MonitorConfig(StrictModel):
     textfile: str | None = Field(default=None, description="Also write the gauges to this path (a node exporter's "
                                                           "textfile collector directory/lakeforge_monitor.prom); None: "
                                                           "only <output>/lakeforge_monitor.prom.")
+    retrain: RetrainTrigger | None = Field(default=None, description="Decide after each run whether to submit "
+                                                                     "jobs.retrain (drift, an online macro-F1 drop, new "
+                                                                     "labelled rows); None: no retraining trigger.")

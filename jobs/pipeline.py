@@ -20,14 +20,14 @@ from cluster.contracts import EndpointSettings
 from cluster.endpoints import deploy, with_local_key
 from cluster.prompting import chat_messages
 from cluster.ray_cluster import connect
-from cluster.registry import ModelFilesChanged, ModelRegistry, file_sha256
+from cluster.registry import ModelFilesChanged, ModelRegistry
 from jobs.config import RunConfig
 from jobs.data.prepare import MANIFEST, prepare_run_inputs
 from jobs.evaluation.explanations import explain
-from jobs.evaluation.report import SYSTEMS, task_reports, write_report
+from jobs.evaluation.report import SYSTEMS, task_reports
 from jobs.evaluation.run import headline_metrics, run_evaluation
+from jobs.lifecycle.register import register_run
 from jobs.train.run import run_finetune
-from jobs.train.tracking import MetricLogger, code_version
 
 
 def check_endpoint(cfg: RunConfig, endpoint: EndpointSettings, base_url: str, api_key: str, predictions) -> dict:
@@ -117,42 +117,16 @@ def run_pipeline(cfg: RunConfig) -> dict:
         cfg, base_dir, data_dir, finetuned_dir=Path(training["model_dir"]),
         previous_dir=Path(current["path"]) if current else None)
     mark = stage_done("evaluation", mark)
-    MetricLogger(training["tracking"]["uri"], training["tracking"]["run_id"]).log({
-        **{f"test_{metric}": value for metric, value in headline_metrics(report, "fine_tuned").items()},
-        **{f"test_{metric}/{task['task_name']}": value for task in task_reports(report)[1:]
-           for metric, value in headline_metrics(task, "fine_tuned").items()},
-        "gate_deployable": float(report["gate"]["deployable"])}, training["best_step"])
     explanations = None
     if cfg.explain.enabled and cfg.data.task != "classification":
         print(f"[pipeline] explanations skipped: they attribute label probabilities, and this is a {cfg.data.task} run")
     elif cfg.explain.enabled:
         explanations = explain(cfg)
     mark = stage_done("explanation", mark)
-    manifest_path = data_dir / MANIFEST
-    version = registry.register(
-        training["model_dir"], gate=report["gate"], run=cfg.name,
-        metrics={**headline_metrics(report, "fine_tuned"), "compared_with": report["models"]},
-        attachments=[cfg.run_dir / "evaluation.json", cfg.run_dir / "explanations.json"],
-        # What `python -m jobs.lineage` shows: the chain from the source files to this version.
-        lineage={
-            "sources": manifest["identity"]["sources"],
-            "data_manifest": {"path": str(manifest_path), "sha256": file_sha256(manifest_path),
-                              "counts": manifest["counts"]},
-            "run_config": cfg.model_dump(mode="json"),  # secrets (the PII salt) as fingerprints
-            "code_version": code_version(),
-            "parent_version": current["version"] if current else None,
-            "training": {"tracking": training["tracking"], "model_dir": training["model_dir"],
-                         "checkpoint_uri": training["checkpoint_uri"], "best_step": training["best_step"],
-                         "best_val_loss": training["best_val_loss"]},
-            "evaluation": {"test_examples": report["test_examples"], "gate": report["gate"],
-                           "systems": {system: headline_metrics(report, system) for system in SYSTEMS if system in report}},
-        })
-    report_path = write_report(Path(version["path"]) / "report.html", report, explanations, version,
-                               learning_curve=training["learning_curve"])
-    version = registry.attach(version["version"], report_path)  # so its files check includes the report
+    version, report_path = register_run(cfg, registry, training, report, explanations,
+                                        sources=manifest["identity"]["sources"], manifest_path=data_dir / MANIFEST,
+                                        counts=manifest["counts"], parent=current)
     mark = stage_done("report", mark)
-    print(f"[pipeline] registered {cfg.name} {version['version']} "
-          f"({'deployable' if version['deployable'] else 'not deployable'}); report: {report_path}")
     summary = summarize(cfg.name, manifest, training, report, explanations, version, report_path)
     if cfg.serve.enabled:
         summary["serving"] = serve_current(cfg, registry, version, report, predictions, stage_seconds)

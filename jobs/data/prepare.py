@@ -77,10 +77,13 @@ class Written:
     kept_by_source: Counter = field(default_factory=Counter)
 
 
-def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path, shard_key: ShardKey | None = None) -> dict:
+def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path, shard_key: ShardKey | None = None,
+            optional_splits: tuple[str, ...] = ()) -> dict:
     """Build (or reuse) the train/validation/test Parquet shards, the quarantine and duplicate
     outputs and the quality report; returns the manifest. With `shard_key`, every Parquet folder is
-    encrypted under its scope's data key (made here on the first run) and the report shows no rows."""
+    encrypted under its scope's data key (made here on the first run) and the report shows no rows.
+    A split in `optional_splits` may come out empty (a few new rows for retraining): it has no folder
+    and 0 rows; any other empty split fails."""
     started = time.perf_counter()
     if shard_key is not None:  # first: a shredded scope fails before any work, and is never re-keyed
         shard_key.store(create_key_file=True).data_key(shard_key.scope, create=True)
@@ -112,7 +115,7 @@ def prepare(cfg: DataSection, model_dir: str | Path, out_dir: str | Path, shard_
     # leaves the previous shards (and their manifest) as they were.
     building = final_dir.with_name(final_dir.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
-    written = write_splits(split, cfg, building, shard_key)
+    written = write_splits(split, cfg, building, shard_key, optional_splits)
     write_set_aside(staged, deduplicated, building, shard_key)
     per_source, counts = account(sources, staged, deduplicated, written, undersampled)
     report = quality_report(counts, per_source, staged, deduplicated, split, written, undersampled, warnings)
@@ -264,13 +267,18 @@ def split_and_balance(deduplicated: ray.data.Dataset, cfg: DataSection, template
     return split, before - after
 
 
-def write_splits(split: ray.data.Dataset, cfg: DataSection, out_dir: Path, shard_key: ShardKey | None) -> Written:
-    """One Parquet folder per split, in position order, counted from what is on disk."""
+def write_splits(split: ray.data.Dataset, cfg: DataSection, out_dir: Path, shard_key: ShardKey | None,
+                 optional_splits: tuple[str, ...] = ()) -> Written:
+    """One Parquet folder per split, in position order, counted from what is on disk (an empty
+    optional split: no folder, 0 rows)."""
     written = Written()
     for name in SPLITS:
         part = split.filter(lambda row, name=name: row["split"] == name).select_columns(SHARD_COLUMNS).sort("position")
         write_parquet(part, out_dir / name, shard_key)
-        if not (out_dir / name).exists():  # an empty split writes no file
+        if not (out_dir / name).exists() and name in optional_splits:  # an empty split writes no file
+            written.per_split[name] = {"rows": 0, "labels": {}, "tokens": 0, "augmented_copies": 0}
+            continue
+        if not (out_dir / name).exists():
             raise ValueError(f"the {name} split is empty: {sum(written.kept_by_source.values())} rows kept so far; "
                              "more data or other fractions needed")
         on_disk = read_shards(out_dir / name, shard_key.settings if shard_key else None)  # count what is on disk, not what was meant

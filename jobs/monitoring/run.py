@@ -38,30 +38,42 @@ def read_log(root: str, kind: str, schema: pa.Schema, start: datetime | None = N
     return dataset.to_table(filter=condition).to_pandas()
 
 
-def read_table(path: str, encryption: EncryptionSettings | None = None) -> pd.DataFrame:
-    """A Parquet file or folder (a run's encrypted shards decrypted with `encryption`), or a CSV file."""
+def read_table(path: str, encryption: EncryptionSettings | None = None, text_columns: list[str] = ()) -> pd.DataFrame:
+    """A Parquet file or folder (a run's encrypted shards decrypted with `encryption`), or a CSV file
+    (its `text_columns` read as they are, not as numbers)."""
     if path.endswith(".csv"):
-        return pacsv.read_csv(path).to_pandas()
+        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+            column_types={column: pa.binary() for column in text_columns})).to_pandas()
     return shard_encryption.read_table(path, encryption).to_pandas()
 
 
 def bulk_feedback(table: FeedbackTable) -> pd.DataFrame:
-    frame = read_table(table.path)
+    # A request id of digits only is an id, not a number ("000...06" is not "6").
+    frame = read_table(table.path, text_columns=[table.request_id_column, table.label_column])
     needed = [table.request_id_column, table.label_column, *([table.index_column] if table.index_column else [])]
     missing = [column for column in needed if column not in frame.columns]
     if missing:
         raise ValueError(f"feedback table {table.path}: no column(s) {missing}; it has {list(frame.columns)}")
-    return pd.DataFrame({"request_id": frame[table.request_id_column].astype(str),
+    return pd.DataFrame({"request_id": _text(frame[table.request_id_column]),
                          "index": frame[table.index_column].astype(int) if table.index_column else 0,
-                         "label": frame[table.label_column].astype(str)})
+                         "label": _text(frame[table.label_column])})
 
 
-def all_feedback(cfg: MonitorConfig) -> pd.DataFrame:
+def _text(column: pd.Series) -> pd.Series:
+    """A column as text; a CSV's text columns are read as bytes, decoded here with U+FFFD for bytes
+    that are not UTF-8 (a label no run has, a request id no prediction has) rather than failing."""
+    return column.map(lambda value: value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value))
+
+
+def all_feedback(root: str, tables: list[FeedbackTable]) -> pd.DataFrame:
     """Every right label, one per prediction: the feedback log in time order, then the bulk tables in
-    their order; the last label given for a prediction wins (a correction replaces a mistake)."""
-    logged = read_log(cfg.root, FEEDBACK, FEEDBACK_SCHEMA).sort_values("time")[[*KEY, "label"]]
-    frames = [logged, *(bulk_feedback(table) for table in cfg.feedback_tables)]
-    feedback = pd.concat(frames, ignore_index=True).astype({"request_id": str, "index": int, "label": str})
+    their order; the last label given for a prediction wins (a correction replaces a mistake). `time`
+    is when the label was given (the log's), missing for a bulk table's."""
+    logged = read_log(root, FEEDBACK, FEEDBACK_SCHEMA).sort_values("time")[[*KEY, "label", "time"]]
+    untimed = lambda frame: pd.Series(pd.NaT, index=frame.index, dtype=logged["time"].dtype)  # noqa: E731
+    frames = [logged, *(bulk_feedback(table).assign(time=untimed) for table in tables)]
+    feedback = pd.concat([frame for frame in frames if len(frame)] or [logged], ignore_index=True)
+    feedback = feedback.astype({"request_id": str, "index": int, "label": str})
     return feedback.drop_duplicates(KEY, keep="last")
 
 
@@ -121,7 +133,7 @@ def run_monitor(cfg: MonitorConfig, now: datetime | None = None) -> dict:
     prediction of the reported windows counted (a wrong request id, or a prediction older than them)."""
     bounds = window_bounds(cfg, now)
     predictions = read_log(cfg.root, PREDICTIONS, PREDICTION_SCHEMA, bounds[0][0], bounds[-1][1])
-    feedback = all_feedback(cfg)
+    feedback = all_feedback(cfg.root, cfg.feedback_tables)[[*KEY, "label"]]
     reference = load_reference(cfg.reference) if cfg.reference is not None else None
     # The models' labels (each prediction's probabilities name them all) and the reference's.
     labels = sorted({label for probabilities in predictions["probabilities"] for label, _ in probabilities}

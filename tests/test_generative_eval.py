@@ -202,6 +202,7 @@ def _check_tweet_task(report: dict, cfg: RunConfig) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # 393 s in CI (2026-12-02) with the tweets task; test_multitask checks the per-task plumbing fast
 def test_evaluation_of_an_instruction_run_and_its_tweet_task_scores_every_system_and_the_gate_blocks_an_unchanged_model(
         ray_cluster, tmp_path, tiny_model_dir, small_csv):
     """The evaluation on prepared shards, with the base model standing in for the fine-tuned one: the

@@ -133,12 +133,14 @@ def test_redis_buckets_run_on_the_servers_clock_not_the_replicas(redis_server):
     late.now += 3600
     first = RedisRateLimiter(redis_store(redis_server, "clock:"), clock=early)
     second = RedisRateLimiter(redis_store(redis_server, "clock:"), clock=late)
-    limit = RateLimit(requests_per_minute=600)  # one request back every 0.1 s
+    # One request back every second: slow enough that a loaded machine does not refill the bucket
+    # between emptying it and the next call (600 a minute, 0.1 s, failed under a CI run's load).
+    limit = RateLimit(requests_per_minute=60)
     while first.acquire("k", limit, requests=1) is None:  # empty it (it refills while we do)
         pass
     wait = second.acquire("k", limit, requests=1)
-    assert wait is not None and 0 < wait <= 0.1
-    time.sleep(0.3)
+    assert wait is not None and 0 < wait <= 1.0
+    time.sleep(wait + 0.1)
     assert second.acquire("k", limit, requests=1) is None
 
 
